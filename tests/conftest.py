@@ -1,0 +1,119 @@
+"""Shared fixtures: one real Ray head node per test session, started and stopped by its own temp dir.
+
+Never `ray stop`: that would kill every Ray on the host. Processes are found by the session's
+temp dir in their command lines and ended one by one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    address: str  # GCS address, for ray.init / RAY_ADDRESS
+    dashboard_url: str | None
+    temp_dir: str
+    env: dict
+
+    def stop(self) -> None:
+        stop_ray_by_temp_dir(self.temp_dir)
+
+
+def stop_ray_by_temp_dir(temp_dir: str, timeout: float = 15.0) -> None:
+    import psutil
+
+    def ours():
+        procs = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if p.pid != os.getpid() and any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
+                    procs.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return procs
+
+    procs = ours()
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive + ours():
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def start_ray_head(num_cpus: int = 2, dashboard: bool = False, auth: bool = False, home: str | None = None) -> RayHead:
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/srt-")  # short: Ray's socket paths have a length limit
+    port = free_port()
+    env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "token" if auth else "disabled"
+    if home:
+        env["HOME"] = home
+    cmd = [
+        RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        f"--include-dashboard={'true' if dashboard else 'false'}",
+    ]
+    dashboard_url = None
+    if dashboard:
+        dport = free_port()
+        cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dport}", f"--dashboard-agent-listen-port={free_port()}"]
+        dashboard_url = f"http://127.0.0.1:{dport}"
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if out.returncode != 0:
+        stop_ray_by_temp_dir(temp_dir)
+        raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
+    return RayHead(address=f"127.0.0.1:{port}", dashboard_url=dashboard_url, temp_dir=temp_dir, env=env)
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """The session's Ray cluster (no dashboard, no auth); tests attach with ray.init(address=...)."""
+    head = start_ray_head(num_cpus=2)
+    yield head
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    head.stop()
+
+
+@pytest.fixture
+def ray_session(ray_head):
+    """This process attached to the session cluster, for tests that call the engine in-process."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    if not ray.is_initialized():
+        ray.init(address=ray_head.address, namespace="simplear-tests", log_to_driver=True)
+    yield ray_head
