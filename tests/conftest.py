@@ -48,14 +48,17 @@ def stop_ray_by_temp_dir(temp_dir: str, timeout: float = 15.0) -> None:
     import psutil
 
     def ours():
-        procs = []
+        """Processes naming the temp dir, plus their children (agents renamed to `ray::...` do not name it)."""
+        procs = {}
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
                 if p.pid != os.getpid() and any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
-                    procs.append(p)
+                    procs[p.pid] = p
+                    procs.update({c.pid: c for c in p.children(recursive=True)})
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        return procs
+        procs.pop(os.getpid(), None)
+        return list(procs.values())
 
     procs = ours()
     for p in procs:
@@ -115,5 +118,7 @@ def ray_session(ray_head):
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     if not ray.is_initialized():
-        ray.init(address=ray_head.address, namespace="simplear-tests", log_to_driver=True)
+        # Workers import the tests' own stage kinds (tests/stage_kinds.py) by module name.
+        runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT / "tests"), "OMP_WAIT_POLICY": "PASSIVE"}}
+        ray.init(address=ray_head.address, namespace="simplear-tests", log_to_driver=True, runtime_env=runtime_env)
     yield ray_head

@@ -153,11 +153,15 @@ def connect_ray(settings: RaySettings, metadata: dict[str, str], extra_sys_path:
     address = settings.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"namespace": "simplear", "log_to_driver": True}
     under_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    if not under_job:
+    if not under_job:  # a submitted job already carries its metadata
         kwargs["job_config"] = ray.job_config.JobConfig(metadata=metadata)
-        if extra_sys_path:
-            path = os.pathsep.join(extra_sys_path + [p for p in [os.environ.get("PYTHONPATH")] if p])
-            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
+    if extra_sys_path:
+        # Workers import plugin stage kinds by module name. Under a job their cwd is the uploaded
+        # working dir, so paths inside it are given relative to it and hold on every node.
+        cwd = Path.cwd()
+        entries = [os.path.relpath(p, cwd) if under_job and Path(p).is_relative_to(cwd) else p for p in extra_sys_path]
+        path = os.pathsep.join(entries + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
     if address:
         log.info("attaching to Ray at %s", address)
         ray.init(address=address, **kwargs)
@@ -234,12 +238,7 @@ def run_workflow(wf: ResolvedWorkflow, selection: Selection) -> dict[str, StageS
             if need not in selection.run and statuses[need].state != "done":
                 raise ConfigError(f"stage {name!r} needs {need!r}, which is {statuses[need].state}: run it first")
 
-    connect_ray(
-        wf.body.ray,
-        metadata={"simplear_workflow": str(wf.path), "simplear_profile": wf.profile},
-        extra_sys_path=[str(wf.base_dir)] if wf.body.plugins else [],
-    )
-    remote = ray.remote(_execute_stage)
+    remote = None  # Ray starts (or is attached) only once a stage really has to run
     todo = list(selection.run)
     finished: set[str] = set()
     running: dict[Any, str] = {}
@@ -262,6 +261,13 @@ def run_workflow(wf: ResolvedWorkflow, selection: Selection) -> dict[str, StageS
                 failed.append(name)
                 log.error("%s: an input is not done, cannot run", name)
                 continue
+            if remote is None:
+                connect_ray(
+                    wf.body.ray,
+                    metadata={"simplear_workflow": str(wf.path), "simplear_profile": wf.profile},
+                    extra_sys_path=[str(wf.base_dir)] if wf.body.plugins else [],
+                )
+                remote = ray.remote(_execute_stage)
             _prepare_stage_dir(wf.stage_dir(name), st.fingerprint, forced=name in selection.forced)
             ctx = StageContext(
                 name=name,

@@ -1,0 +1,51 @@
+"""Stage kinds registered by the tests (loaded through `plugins:`), to exercise the engine without the product's stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from simplear.config import StrictModel
+from simplear.workflow import StageContext, StageResult, register_stage
+
+
+class ShardsConfig(StrictModel):
+    shards: int = 3
+    rows_per_shard: int = 4
+    seconds_per_shard: float = 0.0
+    value: int = 0  # changes the outputs, so downstream stages see a new input
+    fail: bool = False
+
+
+def _read_inputs(ctx: StageContext) -> list[int]:
+    values = []
+    for need in ctx.needs:
+        for f in ctx.input_files(need):
+            values += pq.read_table(f)["x"].to_pylist()
+    return values
+
+
+@register_stage("test_shards", ShardsConfig)
+def run_shards(ctx: StageContext) -> StageResult:
+    """Writes `shards` Parquet shards one by one, each atomically; a rerun writes only the missing ones."""
+    cfg = ctx.config
+    if cfg.fail:
+        raise RuntimeError("asked to fail")
+    upstream = sum(_read_inputs(ctx))
+    written = 0
+    for i in range(cfg.shards):
+        rel = f"part-{i:05d}.parquet"
+        if (ctx.stage_dir / rel).exists():
+            continue
+        time.sleep(cfg.seconds_per_shard)
+        rows = [cfg.value * 1000 + upstream + i * cfg.rows_per_shard + j for j in range(cfg.rows_per_shard)]
+        with ctx.output(rel) as tmp:
+            pq.write_table(pa.table({"x": rows}), tmp)
+        written += 1
+        with open(ctx.stage_dir / "_log.jsonl", "a") as f:  # bookkeeping: which process wrote which shard
+            f.write(json.dumps({"pid": os.getpid(), "shard": i}) + "\n")
+    return StageResult(metrics={"shards_written": written})
