@@ -55,11 +55,46 @@ def cmd_submit(args) -> int:
     job_args = ["--profile", wf.profile] if wf.profile else []
     if args.run_dir:
         job_args += ["--run-dir", args.run_dir]
-    job_id = submit(args.workflow, args.address, job_args, metadata={"simplear_workflow": str(wf.path.name), "simplear_profile": wf.profile})
+    from ray.exceptions import AuthenticationError
+
+    try:
+        job_id = submit(args.workflow, args.address, job_args, metadata={"simplear_workflow": str(wf.path.name), "simplear_profile": wf.profile})
+    except (AuthenticationError, ConnectionError) as e:
+        print(f"error: cannot submit to {args.address}: {e}", file=sys.stderr)
+        return 2
     print(job_id)
     print(f"dashboard: {args.address.rstrip('/')}/#/jobs/{job_id}")
     return 0
 
+
+def cmd_generate(args) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    import torch
+
+    from simplear.model import load_checkpoint
+    from simplear.sampler import SamplingParams, TorchSampler
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        ckpt = load_checkpoint(args.model, device=device)
+        params = SamplingParams(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                seed=args.seed, negative_prompt=args.negative_prompt)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sampler = TorchSampler(ckpt.model, ckpt.vocab, ckpt.load_visual_tokenizer())
+    n = args.num_images
+    seeds = [None if args.seed is None else args.seed + i for i in range(n)]  # one distinct, repeatable seed per image
+    images = sampler.generate_images([args.prompt] * n, size=args.size, params=[replace(params, seed=s) for s in seeds])
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
+    for img, path in zip(images, paths):
+        img.save(path)
+        print(path)
+    return 0
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simplear", description=__doc__)
@@ -89,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     workflow_args(p)
     p.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard / jobs address")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("generate", help="generate an image from a prompt with a trained checkpoint")
+    p.add_argument("prompt")
+    p.add_argument("--model", required=True, help="checkpoint folder (written by save_checkpoint)")
+    p.add_argument("-o", "--output", default="out.png", help="image path (with -n > 1: out_0.png, out_1.png, ...)")
+    p.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (a multiple of the tokenizer's downsample)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--negative-prompt", default="", help="the unconditional prompt of CFG (default: empty)")
+    p.add_argument("-n", "--num-images", type=int, default=1)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

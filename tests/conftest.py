@@ -7,6 +7,7 @@ temp dir in their command lines and ended one by one.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -80,8 +81,15 @@ def start_ray_head(num_cpus: int = 2, dashboard: bool = False, auth: bool = Fals
     port = free_port()
     env = dict(os.environ)
     env["RAY_AUTH_MODE"] = "token" if auth else "disabled"
+    # Job entrypoints say `python`: it must be this venv's.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if home:
         env["HOME"] = home
+    if auth:
+        token = Path(env.get("HOME", Path.home())) / ".ray" / "auth_token"
+        if not token.exists():
+            token.parent.mkdir(parents=True, exist_ok=True)
+            token.write_text(secrets.token_hex(32))
     cmd = [
         RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
