@@ -248,7 +248,7 @@ def run_workflow(wf: ResolvedWorkflow, selection: Selection) -> dict[str, StageS
     while todo or running:
         for name in list(todo):
             stage = wf.stages[name]
-            if failed or not all(n in finished or n not in selection.run for n in stage.needs):
+            if not all(n in finished or n not in selection.run for n in stage.needs):
                 continue
             todo.remove(name)
             st = stage_status(wf, name, statuses)
@@ -287,7 +287,7 @@ def run_workflow(wf: ResolvedWorkflow, selection: Selection) -> dict[str, StageS
             running[ref] = name
         if not running:
             if todo:
-                log.error("not run because of failures: %s", ", ".join(todo))
+                log.error("not run because an input failed: %s", ", ".join(todo))
             break
         ready, _ = ray.wait(list(running), num_returns=1)
         name = running.pop(ready[0])

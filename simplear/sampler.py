@@ -1,0 +1,220 @@
+"""Torch sampling engine: batched AR generation of visual codes with a KV cache and classifier-free guidance.
+
+Per step, for each request: log-probs over the visual ids only (the text ids are never scored, so
+never sampled) for the conditional row c and, when cfg_scale != 1, its unconditional row u
+(negative prompt, empty by default), combined as u + s*(c - u), renormalised, divided by the
+temperature and renormalised again; then top-k / top-p truncation and a draw.
+
+Determinism: request i draws its h*w uniforms up front from `torch.Generator().manual_seed(seed_i)`
+(float64, CPU) and takes the token by inverse CDF over the visual ids (in id order, or in
+probability order when top-k/top-p is set). So the same seed gives the same codes whatever else is
+in the batch, on any device, up to float noise in the logits. A request with cfg_scale == 1 gets no
+unconditional row at all: it is exactly plain conditional sampling, and costs half.
+
+Greedy: `greedy=True` or `temperature=0` takes the argmax of the CFG-combined log-probs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SamplingParams:
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None  # None: drawn from torch's global RNG (so torch.manual_seed makes runs repeatable)
+    negative_prompt: str = ""  # the unconditional prompt of CFG; "" is the dropped caption of training
+    greedy: bool = False
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+class _Stream:
+    """Rows that run through the model together: left-padded prompts, then one new token per step."""
+
+    def __init__(self, prompts: list[list[int]], pad_id: int, device, use_cache: bool, config):
+        L = max(len(p) for p in prompts)
+        self.ids = torch.full((len(prompts), L), pad_id, dtype=torch.long, device=device)
+        self.mask = torch.zeros((len(prompts), L), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            self.ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+            self.mask[i, L - len(p):] = 1
+        self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.use_cache = use_cache
+        self.cache = None
+        if use_cache:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=config)
+        self.prefilled = False
+
+    def forward(self, body, new_ids_R: torch.Tensor | None) -> torch.Tensor:
+        """Hidden state of the last position of each row, (R, hidden)."""
+        if new_ids_R is not None:
+            new = new_ids_R[:, None]
+            self.ids = torch.cat([self.ids, new], 1)
+            self.mask = torch.cat([self.mask, torch.ones_like(new)], 1)
+            self.pos = torch.cat([self.pos, self.pos[:, -1:] + 1], 1)
+        if self.use_cache and self.prefilled:
+            ids, pos = self.ids[:, -1:], self.pos[:, -1:]
+        else:
+            ids, pos = self.ids, self.pos
+        out = body(input_ids=ids, attention_mask=self.mask, position_ids=pos,
+                   past_key_values=self.cache, use_cache=self.use_cache)
+        self.prefilled = True
+        return out.last_hidden_state[:, -1]
+
+
+def _inverse_cdf(probs_BK: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    cdf = probs_BK.cumsum(-1)
+    idx = torch.searchsorted(cdf, (u_B * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return idx.clamp(max=probs_BK.shape[-1] - 1)
+
+
+def sample_tokens(logp_BK: torch.Tensor, u_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor,
+                  filtered_B: torch.Tensor, greedy_B: torch.Tensor) -> torch.Tensor:
+    """Draw one index per row from exp(logp) by inverse CDF of the row's own uniform."""
+    K = logp_BK.shape[-1]
+    probs = logp_BK.double().exp()
+    tokens = _inverse_cdf(probs, u_B)
+    if bool(filtered_B.any()):
+        sp, si = probs.sort(dim=-1, descending=True, stable=True)
+        rank = torch.arange(K, device=probs.device)
+        keep = (rank[None] < top_k_B[:, None]) & ((sp.cumsum(-1) - sp) < top_p_B[:, None])  # the top token always stays
+        j = _inverse_cdf(sp * keep, u_B)
+        tokens = torch.where(filtered_B, si.gather(-1, j[:, None]).squeeze(-1), tokens)
+    if bool(greedy_B.any()):
+        tokens = torch.where(greedy_B, logp_BK.argmax(-1), tokens)
+    return tokens
+
+
+class TorchSampler:
+    """Generates visual codes (and images) from a causal LM over a `Vocabulary`.
+
+    `device` None keeps the model where it is. `use_kv_cache=False` recomputes the whole prefix
+    every step, and `batch_cfg=False` runs conditional and unconditional rows as two forwards:
+    both exist for the benchmark, the results are the same.
+    """
+
+    def __init__(self, model, vocab, visual_tokenizer=None, device=None, use_kv_cache: bool = True,
+                 batch_cfg: bool = True, max_text_tokens: int | None = None):
+        if device is not None:
+            model.to(device)
+        self.model = model
+        self.vocab = vocab
+        self.visual_tokenizer = visual_tokenizer
+        self.device = next(model.parameters()).device
+        self.use_kv_cache = use_kv_cache
+        self.batch_cfg = batch_cfg
+        self.max_text_tokens = max_text_tokens
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < vocab.size:
+            raise ValueError(f"model has {rows} output rows, vocabulary needs {vocab.size}")
+        if visual_tokenizer is not None and visual_tokenizer.codebook_size != vocab.codebook_size:
+            raise ValueError(f"visual tokenizer has {visual_tokenizer.codebook_size} codes, vocabulary {vocab.codebook_size}")
+
+    def _params(self, params, n: int) -> list[SamplingParams]:
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise ValueError(f"{n} prompts but {len(params)} SamplingParams")
+        return params
+
+    def generate_codes(self, prompts: list[str], grid: tuple[int, int], params=None, return_logprobs: bool = False):
+        """Codes (B, h, w) on CPU; with `return_logprobs`, also (B, h*w) float32 log-probs of the
+        sampled codes under the CFG-combined, temperature-scaled distribution over the visual ids
+        (before top-k/top-p truncation: what a training forward can recompute)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        h, w = grid
+        B, N = len(prompts), h * w
+        params = self._params(params, B)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                codes, logps = self._generate(prompts, N, params)
+        finally:
+            self.model.train(was_training)
+        codes = codes.view(B, h, w).cpu()
+        return (codes, logps.float().cpu()) if return_logprobs else codes
+
+    def _generate(self, prompts, N, params):
+        vocab, dev, B = self.vocab, self.device, len(prompts)
+        seeds = [p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()) for p in params]
+        uniforms = torch.stack([torch.rand(N, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                                for s in seeds]).to(dev)
+        K, vo = vocab.codebook_size, vocab.visual_offset
+        cfg_idx = [i for i, p in enumerate(params) if p.cfg_scale != 1.0]
+        cond = [vocab.prompt_ids(p, self.max_text_tokens) for p in prompts]
+        uncond = [vocab.prompt_ids(params[i].negative_prompt, self.max_text_tokens) for i in cfg_idx]
+        mk = lambda rows: _Stream(rows, vocab.pad_id, dev, self.use_kv_cache, self.model.config)  # noqa: E731
+        streams = [mk(cond + uncond)] if (self.batch_cfg or not uncond) else [mk(cond), mk(uncond)]
+        follow = torch.tensor(list(range(B)) + cfg_idx, device=dev)  # row r feeds the token of request follow[r]
+
+        cfg_idx_t = torch.tensor(cfg_idx, dtype=torch.long, device=dev)
+        scale = torch.tensor([params[i].cfg_scale for i in cfg_idx], dtype=torch.float32, device=dev)[:, None]
+        greedy = torch.tensor([p.is_greedy for p in params], device=dev)
+        temp = torch.tensor([1.0 if p.is_greedy else p.temperature for p in params], device=dev)[:, None]
+        top_k = torch.tensor([min(p.top_k or K, K) for p in params], device=dev)
+        top_p = torch.tensor([p.top_p or 1.0 for p in params], dtype=torch.float64, device=dev)
+        filtered = torch.tensor([(p.top_k is not None or p.top_p is not None) and not p.is_greedy for p in params], device=dev)
+
+        body = self.model.base_model
+        head_w = self.model.get_output_embeddings().weight[vo: vo + K]  # visual rows only: the text ids are never scored
+        codes = torch.empty((B, N), dtype=torch.long, device=dev)
+        logps = torch.empty((B, N), dtype=torch.float32, device=dev)
+        new_ids = [None] * len(streams)
+        for t in range(N):
+            hidden = torch.cat([s.forward(body, x) for s, x in zip(streams, new_ids)], 0)
+            logp = F.log_softmax((hidden @ head_w.T).float(), -1)  # (B + U, K)
+            comb = logp[:B]
+            if cfg_idx:
+                c, u = comb[cfg_idx_t], logp[B:]
+                comb = comb.index_copy(0, cfg_idx_t, F.log_softmax(u + scale * (c - u), -1))
+            final = F.log_softmax(comb / temp, -1)
+            tok = sample_tokens(final, uniforms[:, t], top_k, top_p, filtered, greedy)
+            codes[:, t] = tok
+            logps[:, t] = final.gather(-1, tok[:, None]).squeeze(-1)
+            feed = tok[follow] + vo
+            new_ids = [feed[: len(cond)], feed[len(cond):]] if len(streams) == 2 else [feed]
+        return codes, logps
+
+    def generate_images(self, prompts: list[str], size=None, params=None, grid: tuple[int, int] | None = None):
+        """PIL images; `size` in pixels (int for square, or (H, W)), or `grid` in codes."""
+        from simplear.visual_tokenizers import tensor_to_pil
+
+        if self.visual_tokenizer is None:
+            raise ValueError("TorchSampler needs a visual_tokenizer to make images")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        d = self.visual_tokenizer.downsample
+        if grid is None:
+            if size is None:
+                raise ValueError("give size (pixels) or grid (codes)")
+            H, W = (size, size) if isinstance(size, int) else size
+            if H % d or W % d:
+                raise ValueError(f"size {H}x{W} is not a multiple of the visual tokenizer's downsample {d}")
+            grid = (H // d, W // d)
+        codes = self.generate_codes(prompts, grid, params)
+        images = self.visual_tokenizer.decode(codes)
+        return [tensor_to_pil(img) for img in images]
