@@ -25,3 +25,13 @@ for m in mods:
     importlib.import_module(m)
 print("import check ok:", ", ".join(mods))
 PY
+# Headless Chromium for the web page test (tests/test_web_page.py): Debian's packages, only when missing.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+        { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver; } \
+            || echo "warning: could not install chromium + chromium-driver: the web page test will be skipped" >&2
+    else
+        echo "note: no apt-get here: install chromium and chromedriver for the web page test (else it is skipped)" >&2
+    fi
+fi

@@ -96,6 +96,61 @@ def cmd_generate(args) -> int:
         print(path)
     return 0
 
+def cmd_serve(args) -> int:
+    import os
+    import time
+    from pathlib import Path
+
+    from stages.serve import ServeConfig, read_checkpoint_meta, resolve_checkpoint, start
+
+    cpus, gpus, replicas, run_dir, needs = 1.0, 0.0, 1, None, None
+    base: dict = {}
+    if args.workflow:  # the workflow's serve stage: its config, resources and the checkpoint of its run
+        wf = _load(args)
+        serve_stages = [n for n, st in wf.stages.items() if st.kind.name == "serve"]
+        name = args.stage or next(iter(serve_stages), None)
+        if name not in serve_stages:
+            what = f"no stage {name!r} of kind serve" if name else "no stage of kind serve"
+            raise ConfigError(f"{wf.path}: {what} (serve stages: {', '.join(serve_stages) or 'none'})")
+        stage = wf.stages[name]
+        base = stage.config.model_dump()
+        cpus, gpus, replicas = stage.resources.cpus, stage.resources.gpus, stage.resources.concurrency
+        run_dir, needs = wf.run_dir, stage.needs
+    elif not args.model:
+        print("error: give a workflow (its serve stage) or --model CHECKPOINT", file=sys.stderr)
+        return 2
+    overrides = {"checkpoint": args.model, "engine": args.engine, "host": args.host, "port": args.port,
+                 "sjd_window": args.sjd_window, "app_name": args.app_name, "route_prefix": args.route_prefix}
+    try:
+        cfg = ServeConfig.model_validate({**base, **{k: v for k, v in overrides.items() if v is not None}})
+        checkpoint = resolve_checkpoint(cfg, Path(run_dir or "."), None if cfg.checkpoint else needs)
+        read_checkpoint_meta(checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace="simplear")
+    else:  # a Ray of its own, even when another runs on this machine
+        ray.init(address="local", num_cpus=args.num_cpus, namespace="simplear", include_dashboard=False)
+    start(checkpoint, cfg, blocking=False, cpus=cpus, gpus=gpus, replicas=replicas)
+    print(f"serving {checkpoint} ({cfg.engine}) at {cfg.url}/  (API: POST {cfg.url}/v1/images/generations; Ctrl-C stops)",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(cfg.app_name)  # on a Ray of its own, shutting Ray down ends everything anyway
+        ray.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simplear", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -139,6 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-images", type=int, default=1)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP (Ray Serve): POST /v1/images/generations and a web page")
+    p.add_argument("workflow", nargs="?", help="workflow.yaml: serve its serve stage's config and checkpoint")
+    p.add_argument("--profile", help="profile of the workflow")
+    p.add_argument("--run-dir", help="override run_dir (where the checkpoint's stage wrote)")
+    p.add_argument("--stage", help="the serve stage's name (default: the workflow's stage of kind serve)")
+    p.add_argument("--model", help="checkpoint folder to serve (overrides the workflow's)")
+    p.add_argument("--engine", choices=["vllm", "torch"])
+    p.add_argument("--sjd-window", type=int, help="torch engine: speculative Jacobi decoding with this many drafts")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--app-name", help="Serve application name (default simplear)")
+    p.add_argument("--route-prefix", help="URL prefix of the app (default /)")
+    p.add_argument("--address", help="attach to this Ray cluster instead of starting one here (then Ctrl-C removes only this app)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

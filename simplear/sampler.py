@@ -66,19 +66,31 @@ class _Stream:
 
     def forward(self, body, new_ids_R: torch.Tensor | None) -> torch.Tensor:
         """Hidden state of the last position of each row, (R, hidden)."""
-        if new_ids_R is not None:
-            new = new_ids_R[:, None]
-            self.ids = torch.cat([self.ids, new], 1)
-            self.mask = torch.cat([self.mask, torch.ones_like(new)], 1)
-            self.pos = torch.cat([self.pos, self.pos[:, -1:] + 1], 1)
+        return self.extend(body, None if new_ids_R is None else new_ids_R[:, None])[:, -1]
+
+    def extend(self, body, new_ids_RT: torch.Tensor | None) -> torch.Tensor:
+        """Append T tokens to every row and run them (None: the prompts alone); hidden states of the
+        T new positions (of every position when there is nothing new), (R, T, hidden)."""
+        T = self.ids.shape[1]
+        if new_ids_RT is not None:
+            T = new_ids_RT.shape[1]
+            self.ids = torch.cat([self.ids, new_ids_RT], 1)
+            self.mask = torch.cat([self.mask, torch.ones_like(new_ids_RT)], 1)
+            self.pos = torch.cat([self.pos, self.pos[:, -1:] + torch.arange(1, T + 1, device=self.pos.device)], 1)
         if self.use_cache and self.prefilled:
-            ids, pos = self.ids[:, -1:], self.pos[:, -1:]
+            ids, pos = self.ids[:, -T:], self.pos[:, -T:]
         else:
             ids, pos = self.ids, self.pos
         out = body(input_ids=ids, attention_mask=self.mask, position_ids=pos,
                    past_key_values=self.cache, use_cache=self.use_cache)
         self.prefilled = True
-        return out.last_hidden_state[:, -1]
+        return out.last_hidden_state[:, -T:]
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (and its cached keys/values): rejected draft tokens."""
+        self.ids, self.mask, self.pos = self.ids[:, :length], self.mask[:, :length], self.pos[:, :length]
+        if self.cache is not None and self.cache.get_seq_length() > length:
+            self.cache.crop(length - self.cache.get_seq_length())  # negative: how many to remove
 
 
 def _inverse_cdf(probs_BK: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
@@ -87,16 +99,46 @@ def _inverse_cdf(probs_BK: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     return idx.clamp(max=probs_BK.shape[-1] - 1)
 
 
+def _keep_sorted(sp_BK: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:
+    """Top-k / top-p mask over probabilities sorted in descending order; the top token always stays."""
+    rank = torch.arange(sp_BK.shape[-1], device=sp_BK.device)
+    return (rank[None] < top_k_B[:, None]) & ((sp_BK.cumsum(-1) - sp_BK) < top_p_B[:, None])
+
+
+def truncated_probs(logp_BK: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor, filtered_B: torch.Tensor) -> torch.Tensor:
+    """The distribution `sample_tokens` draws from, in id order (float64): top-k/top-p applied, renormalised."""
+    probs = logp_BK.double().exp()
+    sp, si = probs.sort(dim=-1, descending=True, stable=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, si, _keep_sorted(sp, top_k_B, top_p_B))
+    probs = torch.where(filtered_B[:, None] & ~keep, 0.0, probs)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def guided_logprobs(hidden_R: torch.Tensor | None, head_w_KH: torch.Tensor | None, n_cond: int, cfg_idx: torch.Tensor,
+                    scale_U: torch.Tensor, temp_B: torch.Tensor, logits_RK: torch.Tensor | None = None) -> torch.Tensor:
+    """Hidden states of the n_cond conditional rows then the unconditional rows of requests `cfg_idx`
+    (any extra dims, e.g. positions, after the row dim) -> (n_cond, ..., K) final log-probs over the
+    visual ids: u + s*(c - u) renormalised where guided, then divided by the temperature, renormalised.
+    `logits_RK`: the visual logits already computed (then hidden_R and head_w_KH are unused)."""
+    if logits_RK is None:
+        logits_RK = hidden_R @ head_w_KH.T
+    logp = F.log_softmax(logits_RK.float(), -1)
+    extra = (1,) * (logp.ndim - 1)
+    comb = logp[:n_cond]
+    if len(cfg_idx):
+        c, u = comb[cfg_idx], logp[n_cond:]
+        comb = comb.index_copy(0, cfg_idx, F.log_softmax(u + scale_U.reshape(-1, *extra) * (c - u), -1))
+    return F.log_softmax(comb / temp_B.reshape(-1, *extra), -1)
+
+
 def sample_tokens(logp_BK: torch.Tensor, u_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor,
                   filtered_B: torch.Tensor, greedy_B: torch.Tensor) -> torch.Tensor:
     """Draw one index per row from exp(logp) by inverse CDF of the row's own uniform."""
-    K = logp_BK.shape[-1]
     probs = logp_BK.double().exp()
     tokens = _inverse_cdf(probs, u_B)
     if bool(filtered_B.any()):
         sp, si = probs.sort(dim=-1, descending=True, stable=True)
-        rank = torch.arange(K, device=probs.device)
-        keep = (rank[None] < top_k_B[:, None]) & ((sp.cumsum(-1) - sp) < top_p_B[:, None])  # the top token always stays
+        keep = _keep_sorted(sp, top_k_B, top_p_B)
         j = _inverse_cdf(sp * keep, u_B)
         tokens = torch.where(filtered_B, si.gather(-1, j[:, None]).squeeze(-1), tokens)
     if bool(greedy_B.any()):
@@ -148,10 +190,13 @@ class TorchSampler:
         h, w = grid
         B, N = len(prompts), h * w
         params = self._params(params, B)
+        if B == 0:
+            codes = torch.empty((0, h, w), dtype=torch.long)
+            return (codes, torch.empty((0, N))) if return_logprobs else codes
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: callers (GRPO) use the log-probs next to autograd tensors
                 codes, logps = self._generate(prompts, N, params)
         finally:
             self.model.train(was_training)
@@ -185,13 +230,9 @@ class TorchSampler:
         logps = torch.empty((B, N), dtype=torch.float32, device=dev)
         new_ids = [None] * len(streams)
         for t in range(N):
-            hidden = torch.cat([s.forward(body, x) for s, x in zip(streams, new_ids)], 0)
-            logp = F.log_softmax((hidden @ head_w.T).float(), -1)  # (B + U, K)
-            comb = logp[:B]
-            if cfg_idx:
-                c, u = comb[cfg_idx_t], logp[B:]
-                comb = comb.index_copy(0, cfg_idx_t, F.log_softmax(u + scale * (c - u), -1))
-            final = F.log_softmax(comb / temp, -1)
+            # one stream: one forward of all B + U rows; two (batch_cfg=False): two full forwards, LM head included
+            logits = torch.cat([s.forward(body, x) @ head_w.T for s, x in zip(streams, new_ids)], 0)  # (B + U, K)
+            final = guided_logprobs(None, None, B, cfg_idx_t, scale, temp, logits_RK=logits)
             tok = sample_tokens(final, uniforms[:, t], top_k, top_p, filtered, greedy)
             codes[:, t] = tok
             logps[:, t] = final.gather(-1, tok[:, None]).squeeze(-1)

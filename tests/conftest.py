@@ -119,14 +119,45 @@ def ray_head():
     head.stop()
 
 
-@pytest.fixture
-def ray_session(ray_head):
-    """This process attached to the session cluster, for tests that call the engine in-process."""
+def attach_ray(head: RayHead) -> None:
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     if not ray.is_initialized():
         # Workers import the tests' own stage kinds (tests/stage_kinds.py) by module name.
         runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT / "tests"), "OMP_WAIT_POLICY": "PASSIVE"}}
-        ray.init(address=ray_head.address, namespace="simplear-tests", log_to_driver=True, runtime_env=runtime_env)
+        ray.init(address=head.address, namespace="simplear-tests", log_to_driver=True, runtime_env=runtime_env)
+
+
+@pytest.fixture
+def ray_session(ray_head):
+    """This process attached to the session cluster, for tests that call the engine in-process."""
+    attach_ray(ray_head)
     yield ray_head
+
+
+@dataclass
+class ServedApp:
+    url: str  # the app's root, e.g. http://127.0.0.1:PORT
+    checkpoint: Path
+    config: object  # stages.serve.ServeConfig
+    port: int
+
+
+@pytest.fixture(scope="session")
+def serve_torch_app(ray_head, tmp_path_factory):
+    """Ray Serve on the session cluster (proxy on 127.0.0.1:free port) with the torch-engine app over a tiny
+    checkpoint; the API and web page tests share it. Serve is shut down at the end of the session."""
+    from ray import serve
+
+    from serve_support import make_checkpoint
+    from stages.serve import ServeConfig, start
+
+    attach_ray(ray_head)
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt")
+    port = free_port()
+    cfg = ServeConfig(engine="torch", port=port, app_name="torch", sizes=["32x32", "64x64"], max_n=4,
+                      max_prompt_chars=200, batch_wait_timeout_s=0.2, max_batch_size=8, smoke_prompt=None)
+    start(ckpt, cfg, cpus=0)
+    yield ServedApp(url=cfg.url, checkpoint=ckpt, config=cfg, port=port)
+    serve.shutdown()

@@ -17,7 +17,16 @@ from simplear import __version__
 from simplear.config import StrictModel
 
 # kind -> module that registers it
-BUILTIN_STAGE_MODULES: dict[str, str] = {}
+BUILTIN_STAGE_MODULES: dict[str, str] = {
+    "download": "pipelines.download",
+    "filter": "pipelines.filter",
+    "recaption": "pipelines.recaption",
+    "tokenize": "pipelines.pretokenize",
+    "pretrain": "stages.pretrain",
+    "sft": "stages.sft",
+    "grpo": "stages.grpo",
+    "serve": "stages.serve",
+}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,75 @@
+"""The serve app's web page in headless Chromium (Debian's chromium + chromium-driver, driven by selenium):
+type a prompt, submit, see the images; a bad request shows the server's message."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+                                reason="needs Debian's chromium and chromium-driver (scripts/install.sh installs them)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="srt-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,900"]:
+        options.add_argument(flag)
+    # an explicit driver path: selenium never looks for (or downloads) a driver or a browser
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_page_shows_images_after_a_prompt_is_submitted(serve_torch_app, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(serve_torch_app.url + "/")
+    assert "SimpleAR" in browser.title
+    assert [o.text for o in Select(browser.find_element(By.ID, "size")).options] == ["32x32", "64x64"]
+    browser.find_element(By.ID, "prompt").send_keys("a red circle on a blue background")
+    n = browser.find_element(By.ID, "n")
+    n.clear()
+    n.send_keys("2")
+    Select(browser.find_element(By.ID, "size")).select_by_visible_text("64x64")
+    browser.find_element(By.ID, "seed").send_keys("5")
+    browser.find_element(By.ID, "generate").click()
+
+    def loaded_images(driver):
+        imgs = driver.find_elements(By.CSS_SELECTOR, "#images img.result")
+        done = [i for i in imgs if driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)]
+        return done if len(done) == 2 else False
+
+    imgs = WebDriverWait(browser, 120).until(loaded_images)
+    sizes = [browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", i) for i in imgs]
+    assert sizes == [[64, 64], [64, 64]]  # decoded PNGs of the requested size
+    assert imgs[0].get_attribute("src").startswith("data:image/png;base64,")
+    assert "2 image(s)" in browser.find_element(By.ID, "status").text
+    captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#images figcaption")]
+    assert captions == ["seed 5", "seed 6"]
+
+    # a request the server refuses: its message is shown, the images stay
+    browser.find_element(By.ID, "top_p").send_keys("1.5")
+    browser.execute_script("document.getElementById('top_p').removeAttribute('max')")  # let the browser send it
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 60).until(EC.text_to_be_present_in_element((By.ID, "status"), "Error"))
+    status = browser.find_element(By.ID, "status")
+    assert "top_p" in status.text and status.get_attribute("class") == "error"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#images img.result")) == 2
