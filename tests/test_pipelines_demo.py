@@ -1,0 +1,211 @@
+"""The demo data chain (download -> filter -> recaption -> tokenize) on a small demo set, on the session's Ray cluster.
+
+The module's run is itself the kill-and-resume test: `simplear run` (a driver attached by RAY_ADDRESS)
+is SIGKILLed once recaption has finished some of its sources, then run again; every other test checks
+the resumed outputs, so a lost or duplicated key anywhere fails them too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import attach_ray
+from pipelines import demo_shapes
+from pipelines.resumable_parquet import RECEIPTS, _read_receipts, input_sources
+from pipelines_support import ROOT, data_workflow, manifest_of, read_stage
+from simplear.visual_tokenizers import load_visual_tokenizer
+from simplear.workflow.engine import run_workflow, select, workflow_status
+from simplear.workflow.manifest import MANIFEST
+from simplear.workflow.spec import load_workflow
+
+COUNT = 150  # + 14 broken entries
+BROKEN_REASON = {"missing": "http_404", "zero_byte": "empty_file", "huge_header": "too_large",
+                 "not_an_image": "undecodable", "truncated": "undecodable"}
+
+
+@dataclass
+class Demo:
+    path: Path
+    runs: Path
+    done_at_kill: dict[str, float]  # receipt file -> mtime, for recaption sources finished before the kill
+    receipts_at_kill: int
+
+
+def _cluster_workers(head, names: tuple[str, ...]) -> list[psutil.Process]:
+    """Worker processes of this test session's cluster whose title contains one of `names`."""
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(head.temp_dir in a for a in p.info["cmdline"] or []):
+                for c in p.children(recursive=True):
+                    title = " ".join(c.cmdline())
+                    if any(n in title for n in names):
+                        found[c.pid] = c
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return list(found.values())
+
+
+def _finished_sources(stage_dir: Path, sources) -> set[str]:
+    receipts = _read_receipts(stage_dir)
+    return {s.id for s in sources if s.id in receipts and sum(d["rows"] for _, d in receipts[s.id]) == s.rows}
+
+
+@pytest.fixture(scope="module")
+def demo(ray_head, tmp_path_factory) -> Demo:
+    attach_ray(ray_head)
+    folder = tmp_path_factory.mktemp("demo")
+    path = data_workflow(folder, count=COUNT, stages={
+        "download": {"config": {"number_sample_per_shard": 60}},  # 3 shards: 3 sources for every later stage
+        "recaption": {"config": {"batch_size": 6, "rows_per_part": 24, "max_new_tokens_long": 32}},  # slow enough to kill
+    })
+    runs = folder / "runs"
+    env = {**os.environ, "RAY_ADDRESS": ray_head.address, "RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "simplear.cli", "run", str(path)]
+    log = open(folder / "killed_run.log", "w")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    recaption = runs / "recaption"
+    deadline = time.time() + 300
+    sources = None
+    while True:
+        assert proc.poll() is None and time.time() < deadline, f"no recaption progress to kill; see {folder / 'killed_run.log'}"
+        if sources is None and (runs / "filter" / MANIFEST).exists():
+            sources = input_sources(_Ctx(runs, ["filter"]))
+        if sources and _finished_sources(recaption, sources):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # Ray ends a dead driver's tasks and actors; wait until they are gone before resuming
+    psutil.wait_procs(_cluster_workers(ray_head, ("stage:recaption", "Recaptioner")), timeout=60)
+    assert not (recaption / MANIFEST).exists(), "recaption finished before the kill: make it slower"
+    done = _finished_sources(recaption, sources)
+    assert 1 <= len(done) < len(sources)
+    done_at_kill = {str(f): f.stat().st_mtime for sid in done for f in (recaption / RECEIPTS / sid).glob("*.json")}
+    receipts_at_kill = len(list((recaption / RECEIPTS).glob("*/*.json")))
+
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return Demo(path=path, runs=runs, done_at_kill=done_at_kill, receipts_at_kill=receipts_at_kill)
+
+
+@dataclass
+class _Ctx:
+    """Just enough of a StageContext for `input_sources`."""
+
+    run_dir: Path
+    needs: list[str]
+
+    def input_dir(self, need):
+        return self.run_dir / need
+
+    def input_manifest(self, need):
+        return json.loads((self.run_dir / need / MANIFEST).read_text())
+
+
+def test_killed_recaption_resumed_without_losing_or_duplicating_a_key(demo):
+    recaption = demo.runs / "recaption"
+    for receipt, mtime in demo.done_at_kill.items():
+        assert Path(receipt).stat().st_mtime == mtime, "a source finished before the kill was redone"
+    kept = read_stage(demo.runs / "filter", "shards", ["key"])["key"]
+    captioned = read_stage(recaption, "shards", ["key"])["key"]
+    assert captioned.is_unique and sorted(captioned) == sorted(kept)
+    assert manifest_of(recaption)["metrics"]["sources_done_this_run"] < manifest_of(recaption)["metrics"]["sources"]
+    for res in ("64", "96", "128"):
+        assert read_stage(demo.runs / "tokenize", res, ["key"])["key"].is_unique
+
+
+def test_download_records_every_broken_file_with_its_reason(demo):
+    rows = read_stage(demo.runs / "download", "shards")
+    assert len(rows) == COUNT + 14 and rows["key"].is_unique
+    assert rows["key"].str.startswith("demo_shapes-").all()
+    rows["kind"] = [json.loads(x)["kind"] for x in rows["extra"]]
+    ok = rows[rows["kind"] == "ok"]
+    assert (ok["status"] == "success").all() and ok["image"].notna().all() and ok["reason"].isna().all()
+    assert (ok["width"] == ok["original_width"]).all()  # resize_mode "no": original pixels
+    for kind, reason in BROKEN_REASON.items():
+        bad = rows[rows["kind"] == kind]
+        assert len(bad) > 0 and set(bad["reason"]) == {reason}, (kind, set(bad["reason"]))
+        assert bad["image"].isna().all() and bad["error_message"].notna().all()
+    assert set(rows[rows["kind"] == "missing"]["status"]) == {"failed_to_download"}
+    metrics = manifest_of(demo.runs / "download")["metrics"]
+    assert metrics["failed_by_reason"] == dict(Counter(BROKEN_REASON[k] for k in rows["kind"] if k != "ok"))
+    assert metrics["by_status"]["success"] == COUNT and metrics["shards"] == 3 and metrics["rows_per_s"] > 0
+
+
+def test_filter_keeps_exactly_the_images_with_a_short_edge_of_64_or_more(demo):
+    down = read_stage(demo.runs / "download", "shards")
+    kept = read_stage(demo.runs / "filter", "shards")
+    rejected = read_stage(demo.runs / "filter", "rejected")
+    ok = down[down["status"] == "success"]
+    big = ok[np.minimum(ok["width"], ok["height"]) >= 64]
+    assert sorted(kept["key"]) == sorted(big["key"])
+    assert set(kept["key"]).isdisjoint(rejected["key"]) and len(kept) + len(rejected) == len(down)
+    assert "image" not in rejected and kept["image"].notna().all()
+    reasons = Counter(rejected["reason"])
+    assert reasons["too_small"] == len(ok) - len(big) > 0
+    assert reasons["download:http_404"] == 4
+    metrics = manifest_of(demo.runs / "filter")["metrics"]
+    assert metrics["rows_out"] == {"shards": len(kept), "rejected": len(rejected)}
+    assert metrics["by_reason"] == dict(sorted(reasons.items())) and metrics["rows_in"] == len(down)
+
+
+def test_recaption_stores_long_and_short_captions_from_the_built_checkpoint(demo):
+    rows = read_stage(demo.runs / "recaption", "shards")
+    assert rows["caption_long"].notna().all() and rows["caption_short"].notna().all()
+    assert set(rows["caption_model"]) == {"tiny-random"}
+    assert rows["caption"].map(demo_shapes.parse_caption).notna().all()  # the original captions are kept
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(demo.runs / "recaption/_model").model_type == "qwen2_vl"
+
+
+def test_tokenize_writes_codes_per_resolution_for_big_enough_images(demo):
+    source = read_stage(demo.runs / "recaption", "shards").set_index("key")
+    short = np.minimum(source["width"], source["height"])
+    info = json.loads((demo.runs / "tokenize/tokenizer.json").read_text())
+    assert info["codebook_size"] == 1000 and info["downsample"] == 8
+    tok = load_visual_tokenizer(info["config"])
+    for size in (64, 96, 128):
+        rows = read_stage(demo.runs / "tokenize", str(size))
+        assert list(rows.columns) == ["key", "caption", "caption_long", "caption_short", "tokenizer", "height", "width", "codes"]
+        assert sorted(rows["key"]) == sorted(short[short >= size].index)
+        assert (rows["height"] == size).all() and (rows["width"] == size).all() and set(rows["tokenizer"]) == {tok.name}
+        codes = np.stack(rows["codes"].to_list())
+        assert codes.shape == (len(rows), (size // 8) ** 2) and codes.min() >= 0 and codes.max() < 1000
+        assert info["resolutions"][str(size)]["tokens"] == codes.shape[1]
+        assert (rows["caption"].to_numpy() == source.loc[rows["key"], "caption"].to_numpy()).all()
+        assert (rows["caption_long"].to_numpy() == source.loc[rows["key"], "caption_long"].to_numpy()).all()
+    # decoded codes show the caption's background colour
+    rows = read_stage(demo.runs / "tokenize", "64")
+    hits = 0
+    for caption, codes in zip(rows["caption"][:30], rows["codes"][:30]):
+        _, _, bg = demo_shapes.parse_caption(caption)
+        img = ((tok.decode(np.asarray(codes).reshape(1, 8, 8))[0].permute(1, 2, 0) + 1) * 127.5).numpy()
+        corners = np.stack([img[0, 0], img[0, -1], img[-1, 0], img[-1, -1]])
+        hits += (np.abs(corners - np.array(demo_shapes.PALETTE[bg])).max(axis=-1) < 30).any()
+    assert hits >= 27
+
+
+def test_every_stage_reports_rows_per_second_and_a_rerun_does_no_work(demo, ray_head):
+    wf = load_workflow(demo.path)
+    before = {n: manifest_of(demo.runs / n) for n in wf.stages}
+    for name, m in before.items():
+        assert m["metrics"]["rows_per_s"] > 0, name
+    statuses = run_workflow(wf, select(wf))
+    assert {n: s.state for n, s in statuses.items()} == dict.fromkeys(wf.stages, "done")
+    for name in wf.stages:
+        assert manifest_of(demo.runs / name)["finished_at"] == before[name]["finished_at"]
+    assert {n: s.state for n, s in workflow_status(wf).items()} == dict.fromkeys(wf.stages, "done")

@@ -1,0 +1,245 @@
+"""The data stages' pieces without Ray: demo generator, error reasons, image checks, crop, resume bookkeeping, engines."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import demo_shapes
+from pipelines.download import classify
+from pipelines.filter import check_image
+from pipelines.pretokenize import Encoder, Resolution, TokenizeConfig, center_crop_arr
+from pipelines.resumable_parquet import RECEIPTS, SRC, Source, check_complete, resume, to_arrow, totals, write_parts
+from simplear.datasets import DemoShapesParams
+from simplear.visual_tokenizers import load_visual_tokenizer
+
+
+def png(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# ---- demo set ----------------------------------------------------------------------------------------
+
+
+def test_demo_set_is_deterministic_and_broken_on_purpose(tmp_path):
+    params = DemoShapesParams(count=40, seed=3)
+    a = demo_shapes.generate(tmp_path / "a", params)
+    b = demo_shapes.generate(tmp_path / "b", params)
+    ta, tb = pq.read_table(a), pq.read_table(b)
+    assert ta.equals(tb)
+    for path in ta.column("path").to_pylist():
+        fa, fb = tmp_path / "a" / path, tmp_path / "b" / path
+        assert fa.exists() == fb.exists() and (not fa.exists() or fa.read_bytes() == fb.read_bytes())
+    kinds = Counter(ta.column("kind").to_pylist())
+    assert kinds == {"ok": 40, "truncated": 3, "not_an_image": 3, "zero_byte": 2, "huge_header": 2, "missing": 4}
+    rows = ta.to_pylist()
+    assert not (tmp_path / "a" / next(r["path"] for r in rows if r["kind"] == "missing")).exists()
+    assert (tmp_path / "a" / next(r["path"] for r in rows if r["kind"] == "zero_byte")).stat().st_size == 0
+    # a second call with the same params does nothing
+    before = (tmp_path / "a/urls.parquet").stat().st_mtime_ns
+    demo_shapes.generate(tmp_path / "a", params)
+    assert (tmp_path / "a/urls.parquet").stat().st_mtime_ns == before
+
+
+def test_demo_images_show_what_their_captions_say(tmp_path):
+    demo_shapes.generate(tmp_path, DemoShapesParams(count=60, jpeg_fraction=0.0))
+    rows = [r for r in pq.read_table(tmp_path / "urls.parquet").to_pylist() if r["kind"] == "ok"]
+    shorts = set()
+    for r in rows:
+        fg, shape, bg = demo_shapes.parse_caption(r["caption"])
+        assert demo_shapes.caption_for(fg, shape, bg) == r["caption"] and fg != bg
+        with Image.open(tmp_path / r["path"]) as im:
+            pixels = Counter(map(tuple, np.asarray(im.convert("RGB")).reshape(-1, 3).tolist()))
+            shorts.add(min(im.size))
+        (top, _), (second, _) = pixels.most_common(2)
+        assert {top, second} == {demo_shapes.PALETTE[fg], demo_shapes.PALETTE[bg]}
+    assert min(shorts) < 64 and max(shorts) >= 128  # both sides of the demo's thresholds
+    assert demo_shapes.parse_caption("a photo of a dog") is None
+
+
+def test_loopback_server_serves_and_404s(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    (tmp_path / "x.txt").write_text("hi")
+    with demo_shapes.serve(tmp_path) as base:
+        assert base.startswith("http://127.0.0.1:")
+        assert urllib.request.urlopen(f"{base}/x.txt", timeout=5).read() == b"hi"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{base}/nope.png", timeout=5)
+        assert e.value.code == 404
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{base}/x.txt", timeout=2)
+
+
+# ---- reasons -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "status,error,reason",
+    [
+        ("success", None, None),
+        ("failed_to_download", "HTTP Error 404: File not found", "http_404"),
+        ("failed_to_download", "<urlopen error [Errno 111] Connection refused>", "connection_error"),
+        ("failed_to_download", "The read operation timed out", "timeout"),
+        ("failed_to_resize", "Image decoding error", "undecodable"),
+        ("failed_to_resize", "OpenCV(4.14.0) loadsave.cpp:1310: error: (-215:Assertion failed) !buf.empty() in function 'imdecode_'", "empty_file"),
+        ("failed_to_resize", "OpenCV(4.14.0) error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS", "too_large"),
+        ("failed_to_resize", "image too small", "too_small"),
+        ("failed_to_resize", "something new", "other"),
+    ],
+)
+def test_img2dataset_errors_become_reasons(status, error, reason):
+    assert classify(status, error) == reason
+
+
+def test_check_image_reasons():
+    rng = random.Random(0)
+    good = png(demo_shapes.draw("red", "circle", "blue", 96, 80, rng))
+    jpeg = png(demo_shapes.draw("red", "circle", "blue", 96, 96, rng), "JPEG")
+    args = dict(min_short_edge=64, max_aspect_ratio=2.0, verify_decode=True, max_pixels=10**8)
+    assert check_image(good, **args) == (None, 96, 80, None)
+    assert check_image(png(Image.new("RGB", (200, 48))), **args)[0] == "too_small"
+    assert check_image(png(Image.new("RGB", (300, 100))), **args)[0] == "aspect_ratio"
+    assert check_image(jpeg[: len(jpeg) * 3 // 4], **args)[0] == "undecodable"
+    assert check_image(b"", **args)[0] == "empty_file"
+    assert check_image(None, **args)[0] == "no_image"
+    assert check_image(bytes(rng.randbytes(500)), **args)[0] == "undecodable"
+    assert check_image(demo_shapes._huge_header_png(), **args)[0] == "too_large"
+    assert check_image(png(Image.new("RGB", (2000, 2000))), **{**args, "max_pixels": 10**6})[0] == "too_large"
+
+
+# ---- tokenize pieces -----------------------------------------------------------------------------------
+
+
+def test_center_crop_arr_is_adm_centre_crop():
+    img = Image.new("RGB", (400, 200), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 100, 200))  # a red quarter on the left is cropped away
+    out = center_crop_arr(img, 64)
+    assert out.size == (64, 64)
+    arr = np.asarray(out)
+    assert (arr[:, :, 2] > 200).all() and (arr[:, :, 0] < 50).all()
+    small = center_crop_arr(Image.new("RGB", (50, 70), (10, 200, 10)), 64)  # upscales when asked to
+    assert small.size == (64, 64)
+
+
+def frame(images: list[bytes | None]) -> pd.DataFrame:
+    n = len(images)
+    return pd.DataFrame({"key": [f"k{i}" for i in range(n)], "caption": ["c"] * n, "image": images, SRC: ["s"] * n})
+
+
+def test_encoder_actor_encodes_each_resolution_it_can():
+    cfg = TokenizeConfig(tokenizer={"kind": "pixel-fsq", "levels": 10}, resolutions=[Resolution(size=64), Resolution(size=128)])
+    rng = random.Random(1)
+    images = [
+        png(demo_shapes.draw("red", "square", "blue", 160, 128, rng)),
+        png(demo_shapes.draw("red", "square", "blue", 64, 96, rng)),
+        png(Image.new("RGB", (40, 40))),
+        b"not an image",
+    ]
+    out = Encoder(cfg, cpus=1)(frame(images)).to_pandas()
+    assert "image" not in out
+    c64, c128 = out["codes@64"], out["codes@128"]
+    assert len(c64[0]) == 64 and len(c128[0]) == 256 and c64[0].dtype == np.int32
+    assert len(c64[1]) == 64 and c128[1] is None
+    assert list(out["reason"]) == [None, None, "below_every_resolution", "undecodable"]
+    tok = load_visual_tokenizer(cfg.tokenizer)
+    assert out["tokenizer"][0] == tok.name
+    # codes decode back to the picture's colours: mostly the blue background
+    decoded = tok.decode(np.asarray(c64[0]).reshape(1, 8, 8))
+    rgb = ((decoded[0].permute(1, 2, 0) + 1) * 127.5).numpy()
+    blue = np.array(demo_shapes.PALETTE["blue"])
+    assert (np.abs(rgb - blue).max(axis=-1) < 20).mean() > 0.4
+
+
+# ---- resumable output --------------------------------------------------------------------------------
+
+SCHEMA = pa.schema([("key", pa.string()), ("v", pa.int32())])
+
+
+def split_even_odd(rows) -> dict[str, pa.Table]:
+    even = rows["v"] % 2 == 0
+    rej = rows[~even].assign(reason="odd")
+    return {"kept": to_arrow(rows[even], SCHEMA), "rejected": to_arrow(rej, pa.schema([("key", pa.string()), ("reason", pa.string())]))}
+
+
+def test_write_parts_then_resume_keeps_finished_sources_only(tmp_path):
+    sources = [Source("a", "a.parquet", 4), Source("b", "b.parquet", 4)]
+    batch = pd.DataFrame({"key": ["a0", "a1", "b0", "b1"], "v": [0, 1, 2, 3], SRC: ["a", "a", "b", "b"]})
+    summary = write_parts(batch, stage_dir=str(tmp_path), split=split_even_odd)
+    assert summary["rows"] == [2, 2]
+    write_parts(pd.DataFrame({"key": ["a2", "a3"], "v": [4, 6], SRC: ["a", "a"]}), stage_dir=str(tmp_path), split=split_even_odd)
+    # a retry of the same block rewrites the same files: no duplicate
+    write_parts(pd.DataFrame({"key": ["a2", "a3"], "v": [4, 6], SRC: ["a", "a"]}), stage_dir=str(tmp_path), split=split_even_odd)
+    (tmp_path / "kept/.tmp-part-b-x.parquet-1-ab").write_bytes(b"half")  # a killed write
+    (tmp_path / "kept/part-b-orphan.parquet").write_bytes(b"no receipt")
+    todo = resume(tmp_path, sources, ["kept", "rejected"])
+    assert [s.id for s in todo] == ["b"]  # b has 2 of its 4 rows
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.parquet"))
+    assert files == ["kept/part-a-a0.parquet", "kept/part-a-a2.parquet", "rejected/part-a-a0.parquet"]
+    assert not list((tmp_path / RECEIPTS / "b").glob("*.json"))
+    keys = pq.read_table([tmp_path / f for f in files if f.startswith("kept")]).column("key").to_pylist()
+    assert sorted(keys) == ["a0", "a2", "a3"]
+    t = totals(tmp_path)
+    assert t == {"rows_in": 4, "rows_out": {"kept": 3, "rejected": 1}, "by_reason": {"odd": 1}}
+    with pytest.raises(RuntimeError, match=r"b: 0 of 4 rows"):
+        check_complete(tmp_path, sources)
+    receipt = json.loads(next((tmp_path / RECEIPTS / "a").glob("part-a-a0.json")).read_text())
+    assert receipt["files"] == ["kept/part-a-a0.parquet", "rejected/part-a-a0.parquet"]
+
+
+def test_to_arrow_turns_every_missing_value_into_null():
+    df = pd.DataFrame({"key": ["x", "y", "z"], "v": [1.0, float("nan"), 3.0]})
+    df["w"] = pd.array([1, None, 2], dtype="Int64")
+    schema = pa.schema([("key", pa.string()), ("v", pa.int32()), ("w", pa.int32()), ("absent", pa.string())])
+    t = to_arrow(df, schema)
+    assert t.schema == schema
+    assert t.column("v").to_pylist() == [1, None, 3] and t.column("w").to_pylist() == [1, None, 2]
+    assert t.column("absent").null_count == 3
+
+
+# ---- recaption engine (transformers) on the tiny model -------------------------------------------------
+
+
+def test_tiny_qwen2vl_is_a_checkpoint_and_captions_through_transformers(tmp_path):
+    from transformers import AutoConfig
+
+    from pipelines.recaption import Recaptioner, RecaptionConfig, TinyQwen2VL, build_tiny_qwen2vl
+
+    spec = TinyQwen2VL()
+    a, b = build_tiny_qwen2vl(tmp_path / "a", spec), build_tiny_qwen2vl(tmp_path / "b", spec)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    config = AutoConfig.from_pretrained(a)
+    assert config.model_type == "qwen2_vl" and config.text_config.hidden_size // config.text_config.num_attention_heads >= 32
+    cfg = RecaptionConfig(model="tiny-random", tiny={}, engine="transformers", max_new_tokens_long=5, max_new_tokens_short=3, max_pixels=50176)
+    rng = random.Random(2)
+    images = [png(demo_shapes.draw("green", "cross", "white", 64 + 32 * i, 64, rng)) for i in range(3)] + [b"broken"]
+    out = Recaptioner(cfg, str(a), cpus=1)(frame(images))
+    assert list(out["reason"]) == [None, None, None, "undecodable"]
+    assert all(isinstance(t, str) for t in out["caption_long"][:3]) and out["caption_long"][3] is None
+    assert set(out["caption_model"]) == {"tiny-random"}
+    # the same model and inputs give the same captions (greedy decoding)
+    again = Recaptioner(cfg, str(b), cpus=1)(frame(images))
+    assert list(again["caption_long"][:3]) == list(out["caption_long"][:3])
+
+
+def test_tiny_spec_rejects_head_dims_vllm_cannot_run():
+    from pydantic import ValidationError
+
+    from pipelines.recaption import TinyQwen2VL
+
+    with pytest.raises(ValidationError, match="must be a whole multiple of 4 and >= 32"):
+        TinyQwen2VL(hidden_size=64, num_attention_heads=4)
+
+
