@@ -179,3 +179,29 @@ def test_driver_killed_mid_stage_then_resumed_matches_an_uninterrupted_run(ray_s
         assert json.loads((killed.parent / "runs" / stage / MANIFEST).read_text())["outputs"] == json.loads(
             (clean.parent / "runs" / stage / MANIFEST).read_text()
         )["outputs"]
+
+
+def test_code_version_follows_the_stage_module_and_its_helpers_but_not_the_engine(tmp_path, monkeypatch):
+    pkg = tmp_path / "myplug"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helper.py").write_text("FACTOR = 1\n")
+    (pkg / "kind.py").write_text(
+        "from simplear.config import StrictModel\n"
+        "from simplear.workflow import register_stage\n"
+        "from myplug.helper import FACTOR\n"
+        "class Cfg(StrictModel):\n    pass\n"
+        "@register_stage('myplug_kind', Cfg)\ndef run(ctx):\n    return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from simplear.workflow.registry import get_stage_kind, import_plugins
+
+    import_plugins(["myplug.kind"])
+    kind = get_stage_kind("myplug_kind")
+    v1 = kind.code_version
+    assert kind.code_version == v1
+    (pkg / "helper.py").write_text("FACTOR = 2\n")
+    v2 = kind.code_version
+    assert v2 != v1
+    (pkg / "kind.py").write_text((pkg / "kind.py").read_text() + "# edited\n")
+    assert kind.code_version not in (v1, v2)

@@ -7,10 +7,13 @@ Workflows can add kinds of their own through `plugins:` (modules that call `regi
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
+import importlib.util
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from simplear import __version__
@@ -37,14 +40,46 @@ class StageKind:
 
     @property
     def code_version(self) -> str:
-        """Package version plus a hash of the module that implements the kind: editing a stage makes it stale."""
+        """Package version plus a hash of the kind's module and the project modules it imports.
+
+        Editing a stage, or a helper it uses, makes the stage stale; editing the engine itself does not.
+        """
         module = inspect.getmodule(self.run)
+        digest = hashlib.sha256()
+        for name, source in sorted(_project_sources(module.__name__).items()) if module else []:
+            digest.update(f"{name}\n{source}".encode())
+        return f"{__version__}+{digest.hexdigest()[:16]}"
+
+
+ENGINE_MODULES = ("simplear.workflow", "simplear.config")
+
+
+def _project_sources(root: str) -> dict[str, str]:
+    """Sources of `root` and, transitively, of the modules of its own top-level package or ours that it imports."""
+    packages = {root.split(".")[0], "simplear", "pipelines", "stages"}
+    seen: dict[str, str] = {}
+    todo = [root]
+    while todo:
+        name = todo.pop()
+        if name in seen or name.startswith(ENGINE_MODULES):
+            continue
         try:
-            source = inspect.getsource(module) if module else ""
-        except (OSError, TypeError):
-            source = ""
-        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-        return f"{__version__}+{digest}"
+            spec = importlib.util.find_spec(name)
+        except (ImportError, AttributeError):  # `pkg.mod.attr`: an attribute, not a module
+            continue
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        source = Path(spec.origin).read_text()
+        seen[name] = source
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.split(".")[0] in packages]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module.split(".")[0] in packages:
+                    # `from pkg import mod` may name a submodule or an attribute: try both
+                    todo.append(node.module)
+                    todo += [f"{node.module}.{a.name}" for a in node.names]
+    return seen
 
 
 _KINDS: dict[str, StageKind] = {}
