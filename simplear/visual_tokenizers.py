@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -123,8 +124,10 @@ class CosmosTokenizer:
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
             self.dtype = getattr(torch, config.dtype)
-        self._encoder = torch.jit.load(str(enc), map_location=self.device).to(self.dtype).eval()
-        self._decoder = torch.jit.load(str(dec), map_location=self.device).to(self.dtype).eval()
+        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; Cosmos releases nothing else
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+            self._encoder = torch.jit.load(str(enc), map_location=self.device).to(self.dtype).eval()
+            self._decoder = torch.jit.load(str(dec), map_location=self.device).to(self.dtype).eval()
         self.codebook_size = config.codebook_size
         self.downsample = config.downsample
         self.temporal = bool(config.temporal)
