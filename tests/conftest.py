@@ -125,7 +125,9 @@ def attach_ray(head: RayHead) -> None:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     if not ray.is_initialized():
         # Workers import the tests' own stage kinds (tests/stage_kinds.py) by module name.
-        runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT / "tests"), "OMP_WAIT_POLICY": "PASSIVE"}}
+        # RAY_ADDRESS: Ray Train's helpers must find this cluster, not another one on the host (engine.connect_ray).
+        env_vars = {"PYTHONPATH": str(ROOT / "tests"), "OMP_WAIT_POLICY": "PASSIVE", "RAY_ADDRESS": head.address}
+        runtime_env = {"env_vars": env_vars}
         ray.init(address=head.address, namespace="simplear-tests", log_to_driver=True, runtime_env=runtime_env)
 
 

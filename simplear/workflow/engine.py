@@ -155,13 +155,19 @@ def connect_ray(settings: RaySettings, metadata: dict[str, str], extra_sys_path:
     under_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     if not under_job:  # a submitted job already carries its metadata
         kwargs["job_config"] = ray.job_config.JobConfig(metadata=metadata)
+    env_vars: dict[str, str] = {}
     if extra_sys_path:
         # Workers import plugin stage kinds by module name. Under a job their cwd is the uploaded
         # working dir, so paths inside it are given relative to it and hold on every node.
         cwd = Path.cwd()
         entries = [os.path.relpath(p, cwd) if under_job and Path(p).is_relative_to(cwd) else p for p in extra_sys_path]
-        path = os.pathsep.join(entries + [p for p in [os.environ.get("PYTHONPATH")] if p])
-        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
+        env_vars["PYTHONPATH"] = os.pathsep.join(entries + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    if address and not under_job:
+        # Ray Train's helpers find "their" cluster through RAY_ADDRESS (else /tmp/ray): with several
+        # clusters on one host they could pick another one and tear down this run's placement group.
+        env_vars["RAY_ADDRESS"] = address
+    if env_vars:
+        kwargs["runtime_env"] = {"env_vars": env_vars}
     if address:
         log.info("attaching to Ray at %s", address)
         ray.init(address=address, **kwargs)
