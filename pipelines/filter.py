@@ -18,26 +18,14 @@ import warnings
 import pyarrow as pa
 from pydantic import Field
 
+from pipelines.download import SCHEMA as DOWNLOAD_SCHEMA
 from pipelines.resumable_parquet import run_stage, to_arrow
 from simplear.config import StrictModel
 from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.registry import register_stage
 
-KEPT_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("dataset", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("original_width", pa.int32()),
-        ("original_height", pa.int32()),
-        ("sha256", pa.string()),
-        ("extra", pa.string()),
-        ("image", pa.binary()),
-    ]
-)
+# the download schema less its status columns: every kept row is a good image
+KEPT_SCHEMA = pa.schema([f for f in DOWNLOAD_SCHEMA if f.name not in ("status", "error_message", "reason")])
 REJECTED_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
