@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_support import sharp_tiny_model
 from simplear.jacobi import JacobiSampler
 from simplear.model import build_model
 from simplear.sampler import SamplingParams, TorchSampler
 from simplear.visual_tokenizers import load_visual_tokenizer
 from simplear.vocab import Vocabulary
+
 
 PROMPTS = ["a red circle on a blue background", "green", "a small yellow star at the top left of a plain black background"]
 
@@ -25,12 +27,7 @@ def vocab():
 
 @pytest.fixture(scope="module")
 def sampler(vocab):
-    torch.manual_seed(0)
-    model = build_model("tiny", vocab, num_hidden_layers=2)
-    with torch.no_grad():  # sharp logits, as in tests/test_sampler.py
-        model.get_input_embeddings().weight.mul_(40)
-        model.get_output_embeddings().weight.mul_(8)
-    return TorchSampler(model.eval(), vocab, load_visual_tokenizer({"kind": "pixel-fsq", "levels": 4}))
+    return TorchSampler(sharp_tiny_model(vocab), vocab, load_visual_tokenizer({"kind": "pixel-fsq", "levels": 4}))
 
 
 @pytest.mark.parametrize("window", [1, 5, 16, 100])

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from simplear.model import build_model, save_checkpoint
 from simplear.sampler import SamplingParams, TorchSampler
 from simplear.visual_tokenizers import load_visual_tokenizer
+from model_support import sharp_tiny_model
 from simplear.vocab import Vocabulary
 
 GRID = (4, 4)
@@ -23,12 +24,7 @@ def vocab():
 
 @pytest.fixture(scope="module")
 def model(vocab):
-    torch.manual_seed(0)
-    m = build_model("tiny", vocab, num_hidden_layers=2)
-    with torch.no_grad():  # sharper than a fresh init, so prompts and positions visibly change the logits
-        m.get_input_embeddings().weight.mul_(40)
-        m.get_output_embeddings().weight.mul_(8)
-    return m.eval()
+    return sharp_tiny_model(vocab)
 
 
 @pytest.fixture(scope="module")
