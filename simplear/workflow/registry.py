@@ -67,9 +67,15 @@ def _project_sources(root: str) -> dict[str, str]:
             spec = importlib.util.find_spec(name)
         except (ImportError, AttributeError):  # `pkg.mod.attr`: an attribute, not a module
             continue
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        if spec is None:
             continue
-        source = Path(spec.origin).read_text()
+        origin = spec.origin
+        if origin is None:  # a package an import hook sees as a namespace: its __init__.py is still on disk
+            inits = [Path(p) / "__init__.py" for p in spec.submodule_search_locations or []]
+            origin = next((str(f) for f in inits if f.is_file()), None)
+        if not origin or not origin.endswith(".py"):
+            continue
+        source = Path(origin).read_text()
         seen[name] = source
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Import):
