@@ -19,7 +19,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipelines.download import SCHEMA as DOWNLOAD_SCHEMA
-from pipelines.resumable_parquet import run_stage, to_arrow
+from pipelines.resumable_parquet import SplitByReason, run_stage
 from simplear.config import StrictModel
 from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.registry import register_stage
@@ -99,18 +99,13 @@ def filter_batch(batch, *, min_short_edge: int, max_aspect_ratio: float | None, 
     return batch
 
 
-def split(rows) -> dict[str, pa.Table]:
-    kept = rows["reason"].isna()
-    return {"shards": to_arrow(rows[kept], KEPT_SCHEMA), "rejected": to_arrow(rows[~kept], REJECTED_SCHEMA)}
-
-
 @register_stage("filter", FilterConfig)
 def run(ctx: StageContext) -> StageResult:
     cfg: FilterConfig = ctx.config
     metrics = run_stage(
         ctx,
         folders=["shards", "rejected"],
-        split=split,
+        split=SplitByReason(KEPT_SCHEMA, REJECTED_SCHEMA),
         process=filter_batch,
         process_kwargs={
             "min_short_edge": cfg.min_short_edge,

@@ -27,7 +27,7 @@ import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipelines.filter import KEPT_SCHEMA
-from pipelines.resumable_parquet import run_stage, to_arrow
+from pipelines.resumable_parquet import SplitByReason, run_stage
 from simplear.config import StrictModel
 from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.manifest import atomic_path
@@ -222,8 +222,10 @@ class TransformersEngine:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         torch.set_num_threads(max(1, int(cpus)))
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+        from simplear.devices import resolve_device
+
+        device = resolve_device(cfg.device)
+        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
                  "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
         self.cfg, self.device = cfg, device
         self.processor = AutoProcessor.from_pretrained(model_path)
@@ -330,11 +332,6 @@ class Recaptioner:
         return self.writer(batch) if self.writer else batch
 
 
-def split(rows) -> dict[str, pa.Table]:
-    ok = rows["reason"].isna()
-    return {"shards": to_arrow(rows[ok], SCHEMA), "rejected": to_arrow(rows[~ok], REJECTED_SCHEMA)}
-
-
 @register_stage("recaption", RecaptionConfig)
 def run(ctx: StageContext) -> StageResult:
     cfg: RecaptionConfig = ctx.config
@@ -342,7 +339,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics = run_stage(
         ctx,
         folders=["shards", "rejected"],
-        split=split,
+        split=SplitByReason(SCHEMA, REJECTED_SCHEMA),
         process=Recaptioner,
         process_kwargs={"cfg": cfg, "model_path": model_path, "cpus": ctx.resources.cpus},
         batch_size=cfg.rows_per_part,

@@ -118,6 +118,17 @@ def to_arrow(rows, schema: pa.Schema) -> pa.Table:
 Split = Callable[[Any], dict[str, pa.Table]]  # rows of one source -> {output folder: table}
 
 
+class SplitByReason:
+    """Rows without a `reason` go to `shards`, the others, with their reason, to `rejected`."""
+
+    def __init__(self, kept: pa.Schema, rejected: pa.Schema):
+        self.kept, self.rejected = kept, rejected
+
+    def __call__(self, rows) -> dict[str, pa.Table]:
+        ok = rows["reason"].isna()
+        return {"shards": to_arrow(rows[ok], self.kept), "rejected": to_arrow(rows[~ok], self.rejected)}
+
+
 def read_sources(batch, *, columns: list[str] | None, rows_per_block: int):
     """Reader task: stream each source file by record batches (a generator UDF), tagging rows with their source.
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from simplear.config import StrictModel
+from simplear.devices import resolve_device
 
 # -- configs -----------------------------------------------------------------------------------
 
@@ -81,10 +82,6 @@ def as_image_list(images) -> list[torch.Tensor]:
     return [img.float() if isinstance(img, torch.Tensor) else pil_to_tensor(img) for img in images]
 
 
-def _resolve_device(device: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
-
-
 # -- clip / hps --------------------------------------------------------------------------------
 
 
@@ -101,7 +98,7 @@ class ClipReward:
             if not path.is_file():
                 raise FileNotFoundError(f"open_clip model config not found: {path}")
             open_clip.add_model_config(path)
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         model = open_clip.create_model(config.model, pretrained=config.pretrained, device="cpu")
         if config.checkpoint:
             if not Path(config.checkpoint).is_file():

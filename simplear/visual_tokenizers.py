@@ -19,6 +19,7 @@ from PIL import Image
 from pydantic import model_validator
 
 from simplear.config import StrictModel
+from simplear.devices import resolve_device
 
 COSMOS_CODEBOOK = 64_000  # FSQ levels (8, 8, 8, 5, 5, 5)
 
@@ -74,10 +75,6 @@ def _check_images(images: torch.Tensor, downsample: int) -> None:
         raise ValueError(f"image size {H}x{W} is not a multiple of the tokenizer's downsample {downsample}")
 
 
-def _resolve_device(device: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
-
-
 class PixelFSQTokenizer:
     """Weight-free: each code is the quantized mean colour of a downsample x downsample block."""
 
@@ -119,7 +116,7 @@ class CosmosTokenizer:
         missing = [str(p) for p in (enc, dec) if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"cosmos tokenizer folder {folder} lacks {', '.join(missing)}")
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         if config.dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:

@@ -192,8 +192,6 @@ def read_checkpoint_meta(path: Path) -> dict:
 
 def build_engine(checkpoint: Path, cfg: ServeConfig):
     """A sampler with `generate_images(prompts, size=(H, W), params=[...])`: vLLM, torch or torch + SJD."""
-    import torch
-
     from simplear.visual_tokenizers import VisualTokenizerConfig, load_visual_tokenizer
 
     meta = read_checkpoint_meta(checkpoint)
@@ -207,11 +205,11 @@ def build_engine(checkpoint: Path, cfg: ServeConfig):
         max_tokens = max((w // vt.downsample) * (h // vt.downsample) for w, h in cfg.parsed_sizes())
         return VLLMSampler(checkpoint, vt, cfg.vllm, max_text_tokens=cfg.max_text_tokens, max_image_tokens=max_tokens)
 
+    from simplear.devices import resolve_device
     from simplear.model import load_checkpoint
     from simplear.sampler import TorchSampler
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt = load_checkpoint(checkpoint, device=device)
+    ckpt = load_checkpoint(checkpoint, device=resolve_device(cfg.device))
     sampler = TorchSampler(ckpt.model, ckpt.vocab, vt, max_text_tokens=cfg.max_text_tokens)
     if cfg.sjd_window:
         from simplear.jacobi import JacobiSampler
