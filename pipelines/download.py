@@ -427,7 +427,14 @@ def shard_counts(stage_dir: Path) -> dict:
     return {"rows": rows, "by_status": dict(sorted(status.items())), "failed_by_reason": dict(sorted(reasons.items()))}
 
 
-@register_stage("download", DownloadConfig)
+def shard_progress(stage_dir: Path) -> str | None:
+    """How many shards are converted so far (a running or interrupted download)."""
+    n = len(list((stage_dir / SHARDS).glob("*.parquet")))
+    return f"{n} shards converted" if n else None
+
+
+@register_stage("download", DownloadConfig, version=1, operational=("distributor", "thread_count", "rows_per_part"),
+                progress=shard_progress)
 def run(ctx: StageContext) -> StageResult:
     cfg: DownloadConfig = ctx.config
     ds = load_dataset_manifest(ctx.dataset_files[cfg.dataset])

@@ -19,7 +19,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipelines.download import SCHEMA as DOWNLOAD_SCHEMA
-from pipelines.resumable_parquet import SplitByReason, run_stage
+from pipelines.resumable_parquet import SplitByReason, parts_progress, run_stage
 from simplear.config import StrictModel
 from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.registry import register_stage
@@ -99,10 +99,10 @@ def filter_batch(batch, *, min_short_edge: int, max_aspect_ratio: float | None, 
     return batch
 
 
-@register_stage("filter", FilterConfig)
+@register_stage("filter", FilterConfig, version=1, operational=("batch_size",), progress=parts_progress)
 def run(ctx: StageContext) -> StageResult:
     cfg: FilterConfig = ctx.config
-    metrics = run_stage(
+    result = run_stage(
         ctx,
         folders=["shards", "rejected"],
         split=SplitByReason(KEPT_SCHEMA, REJECTED_SCHEMA),
@@ -116,5 +116,5 @@ def run(ctx: StageContext) -> StageResult:
         batch_size=cfg.batch_size,
         columns=COLUMNS,
     )
-    metrics["min_short_edge"] = cfg.min_short_edge
-    return StageResult(metrics=metrics)
+    result.metrics["min_short_edge"] = cfg.min_short_edge
+    return result

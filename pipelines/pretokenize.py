@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipelines.resumable_parquet import run_stage, to_arrow
+from pipelines.resumable_parquet import parts_progress, run_stage, to_arrow
 from simplear.config import StrictModel
 from simplear.visual_tokenizers import VisualTokenizerConfig, load_visual_tokenizer, pil_to_tensor
 from simplear.workflow.context import StageContext, StageResult
@@ -173,7 +173,7 @@ class Split:
         return out
 
 
-@register_stage("tokenize", TokenizeConfig)
+@register_stage("tokenize", TokenizeConfig, version=1, operational=("batch_size", "rows_per_part"), progress=parts_progress)
 def run(ctx: StageContext) -> StageResult:
     cfg: TokenizeConfig = ctx.config
     # fails here, before any work, on a bad tokenizer folder; on CPU: the stage task itself holds no GPU
@@ -192,7 +192,7 @@ def run(ctx: StageContext) -> StageResult:
     }
     del tok
     folders = [r.name for r in cfg.resolutions] + ["rejected"]
-    metrics = run_stage(
+    result = run_stage(
         ctx,
         folders=folders,
         split=Split(cfg.resolutions),
@@ -201,8 +201,8 @@ def run(ctx: StageContext) -> StageResult:
         batch_size=cfg.rows_per_part,
     )
     atomic_write_json(ctx.stage_dir / "tokenizer.json", info)
-    metrics.update(tokenizer=info["name"], codebook_size=info["codebook_size"])
-    return StageResult(metrics=metrics)
+    result.metrics.update(tokenizer=info["name"], codebook_size=info["codebook_size"])
+    return result
 
 
 __all__ = ["TokenizeConfig", "Resolution", "center_crop_arr", "SCHEMA"]

@@ -27,7 +27,7 @@ import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipelines.filter import KEPT_SCHEMA
-from pipelines.resumable_parquet import SplitByReason, run_stage
+from pipelines.resumable_parquet import SplitByReason, parts_progress, run_stage
 from simplear.config import StrictModel
 from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.manifest import atomic_path
@@ -332,11 +332,13 @@ class Recaptioner:
         return self.writer(batch) if self.writer else batch
 
 
-@register_stage("recaption", RecaptionConfig)
+@register_stage("recaption", RecaptionConfig, version=1, progress=parts_progress,
+                operational=("batch_size", "rows_per_part", "vllm.tensor_parallel_size", "vllm.gpu_memory_utilization",
+                             "vllm.enforce_eager", "vllm.cpu_kvcache_space_gib", "vllm.engine_in_process"))
 def run(ctx: StageContext) -> StageResult:
     cfg: RecaptionConfig = ctx.config
     model_path = prepare_model(ctx, cfg)
-    metrics = run_stage(
+    result = run_stage(
         ctx,
         folders=["shards", "rejected"],
         split=SplitByReason(SCHEMA, REJECTED_SCHEMA),
@@ -344,5 +346,5 @@ def run(ctx: StageContext) -> StageResult:
         process_kwargs={"cfg": cfg, "model_path": model_path, "cpus": ctx.resources.cpus},
         batch_size=cfg.rows_per_part,
     )
-    metrics.update(engine=cfg.engine, model=cfg.model)
-    return StageResult(metrics=metrics)
+    result.metrics.update(engine=cfg.engine, model=cfg.model)
+    return result

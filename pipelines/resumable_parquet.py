@@ -3,7 +3,8 @@
 A stage reads the Parquet files an input stage recorded (its *sources*) and streams them through Ray
 Data; the last step, `write_parts`, groups each block by source and writes one part per (block,
 source) into each output folder (e.g. `shards/` and `rejected/`), each by temp name + rename, then a
-receipt `_receipts/<source>/<part>.json` holding how many input rows the part covers. A part is
+receipt `_receipts/<source>/<part>.json` holding how many input rows the part covers and each file's
+manifest entry (size, sha256, rows), computed by the task that wrote it. A part is
 named after its smallest key, so a Ray retry of the same block rewrites the same files.
 
 On a rerun (`resume`), a source whose receipts add up to its row count is done; the parts of any
@@ -26,7 +27,9 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simplear.workflow.manifest import atomic_path, atomic_write_json
+from simplear.workflow.context import StageResult
+from simplear.workflow.manifest import atomic_path, atomic_write_json, file_entry
+from simplear.workflow.metrics import ProgressLine, count_rows
 
 RECEIPTS = "_receipts"
 SRC = "_src"  # column: the source a row came from
@@ -148,7 +151,7 @@ def write_parts(batch, *, stage_dir: str, split: Split) -> dict[str, list]:
     summary: dict[str, list] = {"source": [], "part": [], "rows": [], "counts": []}
     for sid, rows in batch.groupby(SRC, sort=False):
         part = f"part-{sid}-{safe_name(str(min(rows['key'])))}"
-        files, counts = [], Counter()
+        files, entries, counts = [], {}, Counter()
         for folder, table in split(rows).items():
             counts[folder] += table.num_rows
             if "reason" in table.column_names:
@@ -159,8 +162,10 @@ def write_parts(batch, *, stage_dir: str, split: Split) -> dict[str, list]:
             rel = f"{folder}/{part}.parquet"
             with atomic_path(stage / rel) as tmp:
                 pq.write_table(table, tmp)
+                entries[rel] = file_entry(tmp, rel)
             files.append(rel)
-        receipt = {"source": sid, "part": part, "rows": len(rows), "files": files, "counts": dict(counts), "at": time.time()}
+        receipt = {"source": sid, "part": part, "rows": len(rows), "files": files, "entries": entries,
+                   "counts": dict(counts), "at": time.time()}
         atomic_write_json(stage / RECEIPTS / sid / f"{part}.json", receipt)
         summary["source"].append(sid)
         summary["part"].append(part)
@@ -183,6 +188,20 @@ def totals(stage_dir: Path) -> dict[str, Any]:
                 else:
                     rows_out[key] += n
     return {"rows_in": rows_in, "rows_out": dict(sorted(rows_out.items())), "by_reason": dict(sorted(reasons.items()))}
+
+
+def receipt_entries(stage_dir: Path) -> dict[str, dict]:
+    """The manifest entries every receipt carries, by relative path."""
+    return {rel: e for recs in _read_receipts(stage_dir).values() for _, data in recs for rel, e in data.get("entries", {}).items()}
+
+
+def parts_progress(stage_dir: Path) -> str | None:
+    """Input rows finished so far (a running or interrupted data stage), from its receipts."""
+    recs = [d for rs in _read_receipts(stage_dir).values() for _, d in rs]
+    if not recs:
+        return None
+    rejected = sum(d["counts"].get("rejected", 0) for d in recs)
+    return f"{sum(d['rows'] for d in recs)} rows done ({rejected} rejected) in {len(recs)} parts"
 
 
 def check_complete(stage_dir: Path, sources: list[Source]) -> None:
@@ -222,8 +241,9 @@ def run_stage(
     source_folder: str | None = "shards",
     columns: list[str] | None = None,
     rows_per_block: int = 256,
-) -> dict[str, Any]:
-    """Stream the sources still to do through `process` and write their parts; return the stage's metrics.
+) -> StageResult:
+    """Stream the sources still to do through `process` and write their parts; return the stage's metrics and
+    the output entries its tasks computed.
 
     `process` is a function (Ray tasks; read, process and write fuse into one task per block) or an
     actor class (a pool of `concurrency` actors with the stage's resources, GPUs included) whose
@@ -240,7 +260,7 @@ def run_stage(
     todo = [s for s in todo if s.rows > 0]
     if todo:
         data_ctx = ray.data.DataContext.get_current()
-        data_ctx.enable_progress_bars = False
+        data_ctx.enable_progress_bars = ctx.interactive  # in logs: the progress line below instead
         data_ctx.print_on_execution_start = False
         is_actor = isinstance(process, type)
         ds = ray.data.from_items([{"path": s.path, SRC: s.id} for s in todo], override_num_blocks=len(todo))
@@ -267,8 +287,14 @@ def run_stage(
                 fn_kwargs={"fn": process, "fn_kwargs": process_kwargs, "stage_dir": str(ctx.stage_dir), "split": split},
                 **({"memory": int(res.memory)} if res.memory else {}),
             )
-        for _ in ds.iter_batches(batch_size=None, batch_format="pandas"):
-            pass
+        ds.set_name(ctx.name)  # the dashboard's Ray Data page tells stages apart
+        progress = ProgressLine(ctx.name, rows_todo, ctx.progress_interval_s)
+        for summary in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            done = int(summary["rows"].sum())
+            rejected = sum(json.loads(c).get("rejected", 0) for c in summary["counts"])
+            count_rows(ctx.name, done, rejected)
+            progress.add(done)
+        progress.add(0, force=True)
         if os.environ.get("SIMPLEAR_DATA_STATS"):
             ctx.log.info("%s: Ray Data stats\n%s", ctx.name, ds.stats())
     elapsed = time.time() - t0
@@ -277,7 +303,7 @@ def run_stage(
     metrics.update(totals(ctx.stage_dir))
     metrics["seconds_this_run"] = round(elapsed, 3)
     metrics["rows_per_s"] = round(rows_todo / elapsed, 2) if rows_todo and elapsed > 0 else None
-    return metrics
+    return StageResult(metrics=metrics, files=receipt_entries(ctx.stage_dir))
 
 
 def actor_options(resources, batch_size: int) -> dict[str, Any]:

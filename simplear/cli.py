@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from simplear.config import ConfigError
 
@@ -21,7 +22,8 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
-    from simplear.workflow.engine import RunFailed, format_status, plan, run_workflow, select
+    from simplear.workflow.engine import RunFailed, plan, run_workflow, select
+    from simplear.workflow.status import format_status
 
     wf = _load(args)
     selection = select(wf, from_=args.from_, only=args.only, force=args.force)
@@ -40,31 +42,97 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from simplear.workflow.engine import format_status, status_json, workflow_status
+    from simplear.workflow.status import format_status, status_json, workflow_status
 
     wf = _load(args)
     statuses = workflow_status(wf)
-    print(status_json(statuses) if args.json else format_status(wf, statuses))
+    print(status_json(wf, statuses) if args.json else format_status(wf, statuses))
     return 0
 
 
-def cmd_submit(args) -> int:
-    from simplear.jobs import submit
+def cmd_clean(args) -> int:
+    from simplear.workflow.engine import holding_run_dir
+    from simplear.workflow.previous import clean
 
-    wf = _load(args)  # fail here, before anything is uploaded, on a bad workflow
-    job_args = ["--profile", wf.profile] if wf.profile else []
-    if args.run_dir:
-        job_args += ["--run-dir", args.run_dir]
+    wf = _load(args)
+    total = 0
+    with holding_run_dir(wf, purpose="clean"):
+        for name in wf.stages:
+            sets, freed = clean(wf.stage_dir(name))
+            if sets:
+                print(f"{name}: removed {sets} set(s) of previous outputs, {freed / 2**20:.1f} MiB")
+            total += freed
+    print(f"freed {total / 2**20:.1f} MiB under {wf.run_dir}")
+    return 0
+
+
+def _selection_args(args) -> list[str]:
+    out = []
+    if args.from_:
+        out += ["--from", args.from_]
+    if args.only:
+        out += ["--only", args.only]
+    for name in args.force:
+        out += ["--force", name]
+    return out
+
+
+def cmd_submit(args) -> int:
     from ray.exceptions import AuthenticationError
 
+    from simplear.jobs import follow, submit
+    from simplear.workflow.engine import select
+
+    wf = _load(args)  # fail here, before anything is uploaded, on a bad workflow or selection
+    select(wf, from_=args.from_, only=args.only, force=args.force)
+    job_args = (["--profile", wf.profile] if wf.profile else []) + (["--run-dir", args.run_dir] if args.run_dir else [])
+    job_args += _selection_args(args)
     try:
         job_id = submit(args.workflow, args.address, job_args, metadata={"simplear_workflow": str(wf.path.name), "simplear_profile": wf.profile})
     except (AuthenticationError, ConnectionError) as e:
         print(f"error: cannot submit to {args.address}: {e}", file=sys.stderr)
         return 2
     print(job_id)
-    print(f"dashboard: {args.address.rstrip('/')}/#/jobs/{job_id}")
+    print(f"dashboard: {args.address.rstrip('/')}/#/jobs/{job_id}", flush=True)
+    if args.wait:
+        status = follow(args.address, job_id)
+        print(f"job {job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
     return 0
+
+
+def cmd_jobs(args) -> int:
+    from ray.exceptions import AuthenticationError
+
+    from simplear.jobs import follow, job_client
+
+    try:
+        client = job_client(args.address)
+        if args.action == "list":
+            jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+            for j in jobs:
+                meta = j.metadata or {}
+                started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((j.start_time or 0) / 1000))
+                workflow = meta.get("simplear_workflow", "-")
+                print(f"{j.submission_id or j.job_id:<28} {j.status.value:<10} {started}  {workflow} {meta.get('simplear_profile', '')}")
+            return 0
+        if not args.job_id:
+            print(f"error: simplear jobs {args.action} needs a job id", file=sys.stderr)
+            return 2
+        if args.action == "logs":
+            if args.follow:
+                return 0 if follow(args.address, args.job_id) == "SUCCEEDED" else 1
+            print(client.get_job_logs(args.job_id), end="")
+            return 0
+        stopped = client.stop_job(args.job_id)
+        print(f"{args.job_id}: {'stop requested' if stopped else 'not running'}")
+        return 0
+    except (AuthenticationError, ConnectionError) as e:
+        print(f"error: cannot reach {args.address}: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # the jobs API's answer to an unknown job id
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_generate(args) -> int:
@@ -161,24 +229,48 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", help="profile of the workflow (default: its default_profile, else demo)")
         p.add_argument("--run-dir", help="override run_dir (e.g. a shared path on a cluster)")
 
+    def selection_args(p):
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--from", dest="from_", metavar="S",
+                           help="consider S and everything downstream: done ones rerun, half-done ones resume")
+        group.add_argument("--only", metavar="S", help="consider S alone (its needs must be done): rerun if done, resume if half-done")
+        p.add_argument("--force", metavar="S", action="append", default=[],
+                       help="start S afresh whatever its state, its old outputs moved aside (repeatable)")
+
+    def address_arg(p):
+        from simplear.jobs import default_address
+
+        p.add_argument("--address", default=default_address(),
+                       help="Ray dashboard / jobs address (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
+
     p = sub.add_parser("run", help="run the workflow's stages that are not done")
     workflow_args(p)
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--from", dest="from_", metavar="S", help="rerun S and everything downstream of it")
-    group.add_argument("--only", metavar="S", help="run S alone (its needs must be done)")
-    p.add_argument("--force", metavar="S", action="append", default=[], help="rerun S even if it is done (repeatable)")
+    selection_args(p)
     p.add_argument("--dry-run", action="store_true", help="print what would run, start nothing")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("status", help="table of stages: state, rows, duration, manifest")
+    p = sub.add_parser("status", help="table of stages: state (and why), rows kept / rejected, duration, paths to open")
     workflow_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("clean", help="remove the outputs earlier reruns moved aside (<stage>/.previous/)")
+    workflow_args(p)
+    p.set_defaults(func=cmd_clean)
+
     p = sub.add_parser("submit", help="submit the workflow as a Ray job")
     workflow_args(p)
-    p.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard / jobs address")
+    selection_args(p)
+    address_arg(p)
+    p.add_argument("--wait", action="store_true", help="stream the job's logs until it ends; exit with its status")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="Ray jobs of the cluster: list, logs, stop")
+    p.add_argument("action", choices=["list", "logs", "stop"])
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    address_arg(p)
+    p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("generate", help="generate an image from a prompt with a trained checkpoint")
     p.add_argument("prompt")
@@ -218,11 +310,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    from simplear.workflow.lock import FencedOut, RunLocked
+
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (RunLocked, FencedOut) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ compute the loss, save a checkpoint, finish with samples), a `TrainConfig` and R
 runs `train_loop` on every Ray Train worker (`TorchTrainer`, DDP or FSDP2 across workers).
 What a run leaves under the stage folder:
 
-    checkpoints/checkpoint-00000100/   every `checkpoint_every` steps: HF layout + optimizer.pt + trainer_state.json
+    <stage>/checkpoint-00000100/       every `checkpoint_every` steps: HF layout + optimizer.pt + trainer_state.json
+                                       (the Ray Train run, named after the stage for the dashboard)
     final/                             the last checkpoint without optimizer state: the stage's output
     metrics.jsonl, tensorboard/        loss, image-token loss, lr, grad norm, tokens/s per step (rank 0)
     samples.png, loss_curve.png        the end-of-stage sample grid and loss curve
@@ -27,6 +28,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import statistics
 import tempfile
@@ -45,7 +47,7 @@ from simplear.visual_tokenizers import VisualTokenizerConfig
 
 log = logging.getLogger("simplear.train")
 
-CHECKPOINTS = "checkpoints"  # the Ray Train run name: checkpoints live in <stage>/checkpoints/checkpoint-NNNNNNNN
+LEGACY_CHECKPOINTS = "checkpoints"  # the Ray Train run folder of runs before the run was named after its stage
 FINAL = "final"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -103,6 +105,11 @@ class TrainConfig(StrictModel):
         return self.global_batch_size // per_step
 
 
+# TrainConfig keys that change speed, memory, logging or fault tolerance, never the weights a run ends with
+TRAIN_OPERATIONAL = tuple(f"train.{k}" for k in ("checkpoint_every", "keep_checkpoints", "log_every", "report_interval_s",
+                                                 "max_failures", "num_threads", "gradient_checkpointing"))
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate of optimizer step `step` (0-based)."""
     if step < cfg.warmup_steps:
@@ -156,12 +163,20 @@ class RaySession:
             yield Path(d)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None, name: str | None = None) -> None:
-        import ray.train
+        ray_report(metrics, checkpoint_dir, name)
 
-        if checkpoint_dir is None:
-            ray.train.report(metrics)
-        else:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)), checkpoint_dir_name=name)
+
+def ray_report(metrics: dict, checkpoint_dir: Path | None = None, name: str | None = None) -> None:
+    """`ray.train.report`; a checkpoint is committed only while this run still holds its run dir (the fence)."""
+    import ray.train
+
+    from simplear.workflow.lock import check_fence
+
+    if checkpoint_dir is None:
+        ray.train.report(metrics)
+    else:
+        check_fence()
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)), checkpoint_dir_name=name)
 
 
 class LocalSession:
@@ -378,8 +393,14 @@ class MetricsWriter:
         self.tb = SummaryWriter(str(out_dir / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
 
     def write(self, metrics: dict) -> None:
+        from simplear.workflow.metrics import gauge
+
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        stage = self.path.parent.name
+        gauge(stage, "train_step", metrics["step"])
+        if isinstance(metrics.get("loss"), (int, float)):
+            gauge(stage, "train_loss", metrics["loss"])
         for k, v in metrics.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"train/{k}", v, metrics["step"])
@@ -547,6 +568,13 @@ def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: Path, resources, datase
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    runs = checkpoints_dir(stage_dir)
+    legacy = stage_dir / LEGACY_CHECKPOINTS
+    if legacy.is_dir() and not runs.exists():  # a run started before the upgrade: its checkpoints resume it
+        os.rename(legacy, runs)
+        log.info("%s: moved the checkpoints of an earlier run from %s/ to %s/ (the run is now named after the stage)",
+                 stage_dir.name, LEGACY_CHECKPOINTS, runs.name)
+
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # with the seeded local shuffle: the same batches after a resume
     trainer = TorchTrainer(
@@ -554,7 +582,7 @@ def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: Path, resources, datase
         train_loop_config={"task": task, "train": cfg.model_dump(mode="json"), "out_dir": str(stage_dir), "run_info": run_info or {}},
         scaling_config=scaling_config(resources, cfg),
         run_config=RunConfig(
-            name=CHECKPOINTS,
+            name=runs.name,
             storage_path=str(stage_dir),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
@@ -563,6 +591,11 @@ def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: Path, resources, datase
         dataset_config=DataConfig(execution_options=ingest),
     )
     return trainer.fit()
+
+
+def checkpoints_dir(stage_dir: Path) -> Path:
+    """Where Ray Train keeps a stage's checkpoints: its run, named after the stage (`<stage>/<stage>/`)."""
+    return Path(stage_dir) / Path(stage_dir).name
 
 
 def export_final(checkpoint_dir: Path, final_dir: Path) -> dict:
@@ -777,6 +810,25 @@ def sample_grid(model, vocab, vt_config, spec: SampleSpec, grid: tuple[int, int]
     return sheet
 
 
+T2I_OPERATIONAL = TRAIN_OPERATIONAL + ("data.materialize",)  # materialize: read once by the stage, same rows
+
+
+def train_progress(stage_dir: Path) -> str | None:
+    """The last logged step (and loss) of a running or interrupted training stage, from its metrics.jsonl."""
+    path = Path(stage_dir) / METRICS
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 8192))
+        lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    try:
+        row = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return None
+    loss = row.get("loss")
+    return f"step {row.get('step')}" + (f", loss {loss:.4g}" if isinstance(loss, (int, float)) else "")
+
+
 class T2IStageConfig(StrictModel):
     """What pretrain and SFT share; each stage adds how its model starts (`init`)."""
 
@@ -905,4 +957,4 @@ def run_t2i_stage(ctx, task_kwargs: dict, vt: VisualTokenizerConfig | None, data
                "rows": data.rows, "grid": list(data.grid), **summarize(rows)}
     ctx.log.info("%s: %s", ctx.name, metrics)
     outputs = [FINAL, METRICS, LOSS_CURVE] + ([SAMPLES] if (ctx.stage_dir / SAMPLES).exists() else [])
-    return StageResult(metrics=metrics, outputs=outputs)
+    return StageResult(metrics=metrics, outputs=outputs, artifacts=[SAMPLES, LOSS_CURVE, f"{FINAL}/"])

@@ -48,10 +48,13 @@ from simplear.training import (
     TRAINER_STATE,
     MetricsWriter,
     SampleSpec,
+    TRAIN_OPERATIONAL,
     TrainConfig,
     fit,
+    ray_report,
     read_metrics,
     sample_grid,
+    train_progress,
 )
 from simplear.workflow import StageContext, StageResult, register_stage
 
@@ -629,12 +632,7 @@ def grpo_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
-    def report(metrics: dict, checkpoint_dir: Path | None = None, name: str | None = None) -> None:
-        if checkpoint_dir is None:
-            ray.train.report(metrics)
-        else:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)), checkpoint_dir_name=name)
-
+    report = ray_report
     latest = ray.train.get_checkpoint()
     with contextlib.ExitStack() as stack:
         resume_dir = Path(stack.enter_context(latest.as_directory())) if latest else None
@@ -788,7 +786,7 @@ def make_task(ctx: StageContext, cfg: GRPOStageConfig) -> GRPOTask:
                     max_text_tokens=cfg.max_text_tokens, stage=ctx.name)
 
 
-@register_stage("grpo", GRPOStageConfig)
+@register_stage("grpo", GRPOStageConfig, version=1, operational=TRAIN_OPERATIONAL, progress=train_progress)
 def run(ctx: StageContext) -> StageResult:
     from simplear.workflow.manifest import atomic_path
 
@@ -819,4 +817,4 @@ def run(ctx: StageContext) -> StageResult:
                **{f"eval_{name}_{k}": v for name, c in evaluation.items() for k, v in c.items()}}
     ctx.log.info("%s: %s", ctx.name, metrics)
     outputs = [FINAL, METRICS, REWARD_CURVE, EVAL] + [p for p in (SAMPLES, SAMPLES_BEFORE) if (ctx.stage_dir / p).exists()]
-    return StageResult(metrics=metrics, outputs=outputs)
+    return StageResult(metrics=metrics, outputs=outputs, artifacts=[SAMPLES_BEFORE, SAMPLES, REWARD_CURVE, EVAL, f"{FINAL}/"])

@@ -455,7 +455,7 @@ def render_page(cfg: ServeConfig, api_root: str = "") -> str:
 # -- the stage --------------------------------------------------------------------------------------
 
 
-@register_stage("serve", ServeConfig)
+@register_stage("serve", ServeConfig, version=1, operational=("max_batch_size", "batch_wait_timeout_s"))
 def run(ctx: StageContext) -> StageResult:
     import urllib.request
 
@@ -481,4 +481,4 @@ def run(ctx: StageContext) -> StageResult:
                 "checkpoint": str(checkpoint), "engine": cfg.engine, "sizes": cfg.sizes}
     with ctx.output("endpoint.json") as tmp:
         Path(tmp).write_text(json.dumps(endpoint, indent=2) + "\n")
-    return StageResult(metrics=metrics)
+    return StageResult(metrics=metrics, artifacts=["endpoint.json", "sample.png"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from simplear.workflow.lock import stop_ray_session
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
@@ -45,34 +46,8 @@ class RayHead:
         stop_ray_by_temp_dir(self.temp_dir)
 
 
-def stop_ray_by_temp_dir(temp_dir: str, timeout: float = 15.0) -> None:
-    import psutil
-
-    def ours():
-        """Processes naming the temp dir, plus their children (agents renamed to `ray::...` do not name it)."""
-        procs = {}
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if p.pid != os.getpid() and any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
-                    procs[p.pid] = p
-                    procs.update({c.pid: c for c in p.children(recursive=True)})
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        procs.pop(os.getpid(), None)
-        return list(procs.values())
-
-    procs = ours()
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive + ours():
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+def stop_ray_by_temp_dir(temp_dir: str) -> None:
+    stop_ray_session(temp_dir)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -19,6 +19,7 @@ class ShardsConfig(StrictModel):
     seconds_per_shard: float = 0.0
     value: int = 0  # changes the outputs, so downstream stages see a new input
     fail: bool = False
+    fail_after: int | None = None  # raise once this many shards exist (a crash mid-stage; operational)
 
 
 def _read_inputs(ctx: StageContext) -> list[int]:
@@ -29,7 +30,12 @@ def _read_inputs(ctx: StageContext) -> list[int]:
     return values
 
 
-@register_stage("test_shards", ShardsConfig)
+def shards_progress(stage_dir) -> str | None:
+    n = len(list(stage_dir.glob("part-*.parquet")))
+    return f"{n} shards written" if n else None
+
+
+@register_stage("test_shards", ShardsConfig, operational=("seconds_per_shard", "fail_after"), progress=shards_progress)
 def run_shards(ctx: StageContext) -> StageResult:
     """Writes `shards` Parquet shards one by one, each atomically; a rerun writes only the missing ones."""
     cfg = ctx.config
@@ -41,6 +47,8 @@ def run_shards(ctx: StageContext) -> StageResult:
         rel = f"part-{i:05d}.parquet"
         if (ctx.stage_dir / rel).exists():
             continue
+        if cfg.fail_after is not None and i >= cfg.fail_after:
+            raise RuntimeError(f"asked to fail after {cfg.fail_after} shards")
         time.sleep(cfg.seconds_per_shard)
         rows = [cfg.value * 1000 + upstream + i * cfg.rows_per_shard + j for j in range(cfg.rows_per_shard)]
         with ctx.output(rel) as tmp:

@@ -23,8 +23,8 @@ from simplear.workflow.spec import load_workflow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_workflow(tmp_path, **config_by_stage) -> Path:
-    """a -> (b, c) -> d, all of the tests' `test_shards` kind."""
+def make_workflow(tmp_path, ray: dict | None = None, **config_by_stage) -> Path:
+    """a -> (b, c) -> d, all of the tests' `test_shards` kind; `ray`: settings of an embedded Ray."""
     stages = {
         "a": {"uses": "test_shards", "config": {"shards": 2}},
         "b": {"uses": "test_shards", "needs": ["a"]},
@@ -34,8 +34,18 @@ def make_workflow(tmp_path, **config_by_stage) -> Path:
     for name, cfg in config_by_stage.items():
         stages[name]["config"] = {**stages[name].get("config", {}), **cfg}
     path = tmp_path / "workflow.yaml"
-    path.write_text(yaml.safe_dump({"run_dir": "runs", "plugins": ["stage_kinds"], "stages": stages}))
+    body = {"run_dir": "runs", "plugins": ["stage_kinds"], "stages": stages}
+    if ray:
+        body["ray"] = ray
+    path.write_text(yaml.safe_dump(body))
     return path
+
+
+def previous(stage_dir: Path) -> list[dict]:
+    """What reruns moved aside in a stage folder: each set's _MOVED.json plus the Parquet it holds."""
+    root = stage_dir / ".previous"
+    sets = sorted(root.iterdir()) if root.is_dir() else []
+    return [{**json.loads((s / "_MOVED.json").read_text()), "parquet": sorted(p.name for p in s.glob("*.parquet"))} for s in sets]
 
 
 def run(path, **selection):
@@ -79,11 +89,16 @@ def test_config_change_makes_the_stage_and_downstream_stale(ray_session, tmp_pat
     assert [(n, a) for n, _, a in plan(load_workflow(path), select(load_workflow(path)))] == [
         ("a", "skip"), ("b", "run"), ("c", "skip"), ("d", "run")
     ]
+    assert workflow_status(load_workflow(path))["b"].reasons == ["config value: 0 -> 7"]
     run(path)
     after = started_at(path)
     assert [n for n in "abcd" if after[n] != before[n]] == ["b", "d"]
     assert values(tmp_path / "runs/b")[0] == 7000 + sum(range(8))
     assert states(path) == dict.fromkeys("abcd", "done")
+    # the outputs of the old config were moved aside, not deleted
+    (moved,) = previous(tmp_path / "runs/b")
+    assert moved["reason"] == "stale: config value: 0 -> 7" and moved["parquet"] == [f"part-{i:05d}.parquet" for i in range(3)]
+    assert previous(tmp_path / "runs/d")[0]["reason"] == "stale: input b changed"
 
 
 def test_force_reruns_only_that_stage_when_its_outputs_do_not_change(ray_session, tmp_path):
@@ -93,6 +108,7 @@ def test_force_reruns_only_that_stage_when_its_outputs_do_not_change(ray_session
     run(path, force=["a"])
     after = started_at(path)
     assert [n for n in "abcd" if after[n] != before[n]] == ["a"]
+    assert [m["reason"] for m in previous(tmp_path / "runs/a")] == ["forced (--force)"]
 
 
 def test_from_reruns_the_stage_and_everything_downstream(ray_session, tmp_path):
@@ -102,6 +118,7 @@ def test_from_reruns_the_stage_and_everything_downstream(ray_session, tmp_path):
     run(path, from_="b")
     after = started_at(path)
     assert [n for n in "abcd" if after[n] != before[n]] == ["b", "d"]
+    assert [m["reason"] for m in previous(tmp_path / "runs/d")] == ["chosen by --only/--from"]
 
 
 def test_only_runs_one_stage_and_needs_its_inputs_done(ray_session, tmp_path):
@@ -142,33 +159,54 @@ def test_a_failed_stage_is_recorded_and_stops_its_downstream(ray_session, tmp_pa
 
 
 def _simplear(args, env, **kw):
-    return subprocess.Popen([sys.executable, "-m", "simplear.cli", *args], env=env, cwd=ROOT, **kw)
+    return subprocess.Popen([sys.executable, "-m", "simplear", *args], env=env, cwd=ROOT, **kw)
 
 
-def test_driver_killed_mid_stage_then_resumed_matches_an_uninterrupted_run(ray_session, tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ray_session.address, "RAY_AUTH_MODE": "disabled"}
+def session_processes(session_dir: str) -> list[int]:
+    """Processes that still belong to an embedded Ray session (by command line or open files in its dir)."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(session_dir in a for a in p.info["cmdline"] or []) or any(f.path.startswith(session_dir) for f in p.open_files()):
+                found.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def test_driver_killed_mid_stage_then_rerun_at_once_takes_over_and_matches_an_uninterrupted_run(tmp_path):
+    """`simplear run` on an embedded Ray, SIGKILLed mid-stage, then run again straight away: the new run takes
+    the dead run's lock, ends what its Ray left running, and ends with the outputs of an uninterrupted run."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     for sub in ("killed", "clean"):
         (tmp_path / sub).mkdir()
-    killed = make_workflow(tmp_path / "killed", a={"shards": 6, "seconds_per_shard": 1.0})
-    clean = make_workflow(tmp_path / "clean", a={"shards": 6, "seconds_per_shard": 0.0})
+    embedded = {"num_cpus": 2, "include_dashboard": False}
+    killed = make_workflow(tmp_path / "killed", ray=embedded, a={"shards": 6, "seconds_per_shard": 1.0})
+    clean = make_workflow(tmp_path / "clean", ray=embedded, a={"shards": 6, "seconds_per_shard": 0.0})
 
     proc = _simplear(["run", str(killed)], env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stage_a = killed.parent / "runs/a"
+    lock_file = killed.parent / "runs/_LOCK.json"
     deadline = time.time() + 120
     while len(list(stage_a.glob("*.parquet"))) < 2:
         assert time.time() < deadline and proc.poll() is None, "stage a never wrote its first shards"
         time.sleep(0.2)
+    session_dir = json.loads(lock_file.read_text())["ray_session_dir"]
+    assert session_dir and session_processes(session_dir)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (stage_a / MANIFEST).exists()
-    # Ray ends the dead driver's stage task; wait for its worker to go before resuming.
-    first_pid = json.loads((stage_a / "_log.jsonl").read_text().splitlines()[0])["pid"]
-    psutil.wait_procs([psutil.Process(first_pid)] if psutil.pid_exists(first_pid) else [], timeout=60)
-    n_before = len(list(stage_a.glob("*.parquet")))
-    assert 2 <= n_before < 6
+    status = json.loads(subprocess.run([sys.executable, "-m", "simplear", "status", str(killed), "--json"], env=env, cwd=ROOT,
+                                       capture_output=True, text=True, check=True).stdout)["stages"]["a"]
+    assert status["state"] == "partial" and status["progress"].endswith("shards written")
 
-    assert _simplear(["run", str(killed)], env).wait(timeout=300) == 0
+    rerun = subprocess.run([sys.executable, "-m", "simplear", "run", str(killed)], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "taking over the lock" in rerun.stderr and "its process" in rerun.stderr
+    assert session_processes(session_dir) == [], "the dead run's embedded Ray left processes behind"
+    assert not lock_file.exists()
     assert _simplear(["run", str(clean)], env).wait(timeout=300) == 0
 
     log = [json.loads(line) for line in (stage_a / "_log.jsonl").read_text().splitlines()]

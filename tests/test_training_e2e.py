@@ -3,8 +3,10 @@
 One run (the module fixture, ~3 min on 2 cores) is shared by the tests:
 - `simplear run` is started; once Ray Train has registered pretrain's checkpoint at step 100, the
   Ray Train worker is SIGKILLed (FailureConfig restarts the group from that checkpoint); once SFT's
-  checkpoint at step 50 is registered, the driver itself is SIGKILLed; a second `simplear run` skips
-  the finished pretrain and resumes SFT from step 50.
+  checkpoint at step 50 is registered, the driver itself is SIGKILLed. The half-done SFT is then made to
+  look like a run of the release before (checkpoints in `sft/checkpoints/`, a `_STARTED.json` of the old
+  scheme), and `simplear run --only sft` resumes it from step 50: a chosen half-done stage resumes,
+  also across the upgrade.
 - The tests check the step counts, the artefacts, that the demo learns, and that held-out colour
   pairs come out in the asked colours (colour statistics of decoded samples).
 """
@@ -23,7 +25,7 @@ import psutil
 import pytest
 import torch
 
-from simplear.training import CHECKPOINTS, FINAL, METRICS
+from simplear.training import FINAL, LEGACY_CHECKPOINTS, METRICS, checkpoints_dir
 from test_training_helpers import HELD_OUT, image_colours
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +61,7 @@ stages:
 
 def registered(stage_dir: Path, step: int) -> bool:
     """Ray Train has recorded the checkpoint of `step` as the run's latest (a worker killed before that loses it)."""
-    snapshot = stage_dir / CHECKPOINTS / "checkpoint_manager_snapshot.json"
+    snapshot = checkpoints_dir(stage_dir) / "checkpoint_manager_snapshot.json"
     try:
         latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -119,8 +121,12 @@ def trained(ray_head, tmp_path_factory):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
     wait_for(lambda: not train_workers(ray_head.temp_dir), 60, "the killed run's workers to go")
+    started = json.loads((sft / "_STARTED.json").read_text())
+    (sft / "_STARTED.json").write_text(json.dumps({"fingerprint": "of-the-release-before", "started_at": started["started_at"]}))
+    checkpoints_dir(sft).rename(sft / LEGACY_CHECKPOINTS)
     with open(root / "run2.log", "w") as log:
-        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root, timeout=600).returncode
+        cmd2 = [sys.executable, "-c", driver.replace("['run', ", "['run', '--only', 'sft', ")]
+        rc = subprocess.run(cmd2, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root, timeout=600).returncode
     assert rc == 0, (root / "run2.log").read_text()[-5000:]
     return root / "run"
 
@@ -146,12 +152,13 @@ def test_killed_runs_end_at_the_same_step(trained, stage, steps, resumed_at, kep
     logged = [json.loads(line)["step"] for line in (trained / stage / METRICS).read_text().splitlines()]
     assert logged == list(range(1, steps + 1))  # the lost steps were logged again, once
     final = trained / stage / FINAL
-    last = trained / stage / CHECKPOINTS / f"checkpoint-{steps:08d}"
+    last = checkpoints_dir(trained / stage) / f"checkpoint-{steps:08d}"
     assert json.loads((final / "trainer_state.json").read_text())["step"] == steps
     a, b = safetensors_weights(final), safetensors_weights(last)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (last / "optimizer.pt").exists() and not (final / "optimizer.pt").exists()
-    assert sorted(p.name for p in (trained / stage / CHECKPOINTS).glob("checkpoint-*")) == [f"checkpoint-{s:08d}" for s in kept]
+    assert sorted(p.name for p in checkpoints_dir(trained / stage).glob("checkpoint-*")) == [f"checkpoint-{s:08d}" for s in kept]
+    assert not (trained / stage / LEGACY_CHECKPOINTS).exists() and not (trained / stage / ".previous").exists()
 
 
 def test_stage_artefacts(trained):
@@ -162,7 +169,7 @@ def test_stage_artefacts(trained):
         outputs = {o["path"] for o in manifest(trained, stage)["outputs"]}
         assert {f"{FINAL}/model.safetensors", f"{FINAL}/config.json", f"{FINAL}/tokenizer.json", f"{FINAL}/simplear.json",
                 "loss_curve.png", "samples.png", METRICS} <= outputs
-        assert not any(p.startswith(CHECKPOINTS) for p in outputs)  # intermediate checkpoints are not the stage's output
+        assert not any(p.startswith(f"{stage}/") for p in outputs)  # intermediate checkpoints are not the stage's output
         for png in ("loss_curve.png", "samples.png"):
             assert (d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert list((d / "tensorboard").glob("events.out.tfevents.*"))
@@ -219,4 +226,4 @@ def test_sft_from_a_missing_checkpoint_fails_clearly(trained, ray_session, tmp_p
         run_workflow(w, select(w, only="sft_bad"))
     error = json.loads((trained / "sft_bad" / "_FAILED.json").read_text())["error"]
     assert "stages.sft_bad.config.init: '/no/such/checkpoint' is neither a stage this one needs (shapes)" in error
-    assert not (trained / "sft_bad" / CHECKPOINTS).exists()
+    assert not checkpoints_dir(trained / "sft_bad").exists()

@@ -14,10 +14,14 @@ from simplear.workflow.spec import Resources
 
 @dataclass
 class StageResult:
-    """`outputs`: relative paths to record in the manifest (default: every file the stage wrote)."""
+    """`outputs`: relative paths to record in the manifest (default: every file the stage wrote).
+    `files`: manifest entries the writing tasks already computed, by relative path (not re-read).
+    `artifacts`: the paths a person opens (samples.png, final/, endpoint.json), shown by `status`."""
 
     metrics: dict[str, Any] = field(default_factory=dict)
     outputs: list[str] | None = None
+    files: dict[str, dict] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -32,9 +36,12 @@ class StageContext:
     run_dir: Path
     needs: list[str]
     fingerprint: str
+    fingerprint_parts: dict
     dataset_files: dict[str, Path]
     workflow_path: Path
     profile: str
+    interactive: bool = False  # the driver writes to a terminal: progress bars; else a progress line every interval
+    progress_interval_s: float = 30.0
 
     @property
     def log(self) -> logging.Logger:

@@ -1,36 +1,31 @@
 """Run a resolved workflow on Ray: each stage is one Ray task named after it, launched once its needs are done.
 
-State lives in each stage's folder (see manifest.py), so any driver, local or under `ray job submit`,
-can pick a run up where a killed one stopped: finished stages are skipped by fingerprint, a
-half-done stage resumes on the shards it already wrote.
+State lives in each stage's folder (see manifest.py, status.py), so any driver, local or under `ray job
+submit`, can pick a run up where a killed one stopped: finished stages are skipped by fingerprint, a
+half-done stage resumes on what it already wrote. One run at a time holds the run dir (lock.py);
+before a stage reruns, its old outputs are moved aside (previous.py), never deleted silently.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from simplear.config import ConfigError
 from simplear.workflow.context import StageContext, StageResult
-from simplear.workflow.manifest import (
-    FAILED,
-    MANIFEST,
-    STARTED,
-    atomic_write_json,
-    describe_outputs,
-    file_digest,
-    fingerprint,
-    read_json,
-    reset_dir,
-)
-from simplear.workflow.spec import RaySettings, ResolvedStage, ResolvedWorkflow
+from simplear.workflow.fingerprint import SCHEME
+from simplear.workflow.lock import FENCE_ENV, RunLock, RunLocked, describe_holder, read_lock
+from simplear.workflow.manifest import FAILED, MANIFEST, STARTED, atomic_write_json, describe_outputs, read_json
+from simplear.workflow.previous import move_aside
+from simplear.workflow.spec import RaySettings, ResolvedWorkflow
+from simplear.workflow.status import StageStatus, workflow_status, stage_status
 
 log = logging.getLogger("simplear.engine")
 
@@ -38,75 +33,13 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @dataclass
-class StageStatus:
-    name: str
-    state: str  # done | stale | pending | failed
-    fingerprint: str | None
-    manifest: dict | None
-    failure: dict | None
-
-    @property
-    def rows(self) -> int | None:
-        return self.manifest.get("rows") if self.manifest else None
-
-    @property
-    def duration_s(self) -> float | None:
-        return self.manifest.get("duration_s") if self.manifest else None
-
-
-def _datasets_used(wf: ResolvedWorkflow, config: Any) -> dict[str, str]:
-    """Hashes of the dataset manifests a stage's config names: editing one makes the stage stale."""
-    names: set[str] = set()
-
-    def walk(value: Any) -> None:
-        if isinstance(value, str) and value in wf.dataset_files:
-            names.add(value)
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-
-    walk(config)
-    return {n: file_digest(wf.dataset_files[n]) for n in sorted(names)}
-
-
-def stage_fingerprint(wf: ResolvedWorkflow, stage: ResolvedStage, inputs: dict[str, dict]) -> str:
-    config = stage.config.model_dump(mode="json")
-    return fingerprint(stage.kind.name, config, stage.kind.code_version, inputs, _datasets_used(wf, config))
-
-
-def stage_status(wf: ResolvedWorkflow, name: str, upstream: dict[str, StageStatus]) -> StageStatus:
-    stage = wf.stages[name]
-    stage_dir = wf.stage_dir(name)
-    manifest = read_json(stage_dir / MANIFEST)
-    failure = read_json(stage_dir / FAILED)
-    fp = None
-    if all(upstream[n].state == "done" for n in stage.needs):
-        fp = stage_fingerprint(wf, stage, {n: upstream[n].manifest for n in stage.needs})
-    if manifest is None:
-        state = "failed" if failure else "pending"
-    elif fp is not None and manifest.get("fingerprint") == fp:
-        state = "done"
-    else:
-        state = "stale"
-    return StageStatus(name, state, fp, manifest, failure)
-
-
-def workflow_status(wf: ResolvedWorkflow) -> dict[str, StageStatus]:
-    statuses: dict[str, StageStatus] = {}
-    for name in wf.stages:
-        statuses[name] = stage_status(wf, name, statuses)
-    return statuses
-
-
-@dataclass
 class Selection:
-    """Which stages a run considers and which it reruns whatever their state."""
+    """Which stages a run considers (`run`), which of them rerun when done (`chosen`: named by --only/--from;
+    a half-done one resumes) and which start afresh whatever their state (`forced`)."""
 
     run: list[str]
-    forced: set[str]
+    chosen: set[str] = field(default_factory=set)
+    forced: set[str] = field(default_factory=set)
 
 
 def select(wf: ResolvedWorkflow, from_: str | None = None, only: str | None = None, force: Iterable[str] = ()) -> Selection:
@@ -118,38 +51,60 @@ def select(wf: ResolvedWorkflow, from_: str | None = None, only: str | None = No
         raise ConfigError("--from and --only cannot be combined")
     forced = set(force)
     if only:
-        return Selection(run=[only], forced=forced | {only})
+        return Selection(run=[only], chosen={only}, forced=forced & {only})
     if from_:
-        forced |= set(wf.downstream(from_))
+        run = wf.downstream(from_)
+        return Selection(run=run, chosen=set(run), forced=forced & set(run))
     return Selection(run=list(wf.stages), forced=forced)
 
 
+def check_needs(wf: ResolvedWorkflow, selection: Selection, statuses: dict[str, StageStatus]) -> None:
+    """What a run refuses before it starts: a chosen stage whose needs are outside the run and not done."""
+    for name in selection.run:
+        for need in wf.stages[name].needs:
+            if need not in selection.run and statuses[need].state != "done":
+                raise ConfigError(f"stage {name!r} needs {need!r}, which is {statuses[need].state}: run it first")
+
+
+def _action(st: StageStatus, selection: Selection, upstream_runs: bool) -> str:
+    """skip | run | resume | rerun: what a run does with a stage in this state."""
+    if st.name in selection.forced:
+        return "rerun"
+    if st.state == "done":
+        if st.name in selection.chosen:
+            return "rerun"
+        return "run" if upstream_runs else "skip"
+    started = st.started or {}
+    if st.manifest is None and started and (started.get("fingerprint") == st.fingerprint or started.get("scheme") != SCHEME):
+        return "resume"
+    return "run"
+
+
 def plan(wf: ResolvedWorkflow, selection: Selection) -> list[tuple[str, str, str]]:
-    """(stage, current state, action) for a dry run: action is run, rerun (forced) or skip."""
+    """(stage, current state, action) for a dry run; refuses what a real run would refuse."""
     statuses = workflow_status(wf)
+    check_needs(wf, selection, statuses)
+    holder, alive = read_lock(wf.run_dir, wf.body.lock)
+    if alive:
+        raise RunLocked(f"{wf.run_dir} is in use by {describe_holder(holder)}: a run now would refuse")
     rows = []
     will_run: set[str] = set()
     for name in selection.run:
-        st = statuses[name]
-        upstream_runs = bool(will_run.intersection(wf.stages[name].needs))
-        if name in selection.forced:
-            action = "rerun"
-        elif st.state != "done" or upstream_runs:
-            action = "run"
-        else:
-            action = "skip"
+        action = _action(statuses[name], selection, bool(will_run.intersection(wf.stages[name].needs)))
         if action != "skip":
             will_run.add(name)
-        rows.append((name, st.state, action))
+        rows.append((name, statuses[name].state, action))
     return rows
 
 
-def connect_ray(settings: RaySettings, metadata: dict[str, str], extra_sys_path: list[str]) -> None:
-    """Attach to the cluster of `ray job submit` (RAY_ADDRESS) or `ray.address`; otherwise start an embedded Ray."""
+def connect_ray(settings: RaySettings, metadata: dict[str, str], extra_sys_path: list[str]) -> str | None:
+    """Attach to the cluster of `ray job submit` (RAY_ADDRESS) or `ray.address`; otherwise start an embedded Ray.
+
+    Returns the embedded Ray's session dir (what a run that takes over a dead one's lock ends), else None."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     address = settings.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"namespace": "simplear", "log_to_driver": True}
     under_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
@@ -171,20 +126,24 @@ def connect_ray(settings: RaySettings, metadata: dict[str, str], extra_sys_path:
     if address:
         log.info("attaching to Ray at %s", address)
         ray.init(address=address, **kwargs)
+        return None
     else:
         log.info("starting an embedded Ray")
         ray.init(
+            address="local",  # a Ray of its own, even when another cluster runs on this host
             num_cpus=settings.num_cpus,
             num_gpus=settings.num_gpus,
             include_dashboard=settings.include_dashboard,
             object_store_memory=int(settings.object_store_memory) if settings.object_store_memory else None,
             **kwargs,
         )
+    return ray._private.worker._global_node.get_session_dir_path()
 
 
 def _execute_stage(ctx: StageContext, plugins: list[str]) -> dict:
     """Body of a stage's Ray task: run the stage, then write its manifest last and atomically."""
     from simplear.workflow.registry import get_stage_kind, import_plugins
+    from simplear.workflow.status import current_parts
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
@@ -194,11 +153,14 @@ def _execute_stage(ctx: StageContext, plugins: list[str]) -> dict:
     t0 = time.time()
     result = kind.run(ctx) or StageResult()
     t1 = time.time()
-    outputs = describe_outputs(ctx.stage_dir, result.outputs)
+    outputs = describe_outputs(ctx.stage_dir, result.outputs, known=result.files)
     manifest = {
         "stage": ctx.name,
         "kind": ctx.kind,
+        "scheme": SCHEME,
         "fingerprint": ctx.fingerprint,
+        "fingerprint_parts": ctx.fingerprint_parts,
+        "version": kind.version,
         "code_version": kind.code_version,
         "config": ctx.config.model_dump(mode="json"),
         "resources": ctx.resources.model_dump(mode="json"),
@@ -208,6 +170,7 @@ def _execute_stage(ctx: StageContext, plugins: list[str]) -> dict:
         "outputs": outputs,
         "rows": sum(o.get("rows") or 0 for o in outputs),
         "metrics": result.metrics,
+        "artifacts": result.artifacts,
         "first_started_at": started.get("started_at", t0),
         "started_at": t0,
         "finished_at": t1,
@@ -221,28 +184,62 @@ class RunFailed(RuntimeError):
     pass
 
 
-def _prepare_stage_dir(stage_dir: Path, fp: str, forced: bool) -> None:
-    """Keep shards only when they were written for this very fingerprint (a resumed run); otherwise start clean."""
-    started = read_json(stage_dir / STARTED)
-    stale_manifest = (stage_dir / MANIFEST).exists()
-    if forced or stale_manifest or not started or started.get("fingerprint") != fp:
-        reset_dir(stage_dir)
-    else:
-        log.info("%s: resuming on the shards a previous run left", stage_dir.name)
+def prepare_stage_dir(stage_dir: Path, st: StageStatus, action: str, reason: str, keep_previous: bool) -> None:
+    """Resume on what a previous try of this very fingerprint left; otherwise move the old outputs aside first."""
+    started = st.started or {}
+    if action == "resume":
+        if started.get("scheme") != SCHEME:
+            log.warning("%s: resuming on what a run before the upgrade left (its fingerprint cannot be checked; "
+                        "`--force %s` starts afresh)", st.name, st.name)
+        else:
+            log.info("%s: resuming on what a previous run left", st.name)
         (stage_dir / FAILED).unlink(missing_ok=True)
         return
-    atomic_write_json(stage_dir / STARTED, {"fingerprint": fp, "started_at": time.time()})
+    old = (st.manifest or started).get("fingerprint") or "unknown"
+    move_aside(stage_dir, old[:16], reason, keep=keep_previous)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stage_dir / STARTED, {"scheme": SCHEME, "fingerprint": st.fingerprint, "started_at": time.time()})
+
+
+@contextmanager
+def holding_run_dir(wf: ResolvedWorkflow, purpose: str = "run") -> Iterator[RunLock]:
+    """Hold the run dir's lock; meanwhile this process, and every task it launches, is fenced by its run id."""
+    lock = RunLock.acquire(wf.run_dir, wf.body.lock, purpose)
+    saved = os.environ.get(FENCE_ENV)
+    os.environ[FENCE_ENV] = lock.fence_token
+    try:
+        yield lock
+    finally:
+        if saved is None:
+            os.environ.pop(FENCE_ENV, None)
+        else:
+            os.environ[FENCE_ENV] = saved
+        lock.release()
 
 
 def run_workflow(wf: ResolvedWorkflow, selection: Selection) -> dict[str, StageStatus]:
     """Run what the selection asks; independent stages run side by side. Raises RunFailed if a stage fails."""
+    with holding_run_dir(wf) as lock:
+        return _run(wf, selection, lock)
+
+
+def _why_rerun(st: StageStatus, action: str, selection: Selection) -> str:
+    if action == "rerun":
+        return "forced (--force)" if st.name in selection.forced else "chosen by --only/--from"
+    if st.state == "stale":
+        return "stale: " + "; ".join(st.reasons[:3])
+    return "partial outputs of another configuration"
+
+
+def _run(wf: ResolvedWorkflow, selection: Selection, lock: RunLock) -> dict[str, StageStatus]:
     import ray
 
     statuses = workflow_status(wf)
-    for name in selection.run:
-        for need in wf.stages[name].needs:
-            if need not in selection.run and statuses[need].state != "done":
-                raise ConfigError(f"stage {name!r} needs {need!r}, which is {statuses[need].state}: run it first")
+    check_needs(wf, selection, statuses)
+    for st in statuses.values():
+        if st.migrated:
+            atomic_write_json(wf.stage_dir(st.name) / MANIFEST, st.manifest)
+            log.info("%s: manifest from an older simplear re-fingerprinted; still done", st.name)
 
     remote = None  # Ray starts (or is attached) only once a stage really has to run
     todo = list(selection.run)
@@ -257,9 +254,10 @@ def run_workflow(wf: ResolvedWorkflow, selection: Selection) -> dict[str, StageS
             if not all(n in finished or n not in selection.run for n in stage.needs):
                 continue
             todo.remove(name)
-            st = stage_status(wf, name, statuses)
+            st = stage_status(wf, name, statuses, (lock.info, True))
             statuses[name] = st
-            if st.state == "done" and name not in selection.forced:
+            action = _action(st, selection, upstream_runs=False)
+            if action == "skip":
                 log.info("%s: up to date, skipped (rows=%s)", name, st.rows)
                 finished.add(name)
                 continue
@@ -268,13 +266,15 @@ def run_workflow(wf: ResolvedWorkflow, selection: Selection) -> dict[str, StageS
                 log.error("%s: an input is not done, cannot run", name)
                 continue
             if remote is None:
-                connect_ray(
+                session_dir = connect_ray(
                     wf.body.ray,
                     metadata={"simplear_workflow": str(wf.path), "simplear_profile": wf.profile},
                     extra_sys_path=[str(wf.base_dir)] if wf.body.plugins else [],
                 )
+                if session_dir:
+                    lock.update(ray_session_dir=session_dir)
                 remote = ray.remote(_execute_stage)
-            _prepare_stage_dir(wf.stage_dir(name), st.fingerprint, forced=name in selection.forced)
+            prepare_stage_dir(wf.stage_dir(name), st, action, _why_rerun(st, action, selection), wf.body.keep_previous)
             ctx = StageContext(
                 name=name,
                 kind=stage.kind.name,
@@ -284,19 +284,26 @@ def run_workflow(wf: ResolvedWorkflow, selection: Selection) -> dict[str, StageS
                 run_dir=wf.run_dir,
                 needs=stage.needs,
                 fingerprint=st.fingerprint,
+                fingerprint_parts=st.parts,
                 dataset_files=wf.dataset_files,
                 workflow_path=wf.path,
                 profile=wf.profile,
+                interactive=sys.stderr.isatty(),
+                progress_interval_s=wf.body.progress_interval_s,
             )
-            log.info("%s: %s (%s)", name, "rerun (forced)" if name in selection.forced else "run", st.state)
-            ref = remote.options(name=f"stage:{name}", num_cpus=0, max_retries=0).remote(ctx, wf.body.plugins)
+            log.info("%s: %s (%s%s)", name, action, st.state, f": {'; '.join(st.reasons[:3])}" if st.reasons else "")
+            # the fencing token travels with the stage task to every task and actor it starts
+            ref = remote.options(name=f"stage:{name}", num_cpus=0, max_retries=0,
+                                 runtime_env={"env_vars": {FENCE_ENV: lock.fence_token}}).remote(ctx, wf.body.plugins)
             running[ref] = name
+            lock.update(running=sorted(running.values()))
         if not running:
             if todo:
                 log.error("not run because an input failed: %s", ", ".join(todo))
             break
         ready, _ = ray.wait(list(running), num_returns=1)
         name = running.pop(ready[0])
+        lock.update(running=sorted(running.values()))
         try:
             manifest = ray.get(ready[0])
         except Exception as e:  # a stage failure is recorded, the run stops launching new stages
@@ -317,29 +324,6 @@ def run_workflow(wf: ResolvedWorkflow, selection: Selection) -> dict[str, StageS
     if failed:
         raise RunFailed(f"stages failed: {', '.join(failed)} (see {FAILED} in their folders)")
     return statuses
-
-
-def format_status(wf: ResolvedWorkflow, statuses: dict[str, StageStatus]) -> str:
-    header = ("stage", "state", "rows", "duration_s", "manifest")
-    rows = [header]
-    for name, st in statuses.items():
-        rows.append(
-            (
-                name,
-                st.state,
-                "" if st.rows is None else str(st.rows),
-                "" if st.duration_s is None else f"{st.duration_s:.1f}",
-                str(wf.stage_dir(name) / MANIFEST) if st.manifest else "",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def status_json(statuses: dict[str, StageStatus]) -> str:
-    return json.dumps(
-        {n: {"state": s.state, "rows": s.rows, "duration_s": s.duration_s} for n, s in statuses.items()}, indent=2
-    )
 
 
 def configure_logging(level: int = logging.INFO) -> None:

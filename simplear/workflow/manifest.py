@@ -1,5 +1,7 @@
 """Stage state on disk: `_MANIFEST.json` (done), `_STARTED.json` (which fingerprint the shards belong to), `_FAILED.json`.
 
+Every commit (`atomic_path`) first checks the run still holds its run dir's lock (lock.check_fence).
+
 The manifest is written last and atomically, so its presence is the one proof a stage finished.
 """
 
@@ -13,6 +15,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from simplear.workflow.lock import check_fence
 
 MANIFEST = "_MANIFEST.json"
 STARTED = "_STARTED.json"
@@ -30,6 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         yield tmp
+        check_fence()  # a task of a run that lost its run dir's lock commits nothing
         if path.is_dir() and tmp.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -74,8 +79,20 @@ def is_bookkeeping(rel: Path) -> bool:
     return any(part.startswith(("_", ".")) for part in rel.parts)
 
 
-def describe_outputs(stage_dir: Path, only: list[str] | None = None) -> list[dict[str, Any]]:
-    """Every output file (or those under the given relative paths) with its size, checksum and Parquet row count."""
+def file_entry(path: Path, rel: str) -> dict[str, Any]:
+    """A manifest's entry for one output file; the task that writes a file computes it (a receipt keeps it)."""
+    entry: dict[str, Any] = {"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    if path.suffix == ".parquet":
+        entry["rows"] = parquet_rows(path)
+    return entry
+
+
+def describe_outputs(stage_dir: Path, only: list[str] | None = None, known: dict[str, dict] | None = None) -> list[dict[str, Any]]:
+    """Every output file (or those under the given relative paths) with its size, checksum and Parquet row count.
+
+    `known`: entries the writing tasks computed (by relative path); a file is re-read only when it has
+    none or its size no longer matches, so a stage of thousands of parts is not hashed serially at the end.
+    """
     roots = [stage_dir / p for p in only] if only is not None else [stage_dir]
     files: list[Path] = []
     for root in roots:
@@ -85,38 +102,14 @@ def describe_outputs(stage_dir: Path, only: list[str] | None = None) -> list[dic
             files += [p for p in root.rglob("*") if p.is_file()]
         else:
             raise FileNotFoundError(f"stage output {root} does not exist")
+    known = known or {}
     outputs = []
     for f in sorted(set(files)):
         rel = f.relative_to(stage_dir)
         if only is None and is_bookkeeping(rel):
             continue
-        entry: dict[str, Any] = {"path": str(rel), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
-        if f.suffix == ".parquet":
-            entry["rows"] = parquet_rows(f)
+        entry = known.get(str(rel))
+        if entry is None or entry.get("bytes") != f.stat().st_size:
+            entry = file_entry(f, str(rel))
         outputs.append(entry)
     return outputs
-
-
-def fingerprint(kind: str, config: dict, code_version: str, inputs: dict[str, dict], datasets: dict[str, str]) -> str:
-    """Hash of what determines a stage's outputs: its resolved config, its inputs' manifests, its code, its datasets."""
-    payload = {
-        "kind": kind,
-        "config": config,
-        "code_version": code_version,
-        "inputs": {
-            name: {"fingerprint": m["fingerprint"], "outputs": [(o["path"], o["sha256"]) for o in m["outputs"]]}
-            for name, m in sorted(inputs.items())
-        },
-        "datasets": datasets,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def reset_dir(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

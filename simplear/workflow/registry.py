@@ -34,15 +34,27 @@ BUILTIN_STAGE_MODULES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class StageKind:
+    """A stage kind: its config, its body and what decides whether its outputs are still valid.
+
+    `version` is bumped by hand when the meaning of the kind's outputs changes; `operational` lists
+    the config keys (dotted paths) that change only speed, memory or logging, never outputs, so that
+    changing them (a smaller batch after an out-of-memory crash) keeps the work done. `progress`
+    reads how far a running or interrupted stage got from its folder (rows, step), for `status`.
+    """
+
     name: str
     config: type[StrictModel]
     run: Callable  # run(ctx: StageContext) -> StageResult | None
+    version: int = 1
+    operational: frozenset[str] = frozenset()
+    progress: Callable[[Path], str | None] | None = None
 
     @property
     def code_version(self) -> str:
         """Package version plus a hash of the kind's module and the project modules it imports.
 
-        Editing a stage, or a helper it uses, makes the stage stale; editing the engine itself does not.
+        Recorded in the manifest and reported by `status` ("code changed since it ran"); never by
+        itself a reason to throw outputs away: that is what `version` is for.
         """
         module = inspect.getmodule(self.run)
         digest = hashlib.sha256()
@@ -91,14 +103,34 @@ def _project_sources(root: str) -> dict[str, str]:
 _KINDS: dict[str, StageKind] = {}
 
 
-def register_stage(name: str, config: type[StrictModel]):
-    """Decorator: `@register_stage("filter", FilterConfig) def run(ctx): ...`."""
+def register_stage(name: str, config: type[StrictModel], *, version: int = 1, operational: tuple[str, ...] = (),
+                   progress: Callable[[Path], str | None] | None = None):
+    """Decorator: `@register_stage("filter", FilterConfig, version=1, operational=("batch_size",)) def run(ctx): ...`."""
+    unknown = [key for key in operational if not _config_has(config, key)]
+    if unknown:
+        raise ValueError(f"stage kind {name!r}: operational keys {unknown} are not fields of {config.__name__}")
 
     def wrap(fn: Callable) -> Callable:
-        _KINDS[name] = StageKind(name=name, config=config, run=fn)
+        _KINDS[name] = StageKind(name=name, config=config, run=fn, version=version, operational=frozenset(operational),
+                                 progress=progress)
         return fn
 
     return wrap
+
+
+def _config_has(model: type, dotted: str) -> bool:
+    """Whether `a.b.c` names a field path through nested config models (optional ones included)."""
+    import typing
+
+    head, _, rest = dotted.partition(".")
+    fields = getattr(model, "model_fields", {})
+    if head not in fields:
+        return False
+    if not rest:
+        return True
+    annotation = fields[head].annotation
+    candidates = [a for a in typing.get_args(annotation) if isinstance(a, type)] or [annotation]
+    return any(isinstance(c, type) and issubclass(c, StrictModel) and _config_has(c, rest) for c in candidates)
 
 
 def import_plugins(modules: list[str]) -> None:

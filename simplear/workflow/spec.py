@@ -17,6 +17,7 @@ import yaml
 from pydantic import ByteSize, Field, ValidationError
 
 from simplear.config import ConfigError, StrictModel, describe_validation_error
+from simplear.workflow.lock import LockSettings
 from simplear.workflow.registry import StageKind, get_stage_kind, import_plugins
 
 
@@ -58,6 +59,9 @@ class WorkflowBody(StrictModel):
     datasets: list[str] = []
     plugins: list[str] = []
     ray: RaySettings = RaySettings()
+    lock: LockSettings = LockSettings()
+    keep_previous: bool = Field(True, description="move a rerun stage's old outputs to <stage>/.previous/ (false: delete them)")
+    progress_interval_s: float = Field(30.0, gt=0, description="seconds between progress lines in logs (no terminal)")
     stages: dict[str, StageSpec]
 
 

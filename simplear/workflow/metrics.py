@@ -1,0 +1,58 @@
+"""Per-stage figures on Ray's metrics endpoint (Prometheus, the dashboard's Metrics page), tagged by stage,
+and a progress line in the logs every few seconds where no terminal shows progress bars."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import lru_cache
+
+log = logging.getLogger("simplear.progress")
+
+
+@lru_cache(maxsize=None)
+def _metric(kind: str, name: str, description: str):
+    from ray.util import metrics
+
+    cls = {"counter": metrics.Counter, "gauge": metrics.Gauge}[kind]
+    return cls(name, description=description, tag_keys=("stage",))
+
+
+def _on_ray() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def count_rows(stage: str, done: int, rejected: int) -> None:
+    if not _on_ray():
+        return
+    _metric("counter", "simplear_rows_done", "input rows a data stage has finished (kept or rejected)").inc(done, {"stage": stage})
+    if rejected:
+        _metric("counter", "simplear_rows_rejected", "input rows a data stage rejected, with a reason").inc(rejected, {"stage": stage})
+
+
+def gauge(stage: str, name: str, value: float) -> None:
+    """`rows_per_s`, `train_step`, `train_loss`: exported as `simplear_<name>`."""
+    if not _on_ray():
+        return
+    _metric("gauge", f"simplear_{name}", f"{name} of the stage").set(float(value), {"stage": stage})
+
+
+class ProgressLine:
+    """`stage: 1,200 / 5,000 rows (24%), 310 rows/s` at most every `interval_s` seconds, and once at the end."""
+
+    def __init__(self, stage: str, total: int, interval_s: float, unit: str = "rows"):
+        self.stage, self.total, self.interval_s, self.unit = stage, total, interval_s, unit
+        self.done = 0
+        self.t0 = self.last = time.time()
+
+    def add(self, n: int, force: bool = False) -> None:
+        self.done += n
+        now = time.time()
+        if force or now - self.last >= self.interval_s:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+            log.info("%s: %d / %d %s%s, %.1f %s/s", self.stage, self.done, self.total, self.unit, share, rate, self.unit)
+            gauge(self.stage, f"{self.unit}_per_s", rate)
