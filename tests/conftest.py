@@ -41,6 +41,13 @@ class RayHead:
     dashboard_url: str | None
     temp_dir: str
     env: dict
+    metrics_url: str  # the node's Prometheus endpoint (ray.util.metrics, Ray Data, Ray Train)
+
+    def scrape(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
+            return r.read().decode()
 
     def stop(self) -> None:
         stop_ray_by_temp_dir(self.temp_dir)
@@ -53,9 +60,10 @@ def stop_ray_by_temp_dir(temp_dir: str) -> None:
 
 def start_ray_head(num_cpus: int = 2, dashboard: bool = False, auth: bool = False, home: str | None = None) -> RayHead:
     temp_dir = tempfile.mkdtemp(prefix="/tmp/srt-")  # short: Ray's socket paths have a length limit
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = dict(os.environ)
     env["RAY_AUTH_MODE"] = "token" if auth else "disabled"
+    env["RAY_metrics_report_interval_ms"] = "2000"  # metrics reach the endpoint within seconds
     # Job entrypoints say `python`: it must be this venv's.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if home:
@@ -67,7 +75,7 @@ def start_ray_head(num_cpus: int = 2, dashboard: bool = False, auth: bool = Fals
             token.write_text(secrets.token_hex(32))
     cmd = [
         RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--metrics-export-port={metrics_port}",
         f"--include-dashboard={'true' if dashboard else 'false'}",
     ]
     dashboard_url = None
@@ -79,7 +87,8 @@ def start_ray_head(num_cpus: int = 2, dashboard: bool = False, auth: bool = Fals
     if out.returncode != 0:
         stop_ray_by_temp_dir(temp_dir)
         raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
-    return RayHead(address=f"127.0.0.1:{port}", dashboard_url=dashboard_url, temp_dir=temp_dir, env=env)
+    return RayHead(address=f"127.0.0.1:{port}", dashboard_url=dashboard_url, temp_dir=temp_dir, env=env,
+                   metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
 
 
 @pytest.fixture(scope="session")

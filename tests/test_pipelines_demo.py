@@ -209,3 +209,33 @@ def test_every_stage_reports_rows_per_second_and_a_rerun_does_no_work(demo, ray_
     for name in wf.stages:
         assert manifest_of(demo.runs / name)["finished_at"] == before[name]["finished_at"]
     assert {n: s.state for n, s in workflow_status(wf).items()} == dict.fromkeys(wf.stages, "done")
+
+
+def test_stages_show_on_the_metrics_endpoint_by_name(demo, ray_head):
+    """Per-stage counters (ray.util.metrics) and Ray Data datasets named after their stage, as Prometheus
+    serves them to the dashboard, with the receipts' row counts of the resumed run."""
+    import re
+
+    def series(text: str, name: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for m in re.finditer(rf'^{name}{{([^}}]*)}} ([0-9.e+]+)$', text, re.M):
+            stage = re.search(r'stage="([^"]+)"', m.group(1))
+            if stage:
+                out[stage.group(1)] = out.get(stage.group(1), 0.0) + float(m.group(2))
+        return out
+
+    deadline = time.time() + 60
+    while True:
+        text = ray_head.scrape()
+        done = series(text, "ray_simplear_rows_done_total")
+        if {"filter", "recaption", "tokenize"} <= set(done) or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert {"filter", "recaption", "tokenize"} <= set(done), sorted(set(re.findall(r"^(ray_simplear\w+)", text, re.M)))
+    wf = load_workflow(demo.path)
+    filtered = manifest_of(demo.runs / "filter")["metrics"]
+    assert done["filter"] == filtered["rows_in"] and series(text, "ray_simplear_rows_rejected_total")["filter"] > 0
+    assert done["recaption"] <= manifest_of(demo.runs / "recaption")["metrics"]["rows_in"]  # after the kill: the resumed run's share
+    for stage in ("filter", "recaption", "tokenize"):
+        assert re.search(rf'^ray_data_\w+{{[^}}]*dataset="{stage}_', text, re.M), f"no Ray Data series named {stage}_*"
+    assert set(wf.stages) >= {"filter", "recaption", "tokenize"}

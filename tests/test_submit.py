@@ -83,3 +83,36 @@ def test_submit_runs_the_workflow_as_a_job_with_token_auth(auth_head, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     for stage in "abc":
         assert f"{stage}: up to date, skipped" in out.stdout + out.stderr
+
+
+def test_submit_a_workflow_outside_the_project_waits_and_jobs_lists_it(auth_head, tmp_path):
+    """The workflow's own folder (with its plugin) is the working dir, the project's packages go as py_modules;
+    `--wait` streams the logs and exits with the job's status; `simplear jobs` lists, shows and stops jobs."""
+    import shutil
+
+    head, token_path = auth_head
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(ROOT / "tests" / "stage_kinds.py", outside / "stage_kinds.py")
+    (outside / "workflow.yaml").write_text((ROOT / WORKFLOW).read_text().replace("../runs/engine-test", "runs"))
+    run_dir = tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_TOKEN_PATH=str(token_path), RAY_ADDRESS=head.dashboard_url)  # --address defaults to it
+    # (`ray job submit` reads RAY_ADDRESS the same way)
+    cli = [sys.executable, "-m", "simplear"]
+    out = subprocess.run(cli + ["submit", str(outside / "workflow.yaml"), "--run-dir", str(run_dir), "--only", "a", "--wait"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"uploading {outside} as the job's working dir and the project packages simplear, pipelines, stages, ray_jobs" in out.stderr
+    job_id = out.stdout.splitlines()[0]
+    assert "a: run (pending)" in out.stdout and out.stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED")
+    assert (run_dir / "a" / "_MANIFEST.json").exists() and not (run_dir / "b").exists()  # --only a reached the job
+
+    listed = subprocess.run(cli + ["jobs", "list"], env=env, capture_output=True, text=True, check=True).stdout
+    assert any(line.startswith(job_id) and "SUCCEEDED" in line and "workflow.yaml" in line for line in listed.splitlines())
+    logs = subprocess.run(cli + ["jobs", "logs", job_id], env=env, capture_output=True, text=True, check=True).stdout
+    assert "a: done" in logs
+    stop = subprocess.run(cli + ["jobs", "stop", job_id], env=env, capture_output=True, text=True, check=True).stdout
+    assert stop.strip() == f"{job_id}: not running"
+    missing = subprocess.run(cli + ["jobs", "logs", "raysubmit_nosuchjob"], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr

@@ -82,7 +82,7 @@ def is_bookkeeping(rel: Path) -> bool:
 def file_entry(path: Path, rel: str) -> dict[str, Any]:
     """A manifest's entry for one output file; the task that writes a file computes it (a receipt keeps it)."""
     entry: dict[str, Any] = {"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    if path.suffix == ".parquet":
+    if rel.endswith(".parquet"):  # by its final name: a task computes this on its temporary file
         entry["rows"] = parquet_rows(path)
     return entry
 
