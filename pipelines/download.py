@@ -32,7 +32,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from simplear.config import StrictModel
 from simplear.datasets import ArchiveSource, GeneratedSource, UrlListSource, check_dataset_name, load_dataset_manifest
 from simplear.workflow.context import StageContext, StageResult
-from simplear.workflow.manifest import atomic_path
+from simplear.workflow.manifest import atomic_path, record_entry, recorded_entries
 from simplear.workflow.registry import register_stage
 
 SCHEMA = pa.schema(
@@ -161,6 +161,7 @@ def _convert_shard(raw_parquet: str, out_rel: str, stage_dir: str, dataset: str,
 
     with atomic_path(stage / out_rel) as tmp:
         pq.write_table(to_arrow(data, SCHEMA), tmp)
+        record_entry(stage, tmp, out_rel)
     os.unlink(raw_parquet)
     return out_rel
 
@@ -358,14 +359,23 @@ def _archive_rows(archive: str, stem: str, dataset: str, ds: ArchiveSource, capt
 
 def _ingest_archive(batch: dict, *, stage_dir: str, dataset: str, manifest_path: str, rows_per_part: int) -> dict:
     """Ray Data task: one archive to `shards/<archive>.parquet`, written in row groups and renamed into place whole."""
-    from pipelines.resumable_parquet import to_arrow
-
     ds = load_dataset_manifest(manifest_path)
     assert isinstance(ds, ArchiveSource)
     archive, stem = str(batch["archive"][0]), str(batch["stem"][0])
     counts: Counter = Counter()
+    rel = f"{SHARDS}/{stem}.parquet"
+    with atomic_path(Path(stage_dir) / rel) as tmp:
+        _write_archive_rows(tmp, archive, stem, dataset, ds, counts, rows_per_part)
+        record_entry(Path(stage_dir), tmp, rel)
+    return {"archive": [archive], "counts": [json.dumps(dict(counts))]}
+
+
+def _write_archive_rows(tmp: Path, archive: str, stem: str, dataset: str, ds: ArchiveSource, counts: Counter,
+                        rows_per_part: int) -> None:
+    from pipelines.resumable_parquet import to_arrow
+
     rows: list[dict] = []
-    with atomic_path(Path(stage_dir) / SHARDS / f"{stem}.parquet") as tmp, pq.ParquetWriter(tmp, SCHEMA) as writer:
+    with pq.ParquetWriter(tmp, SCHEMA) as writer:
         for row in _archive_rows(archive, stem, dataset, ds, load_captions(ds)):
             counts[row["status"] if row["reason"] is None else f"{row['status']}:{row['reason']}"] += 1
             rows.append(row)
@@ -374,7 +384,6 @@ def _ingest_archive(batch: dict, *, stage_dir: str, dataset: str, manifest_path:
                 rows.clear()
         if rows:
             writer.write_table(to_arrow({k: [r.get(k) for r in rows] for k in SCHEMA.names}, SCHEMA))
-    return {"archive": [archive], "counts": [json.dumps(dict(counts))]}
 
 
 def _ingest_archives(ctx: StageContext, cfg: DownloadConfig, ds: ArchiveSource) -> dict:
@@ -459,7 +468,7 @@ def run(ctx: StageContext) -> StageResult:
         rows_per_s=round(rows_this_run / elapsed, 2) if rows_this_run and elapsed > 0 else None,
     )
     ctx.log.info("%s: %s", ctx.name, metrics["by_status"])
-    return StageResult(metrics=metrics)
+    return StageResult(metrics=metrics, files=recorded_entries(ctx.stage_dir))
 
 
 __all__ = ["DownloadConfig", "SCHEMA", "classify"]

@@ -239,3 +239,15 @@ def test_stages_show_on_the_metrics_endpoint_by_name(demo, ray_head):
     for stage in ("filter", "recaption", "tokenize"):
         assert re.search(rf'^ray_data_\w+{{[^}}]*dataset="{stage}_', text, re.M), f"no Ray Data series named {stage}_*"
     assert set(wf.stages) >= {"filter", "recaption", "tokenize"}
+
+
+def test_output_checksums_come_from_the_tasks_that_wrote_them(demo):
+    """Each part's manifest entry is the one its writing task put in its receipt, and it is right."""
+    from pipelines.resumable_parquet import receipt_entries
+    from simplear.workflow.manifest import sha256_file
+
+    for stage in ("filter", "recaption", "tokenize"):
+        entries = receipt_entries(demo.runs / stage)
+        outputs = [o for o in manifest_of(demo.runs / stage)["outputs"] if o["path"].endswith(".parquet")]
+        assert outputs and all(entries[o["path"]] == o for o in outputs), stage
+        assert all(sha256_file(demo.runs / stage / o["path"]) == o["sha256"] for o in outputs[:5])

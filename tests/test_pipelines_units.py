@@ -243,3 +243,16 @@ def test_tiny_spec_rejects_head_dims_vllm_cannot_run():
         TinyQwen2VL(hidden_size=64, num_attention_heads=4)
 
 
+
+
+def test_describe_outputs_uses_the_entries_tasks_recorded_and_rereads_a_changed_file(tmp_path):
+    from simplear.workflow.manifest import describe_outputs, sha256_file
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.bin").write_bytes(b"abc")
+    (tmp_path / "shards" / "b.bin").write_bytes(b"defg")
+    known = {"shards/a.bin": {"path": "shards/a.bin", "bytes": 3, "sha256": "from-the-task"},
+             "shards/b.bin": {"path": "shards/b.bin", "bytes": 99, "sha256": "stale"}}
+    out = {o["path"]: o for o in describe_outputs(tmp_path, known=known)}
+    assert out["shards/a.bin"]["sha256"] == "from-the-task"  # not read again
+    assert out["shards/b.bin"]["sha256"] == sha256_file(tmp_path / "shards" / "b.bin")  # its size changed: read

@@ -87,6 +87,22 @@ def file_entry(path: Path, rel: str) -> dict[str, Any]:
     return entry
 
 
+ENTRIES = "_entries"  # <stage>/_entries/<rel>.json: entries recorded by the tasks that wrote the files
+
+
+def record_entry(stage_dir: Path, tmp: Path, rel: str) -> dict[str, Any]:
+    """In a writing task, before its file is renamed into place: compute and keep the file's manifest entry."""
+    entry = file_entry(tmp, rel)
+    atomic_write_json(Path(stage_dir) / ENTRIES / f"{rel}.json", entry)
+    return entry
+
+
+def recorded_entries(stage_dir: Path) -> dict[str, dict]:
+    root = Path(stage_dir) / ENTRIES
+    entries = (read_json(f) for f in sorted(root.rglob("*.json"))) if root.is_dir() else ()
+    return {e["path"]: e for e in entries if e}
+
+
 def describe_outputs(stage_dir: Path, only: list[str] | None = None, known: dict[str, dict] | None = None) -> list[dict[str, Any]]:
     """Every output file (or those under the given relative paths) with its size, checksum and Parquet row count.
 

@@ -1,0 +1,21 @@
+"""CI's guard on the main job: after `simplear run workflow.yaml`, every stage is done and a second run skips
+them all without starting Ray. Exits non-zero, saying what is wrong, otherwise."""
+
+import json
+import subprocess
+import sys
+
+WORKFLOW = sys.argv[1] if len(sys.argv) > 1 else "workflow.yaml"
+cli = [sys.executable, "-m", "simplear"]
+
+status = json.loads(subprocess.run(cli + ["status", WORKFLOW, "--json"], capture_output=True, text=True, check=True).stdout)
+stages = status["stages"]
+not_done = {n: s["state"] for n, s in stages.items() if s["state"] != "done"}
+if not_done:
+    sys.exit(f"not done after the demo: {not_done}")
+rerun = subprocess.run(cli + ["run", WORKFLOW], capture_output=True, text=True)
+log = rerun.stdout + rerun.stderr
+skipped = [n for n in stages if f"{n}: up to date, skipped" in log]
+if rerun.returncode != 0 or skipped != list(stages) or "starting an embedded Ray" in log:
+    sys.exit(f"the rerun did work (rc {rerun.returncode}, skipped {skipped} of {list(stages)}):\n{log[-3000:]}")
+print(f"demo: all {len(stages)} stages done; a rerun skipped them all without starting Ray")
