@@ -13,15 +13,13 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from simplear.workflow.engine import RunFailed, holding_run_dir, plan, run_workflow, select
 from simplear.workflow.fingerprint import SCHEME, legacy_fingerprint
 from simplear.workflow.lock import LOCK, FencedOut, RunLock, RunLocked, LockSettings
-from simplear.workflow.manifest import MANIFEST, STARTED, atomic_path, atomic_write_json
+from simplear.workflow.manifest import MANIFEST, atomic_path, atomic_write_json
 from simplear.workflow.registry import BUILTIN_STAGE_MODULES, StageKind
 from simplear.workflow.spec import load_workflow
 from simplear.workflow.status import format_status, status_json, workflow_status
@@ -316,3 +314,24 @@ def test_status_shows_reasons_rows_and_what_to_open(ray_session, tmp_path):
     assert "a/part-00000.parquet" in text.split("open (under")[1]
     data = json.loads(status_json(wf, workflow_status(wf)))["stages"]
     assert data["a"]["rows_kept"] == 8 and data["c"]["state"] == "stale" and data["a"]["artifacts"] == ["a/part-00000.parquet"]
+
+
+def test_clean_removes_what_reruns_moved_aside_and_keep_previous_false_keeps_none(ray_session, tmp_path, capsys):
+    from simplear.cli import main
+
+    path = make_workflow(tmp_path)
+    run(path)
+    run(make_workflow(tmp_path, b={"value": 1}))
+    moved = sum(f.stat().st_size for f in (tmp_path / "runs").rglob(".previous/**/*") if f.is_file())
+    assert moved > 0
+    assert main(["clean", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "b: removed 1 set(s) of previous outputs" in out and "d: removed 1 set(s)" in out
+    assert f"freed {moved / 2**20:.1f} MiB" in out
+    assert not list((tmp_path / "runs").rglob(".previous"))
+
+    body = yaml.safe_load(make_workflow(tmp_path, b={"value": 2}).read_text())
+    path.write_text(yaml.safe_dump({**body, "keep_previous": False}))
+    run(path)
+    assert values(tmp_path / "runs/b")[0] == 2000 + sum(range(8))
+    assert not list((tmp_path / "runs").rglob(".previous"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from simplear.training import FINAL, TrainConfig
+from simplear.training import FINAL, TrainConfig, checkpoints_dir
 
 from test_training_helpers import VT, shapes_table
 
@@ -252,7 +252,7 @@ def test_resume_continues_from_the_checkpoint_like_an_uninterrupted_run(ray_sess
     to_2 = stage.config.model_copy(update={"train": stage.config.train.model_copy(update={"steps": 2})})
     first = run_grpo(StageContext(**{**ctx.__dict__, "config": to_2}))
     assert first.metrics["steps"] == 2 and first.metrics["resumed_at"] == []
-    assert sorted(p.name for p in (stage_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-00000002"]
+    assert sorted(p.name for p in checkpoints_dir(stage_dir).glob("checkpoint-*")) == ["checkpoint-00000002"]
     second = run_grpo(ctx)
     assert second.metrics["steps"] == 4 and second.metrics["resumed_at"] == [2]
     rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]

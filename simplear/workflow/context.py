@@ -36,10 +36,10 @@ class StageContext:
     run_dir: Path
     needs: list[str]
     fingerprint: str
-    fingerprint_parts: dict
     dataset_files: dict[str, Path]
     workflow_path: Path
     profile: str
+    fingerprint_parts: dict = field(default_factory=dict)  # what the fingerprint hashes (kept in the manifest)
     interactive: bool = False  # the driver writes to a terminal: progress bars; else a progress line every interval
     progress_interval_s: float = 30.0
 

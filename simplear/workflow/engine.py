@@ -143,7 +143,6 @@ def connect_ray(settings: RaySettings, metadata: dict[str, str], extra_sys_path:
 def _execute_stage(ctx: StageContext, plugins: list[str]) -> dict:
     """Body of a stage's Ray task: run the stage, then write its manifest last and atomically."""
     from simplear.workflow.registry import get_stage_kind, import_plugins
-    from simplear.workflow.status import current_parts
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
