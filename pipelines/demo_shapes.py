@@ -187,16 +187,3 @@ def serve(folder: str | Path, host: str = "127.0.0.1") -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
-
-
-def url_list(folder: str | Path, base_url: str) -> Path:
-    """urls.parquet with full URLs for this server (written beside it, for img2dataset to read)."""
-    import pyarrow.parquet as pq
-    import pyarrow.compute as pc
-
-    folder = Path(folder)
-    table = pq.read_table(folder / "urls.parquet")
-    urls = pc.binary_join_element_wise(base_url + "/", table["path"], "")
-    out = folder / "urls_served.parquet"
-    pq.write_table(table.append_column("url", urls), out)
-    return out

@@ -145,9 +145,19 @@ def read_sources(batch, *, columns: list[str] | None, rows_per_block: int):
             yield table.append_column(SRC, pa.array([str(sid)] * table.num_rows, pa.string()))
 
 
-def write_parts(batch, *, stage_dir: str, split: Split) -> dict[str, list]:
-    """Last step of a stage's Ray Data DAG: write this block's parts and receipts; return one summary row per part."""
+def _task_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_task_id() if ray.is_initialized() else None
+
+
+def write_parts(batch, *, stage_dir: str, split: Split, started: float | None = None) -> dict[str, list]:
+    """Last step of a stage's Ray Data DAG: write this block's parts and receipts; return one summary row per part.
+
+    A receipt names the Ray task (or actor call) that wrote it and when that task started, so the work's
+    real parallelism can be read back from the receipts."""
     stage = Path(stage_dir)
+    task, started = _task_id(), started or time.time()
     summary: dict[str, list] = {"source": [], "part": [], "rows": [], "counts": []}
     for sid, rows in batch.groupby(SRC, sort=False):
         part = f"part-{sid}-{safe_name(str(min(rows['key'])))}"
@@ -165,7 +175,7 @@ def write_parts(batch, *, stage_dir: str, split: Split) -> dict[str, list]:
                 entries[rel] = file_entry(tmp, rel)
             files.append(rel)
         receipt = {"source": sid, "part": part, "rows": len(rows), "files": files, "entries": entries,
-                   "counts": dict(counts), "at": time.time()}
+                   "counts": dict(counts), "task": task, "started": started, "at": time.time()}
         atomic_write_json(stage / RECEIPTS / sid / f"{part}.json", receipt)
         summary["source"].append(sid)
         summary["part"].append(part)
@@ -226,8 +236,19 @@ class PartsWriter:
         return write_parts(out, stage_dir=self.stage_dir, split=self.split)
 
 
-def _process_and_write(batch, *, fn: Callable, fn_kwargs: dict, stage_dir: str, split: Split):
-    return write_parts(fn(batch, **fn_kwargs), stage_dir=stage_dir, split=split)
+def read_process_write(batch, *, fn: Callable, fn_kwargs: dict, stage_dir: str, split: Split, columns: list[str] | None,
+                       rows_per_block: int) -> dict[str, list]:
+    """One Ray task per source: read it `rows_per_block` rows at a time, process each block, write its parts.
+
+    Read, process and write are one function, not three fused map steps: Ray Data bundles a fused
+    one-row read with a `batch_size=B` step into tasks of B sources, which collapses parallelism."""
+    started = time.time()
+    out: dict[str, list] = {"source": [], "part": [], "rows": [], "counts": []}
+    for table in read_sources(batch, columns=columns, rows_per_block=rows_per_block):
+        summary = write_parts(fn(table.to_pandas(), **fn_kwargs), stage_dir=stage_dir, split=split, started=started)
+        for k in out:
+            out[k] += summary[k]
+    return out
 
 
 def run_stage(
@@ -245,7 +266,7 @@ def run_stage(
     """Stream the sources still to do through `process` and write their parts; return the stage's metrics and
     the output entries its tasks computed.
 
-    `process` is a function (Ray tasks; read, process and write fuse into one task per block) or an
+    `process` is a function (one Ray task per source reads, processes and writes it) or an
     actor class (a pool of `concurrency` actors with the stage's resources, GPUs included) whose
     constructor takes `writer=` and which writes its own output, so no extra task starts per block.
     """
@@ -262,29 +283,28 @@ def run_stage(
         data_ctx = ray.data.DataContext.get_current()
         data_ctx.enable_progress_bars = ctx.interactive  # in logs: the progress line below instead
         data_ctx.print_on_execution_start = False
-        is_actor = isinstance(process, type)
         ds = ray.data.from_items([{"path": s.path, SRC: s.id} for s in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            read_sources,
-            batch_size=1,
-            batch_format="pyarrow",
-            # beside an actor pool readers take little, so they never wait behind the actors for a CPU
-            num_cpus=0.25 if is_actor else res.cpus,
-            compute=ray.data.TaskPoolStrategy(size=res.concurrency),
-            fn_kwargs={"columns": columns, "rows_per_block": rows_per_block},
-        )
-        writer = PartsWriter(str(ctx.stage_dir), split)
-        if is_actor:
+        if isinstance(process, type):
+            ds = ds.map_batches(
+                read_sources,
+                batch_size=1,
+                batch_format="pyarrow",
+                num_cpus=0.25,  # beside an actor pool readers take little, so they never wait behind the actors for a CPU
+                compute=ray.data.TaskPoolStrategy(size=res.concurrency),
+                fn_kwargs={"columns": columns, "rows_per_block": rows_per_block},
+            )
+            writer = PartsWriter(str(ctx.stage_dir), split)
             ds = ds.map_batches(process, batch_format="pandas", fn_constructor_kwargs={**process_kwargs, "writer": writer},
                                 **actor_options(res, batch_size))
         else:
             ds = ds.map_batches(
-                _process_and_write,
-                batch_format="pandas",
-                batch_size=batch_size,
+                read_process_write,
+                batch_size=1,
+                batch_format="pyarrow",
                 num_cpus=res.cpus,
                 compute=ray.data.TaskPoolStrategy(size=res.concurrency),
-                fn_kwargs={"fn": process, "fn_kwargs": process_kwargs, "stage_dir": str(ctx.stage_dir), "split": split},
+                fn_kwargs={"fn": process, "fn_kwargs": process_kwargs, "stage_dir": str(ctx.stage_dir), "split": split,
+                           "columns": columns, "rows_per_block": batch_size},
                 **({"memory": int(res.memory)} if res.memory else {}),
             )
         ds.set_name(ctx.name)  # the dashboard's Ray Data page tells stages apart

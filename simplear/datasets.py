@@ -47,6 +47,7 @@ class UrlListSource(DatasetInfo):
     input_format: Literal["txt", "txt.gz", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz", "jsonl", "jsonl.gz", "parquet"]
     url_col: str = "url"
     caption_col: str | None = None
+    column_names: list[str] | None = Field(None, description="csv/tsv without a header line: the names of its columns, in order")
     save_additional_columns: list[str] = []
 
 

@@ -94,3 +94,11 @@ def stage_context(run_dir: Path, name: str, kind: str, config, needs: list[str],
     return StageContext(name=name, kind=kind, config=config, resources=Resources(**resources), stage_dir=run_dir / name,
                         run_dir=run_dir, needs=needs, fingerprint="test", dataset_files={}, workflow_path=run_dir / "workflow.yaml",
                         profile="test")
+
+
+def slow_identity(batch, *, seconds: float):
+    """A stage's process step that takes its time (to see tasks overlap) and keeps every row."""
+    import time
+
+    time.sleep(seconds)
+    return batch

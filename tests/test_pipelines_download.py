@@ -7,11 +7,12 @@ import json
 import tarfile
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 from PIL import Image
 
 from pipelines_support import data_workflow, manifest_of, read_stage
-from simplear.workflow.engine import run_workflow, select
+from simplear.workflow.engine import RunFailed, run_workflow, select
 from simplear.workflow.manifest import MANIFEST
 from simplear.workflow.spec import load_workflow
 
@@ -27,10 +28,10 @@ def test_a_rerun_after_a_kill_downloads_only_the_missing_shard(ray_session, tmp_
     keys_before = sorted(read_stage(stage, "shards", ["key"])["key"])
     urls_mtime = (stage / "_source/urls.parquet").stat().st_mtime_ns
 
-    # what a kill during shard 1 leaves: no manifest, no converted shard, no img2dataset completion marker
+    # what a kill during shard 1 leaves: no manifest, no shard 1, a half-done attempt folder
     (stage / MANIFEST).unlink()
     (stage / "shards/00001.parquet").unlink()
-    (stage / "_img2dataset/00001_stats.json").unlink()
+    (stage / "_img2dataset/00001-dead").mkdir(parents=True)
     statuses = run_workflow(wf, select(wf))
     assert statuses["download"].state == "done"
     again = manifest_of(stage)["metrics"]
@@ -38,6 +39,80 @@ def test_a_rerun_after_a_kill_downloads_only_the_missing_shard(ray_session, tmp_
     assert sorted(read_stage(stage, "shards", ["key"])["key"]) == keys_before
     assert (stage / "_source/urls.parquet").stat().st_mtime_ns == urls_mtime  # the demo set was not regenerated
     assert again["by_status"] == first["metrics"]["by_status"]
+    assert not (stage / "_img2dataset").exists() or not any((stage / "_img2dataset").iterdir())
+
+    # a shard that keeps failing is retried, then the stage fails naming it; the other shards are kept
+    plan_input = stage / "_shards_in/00002.arrow"
+    good = plan_input.read_bytes()
+    plan_input.write_bytes(b"not an arrow file")
+    (stage / MANIFEST).unlink()
+    (stage / "shards/00002.parquet").unlink()
+    with pytest.raises(RunFailed):
+        run_workflow(wf, select(wf))
+    error = json.loads((stage / "_FAILED.json").read_text())["error"]
+    assert "1 of 3 shards failed after 3 tries: 00002" in error
+    assert sorted(p.name for p in (stage / "shards").glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
+    plan_input.write_bytes(good)
+    run_workflow(wf, select(wf))
+    assert sorted(read_stage(stage, "shards", ["key"])["key"]) == keys_before
+
+
+def jpeg_with_orientation(size, orientation: int) -> bytes:
+    """A JPEG stored as `size` whose EXIF says to show it rotated: left half red, right half blue."""
+    im = Image.new("RGB", size, (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, size[0] // 2, size[1]))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif, quality=95)
+    return buf.getvalue()
+
+
+def test_a_url_list_with_bad_bytes_and_lines_keeps_every_row_and_puts_photos_upright(ray_session, tmp_path):
+    from pipelines.demo_shapes import serve
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "rotated.jpg").write_bytes(jpeg_with_orientation((80, 40), 6))  # shown 40 wide, 80 high
+    (site / "plain.jpg").write_bytes(jpeg_with_orientation((64, 48), 1))
+    data = tmp_path / "datasets"
+    data.mkdir()
+    with serve(site) as base:
+        lines = [
+            f"{base}/rotated.jpg\ta photo taken sideways".encode(),
+            f"{base}/plain.jpg\tcaf\xe9 au lait".encode("latin-1"),  # not UTF-8: kept, replaced, flagged
+            f"{base}/missing.jpg\ta 404".encode(),
+            b"http://x/\xff\xfe.jpg\ta URL that is not UTF-8",
+            b"a line\twith three\tcolumns",  # malformed for a two-column list
+        ]
+        (data / "list.tsv").write_bytes(b"\n".join(lines) + b"\n")
+        (data / "web.yaml").write_text(yaml.safe_dump({
+            "name": "web", "source": "url_list", "description": "a CC12M-style list", "license": "test",
+            "url_list": "list.tsv", "list_origin": "the test", "input_format": "tsv", "column_names": ["url", "caption"],
+            "url_col": "url", "caption_col": "caption"}))
+        doc = {"run_dir": "runs", "datasets_dir": "datasets", "datasets": ["web"],
+               "stages": {"download": {"uses": "download", "config": {"dataset": "web", "timeout": 5, "encode_format": "jpg"},
+                                       "resources": {"cpus": 0.5, "concurrency": 2}}}}
+        path = tmp_path / "workflow.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        wf = load_workflow(path)
+        run_workflow(wf, select(wf))
+    rows = read_stage(wf.stage_dir("download"), "shards")
+    assert len(rows) == 5 and rows["key"].is_unique
+    by_caption = {c: r for c, (_, r) in zip(rows["caption"], rows.iterrows())}
+    upright = Image.open(io.BytesIO(by_caption["a photo taken sideways"]["image"]))
+    assert upright.size == (40, 80)
+    top, bottom = upright.getpixel((20, 5)), upright.getpixel((20, 75))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60  # red on top after the quarter turn
+    latte = by_caption["caf\ufffd au lait"]
+    assert latte["status"] == "success" and json.loads(latte["extra"]) == {"caption_invalid_utf8": True}
+    assert by_caption["a 404"]["reason"] == "http_404"
+    assert by_caption["a URL that is not UTF-8"]["reason"] == "invalid_utf8_url"
+    malformed = rows[rows["reason"] == "malformed_line"]
+    assert len(malformed) == 1 and "with three" in malformed["error_message"].iloc[0]
+    metrics = manifest_of(wf.stage_dir("download"))["metrics"]
+    assert metrics["input_rows"] == 5 and metrics["read_problems"] == {
+        "caption_invalid_utf8": 1, "invalid_utf8_url": 1, "malformed_line": 1}
 
 
 def png(color, size) -> bytes:

@@ -256,3 +256,30 @@ def test_describe_outputs_uses_the_entries_tasks_recorded_and_rereads_a_changed_
     out = {o["path"]: o for o in describe_outputs(tmp_path, known=known)}
     assert out["shards/a.bin"]["sha256"] == "from-the-task"  # not read again
     assert out["shards/b.bin"]["sha256"] == sha256_file(tmp_path / "shards" / "b.bin")  # its size changed: read
+
+
+def test_each_source_is_one_task_and_concurrency_is_honoured(ray_session, tmp_path):
+    """Ray Data would fuse a one-file read with a batch_size=B step into tasks of B sources; here 6 sources
+    with batch_size 4 are 6 tasks (read back from the receipts), at most `concurrency` of them at a time."""
+    import pyarrow as pa
+
+    from pipelines.resumable_parquet import SplitByReason, _read_receipts, run_stage
+    from pipelines_support import stage_context, write_input_stage
+
+    schema = pa.schema([("key", pa.string()), ("reason", pa.string())])
+    write_input_stage(tmp_path, "src", [{"key": [f"s{i}-{j:03d}" for j in range(10)], "reason": [None] * 10} for i in range(6)], schema)
+    ctx = stage_context(tmp_path, "t", "filter", None, ["src"], cpus=0.5, concurrency=2)
+    from pipelines_support import slow_identity
+
+    result = run_stage(ctx, folders=["shards", "rejected"], split=SplitByReason(schema, schema), process=slow_identity,
+                       process_kwargs={"seconds": 0.4}, batch_size=4)
+    assert result.metrics["rows_out"] == {"rejected": 0, "shards": 60}
+    receipts = [d for recs in _read_receipts(ctx.stage_dir).values() for _, d in recs]
+    assert len(receipts) == 18  # 3 blocks of at most 4 rows per source
+    tasks: dict[str, list[dict]] = {}
+    for d in receipts:
+        tasks.setdefault(d["task"], []).append(d)
+    assert len(tasks) == 6 and all(len({d["source"] for d in ds}) == 1 for ds in tasks.values())
+    spans = [(min(d["started"] for d in ds), max(d["at"] for d in ds)) for ds in tasks.values()]
+    overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert overlap == 2, spans

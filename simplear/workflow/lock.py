@@ -212,6 +212,12 @@ def read_lock(run_dir: Path, settings: LockSettings) -> tuple[dict | None, bool]
     return holder, holder_alive(holder, settings)[0]
 
 
+def task_env(**env_vars: str) -> dict:
+    """A runtime_env for tasks that set env vars of their own, still carrying this run's fencing token."""
+    token = os.environ.get(FENCE_ENV)
+    return {"env_vars": {**({FENCE_ENV: token} if token else {}), **env_vars}}
+
+
 def check_fence() -> None:
     """Raise FencedOut when this process works for a run that no longer holds its run dir's lock."""
     token = os.environ.get(FENCE_ENV)

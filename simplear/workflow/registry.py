@@ -87,7 +87,10 @@ def _project_sources(root: str) -> dict[str, str]:
             origin = next((str(f) for f in inits if f.is_file()), None)
         if not origin or not origin.endswith(".py"):
             continue
-        source = Path(origin).read_text()
+        try:
+            source = Path(origin).read_text()
+        except OSError:  # moved or deleted since it was imported (code upgraded under a running driver)
+            continue
         seen[name] = source
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Import):

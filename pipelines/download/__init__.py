@@ -1,0 +1,158 @@
+"""download: a data set's images and captions into Parquet shards, every input row kept, failures with a status and reason.
+
+- `url_list` and `generated` sources (`url_shards.py`): the list planned into shards once, each shard
+  downloaded by img2dataset's own per-shard downloader in a Ray task of ours (concurrency and retries
+  are the stage's), written whole to `shards/NNNNN.parquet`. The demo set is generated under `_source/`
+  and served on loopback for the run.
+- `archives` sources (SA-1B, JourneyDB; `archives.py`): one Ray Data task per local archive writes
+  `shards/<archive>.parquet`.
+
+Output schema (`schema.py`): `key` (img2dataset's key prefixed with the data set's name, so keys stay
+unique when several downloads feed one filter), `dataset, url, caption, width, height, original_width,
+original_height, status, error_message, reason, sha256, extra` (JSON of the manifest's additional
+columns and of what reading found, e.g. `caption_invalid_utf8`), `image` (bytes, upright, null when the
+download failed).
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import pyarrow.parquet as pq
+from pydantic import Field, ValidationInfo, field_validator
+
+from pipelines.download.archives import ingest_archives
+from pipelines.download.schema import SCHEMA, SHARDS, classify
+from pipelines.download.url_shards import download_all, plan_shards, settings_of
+from simplear.config import StrictModel
+from simplear.datasets import ArchiveSource, GeneratedSource, UrlListSource, check_dataset_name, load_dataset_manifest
+from simplear.workflow.context import StageContext, StageResult
+from simplear.workflow.manifest import recorded_entries
+from simplear.workflow.registry import register_stage
+
+
+class DownloadConfig(StrictModel):
+    """img2dataset's settings (same names); `resize_mode: "no"` keeps the original pixels for the later stages."""
+
+    dataset: str
+    number_sample_per_shard: int = Field(10_000, ge=1)
+    thread_count: int = Field(64, ge=1)
+    timeout: int = Field(10, ge=1)
+    retries: int = Field(0, ge=0)
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "no"
+    image_size: int = Field(1024, ge=8)
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int | None = Field(None, description="default: 95 for jpg/webp, 3 (zlib level) for png")
+    skip_reencode: bool = True
+    min_image_size: int = Field(0, ge=0)
+    max_image_area: float | None = Field(None, gt=0)
+    max_aspect_ratio: float | None = Field(None, gt=0)
+    user_agent_token: str | None = "img2dataset"
+    disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
+    serve_host: str = Field(
+        "127.0.0.1",
+        description="generated sets: the address the stage's HTTP server listens on and img2dataset fetches from; "
+        "loopback reaches download tasks on the stage's own node only (the demo's single machine)",
+    )
+    rows_per_part: int = Field(2_000, ge=1, description="archives: Parquet row group size")
+    max_shard_retry: int = Field(2, ge=0, description="url lists: tries after the first for a failed shard, then the stage fails")
+    max_decode_pixels: int = Field(178_956_970, ge=1, description="images larger than this are rejected from their header, "
+                                   "before any decoder sees them (PIL's bomb limit; cv2's limit is set to it too)")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str, info: ValidationInfo) -> str:
+        return check_dataset_name(value, info.context)
+
+    @field_validator("encode_quality")
+    @classmethod
+    def _quality(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("encode_format") == "png" and not 0 <= value <= 9:
+            raise ValueError("for png, encode_quality is the zlib level, 0-9")
+        return value
+
+
+def _download_url_list(ctx: StageContext, cfg: DownloadConfig, ds: UrlListSource | GeneratedSource) -> dict:
+    seconds = {}
+    t0 = time.time()
+    settings = settings_of(cfg)
+    if isinstance(ds, GeneratedSource):
+        from pipelines import demo_shapes
+
+        source = ctx.stage_dir / "_source"
+        demo_shapes.generate(source, ds.params)
+        seconds["generate"] = round(time.time() - t0, 3)
+        extra_cols = ["kind"]
+        with demo_shapes.serve(source, cfg.serve_host) as base_url:
+            ctx.log.info("%s: serving %s at %s", ctx.name, source, base_url)
+            # planned by path: the server's port is new each run
+            plan = plan_shards(ctx.stage_dir, [str(source / "urls.parquet")], "parquet", "path", "caption", extra_cols, None,
+                               cfg.number_sample_per_shard)
+            settings["url_prefix"] = base_url + "/"
+            t1 = time.time()
+            metrics = download_all(ctx, plan, settings, cfg.dataset, extra_cols, cfg.max_shard_retry)
+    else:
+        extra_cols = list(ds.save_additional_columns)
+        files = sorted(glob.glob(ds.resolve(ds.url_list))) or [ds.resolve(ds.url_list)]
+        plan = plan_shards(ctx.stage_dir, files, ds.input_format, ds.url_col, ds.caption_col, extra_cols, ds.column_names,
+                           cfg.number_sample_per_shard)
+        t1 = time.time()
+        metrics = download_all(ctx, plan, settings, cfg.dataset, extra_cols, cfg.max_shard_retry)
+    seconds["download"] = round(time.time() - t1, 3)
+    return {"seconds_by_step": seconds, **metrics}
+
+
+def shard_counts(stage_dir: Path) -> dict:
+    """Rows by status and by reason over every converted shard (columns only, no image bytes read)."""
+    status: Counter = Counter()
+    reasons: Counter = Counter()
+    rows = 0
+    for f in sorted((stage_dir / SHARDS).glob("*.parquet")):
+        t = pq.read_table(f, columns=["status", "reason"])
+        rows += t.num_rows
+        status.update(t.column("status").to_pylist())
+        reasons.update(r for r in t.column("reason").to_pylist() if r)
+    return {"rows": rows, "by_status": dict(sorted(status.items())), "failed_by_reason": dict(sorted(reasons.items()))}
+
+
+def shard_progress(stage_dir: Path) -> str | None:
+    """How many shards are converted so far (a running or interrupted download)."""
+    n = len(list((stage_dir / SHARDS).glob("*.parquet")))
+    return f"{n} shards converted" if n else None
+
+
+@register_stage("download", DownloadConfig, version=2, operational=("thread_count", "rows_per_part", "max_shard_retry"),
+                progress=shard_progress)
+def run(ctx: StageContext) -> StageResult:
+    cfg: DownloadConfig = ctx.config
+    ds = load_dataset_manifest(ctx.dataset_files[cfg.dataset])
+    (ctx.stage_dir / SHARDS).mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in (ctx.stage_dir / SHARDS).glob("*.parquet")}
+    t0 = time.time()
+    if isinstance(ds, ArchiveSource):
+        metrics = ingest_archives(ctx, cfg.dataset, cfg.rows_per_part)
+    else:
+        metrics = _download_url_list(ctx, cfg, ds)
+    elapsed = time.time() - t0
+    new = [p for p in (ctx.stage_dir / SHARDS).glob("*.parquet") if p.name not in before]
+    rows_this_run = sum(pq.ParquetFile(p).metadata.num_rows for p in new)
+    metrics.update(shard_counts(ctx.stage_dir))
+    metrics.update(
+        dataset=cfg.dataset,
+        source=ds.source,
+        shards=len(before) + len(new),
+        shards_this_run=len(new),
+        rows_this_run=rows_this_run,
+        seconds_this_run=round(elapsed, 3),
+        rows_per_s=round(rows_this_run / elapsed, 2) if rows_this_run and elapsed > 0 else None,
+    )
+    ctx.log.info("%s: %s", ctx.name, metrics["by_status"])
+    return StageResult(metrics=metrics, files=recorded_entries(ctx.stage_dir))
+
+
+__all__ = ["DownloadConfig", "SCHEMA", "classify"]
