@@ -27,6 +27,7 @@ class DatasetInfo(StrictModel):
     license: str
     approx_images: int | None = Field(None, ge=0)
     notes: str | None = None
+    verified: str | None = Field(None, description="which fields were checked against the public release, and against what")
     # where a resolved manifest came from; set by the loader, not written in YAML files
     base_dir: Path | None = Field(None, exclude=True)
 
@@ -52,10 +53,13 @@ class UrlListSource(DatasetInfo):
 
 
 class CaptionsFile(StrictModel):
-    """Side file of captions for archived images: one record per image, joined on `key_field`."""
+    """Side file of captions for archived images: one record per image, joined on `key_field`.
+
+    `webdataset`: a tar whose members are grouped by stem (`sa_1.txt`, `sa_1.json`); the stem is the key,
+    `caption_field` is `txt` (the text member) or a dotted path into the `.json` member."""
 
     path: str
-    format: Literal["jsonl", "json", "tsv", "csv", "parquet"]
+    format: Literal["jsonl", "json", "tsv", "csv", "parquet", "webdataset"]
     key_field: str
     caption_field: str = Field(description="dotted path into a record, e.g. Task2.Caption")
     match: Literal["basename", "stem", "path"] = Field(

@@ -135,7 +135,7 @@ def run(ctx: StageContext) -> StageResult:
     before = {p.name for p in (ctx.stage_dir / SHARDS).glob("*.parquet")}
     t0 = time.time()
     if isinstance(ds, ArchiveSource):
-        metrics = ingest_archives(ctx, cfg.dataset, cfg.rows_per_part)
+        metrics = ingest_archives(ctx, cfg.dataset, cfg.rows_per_part, cfg.max_decode_pixels)
     else:
         metrics = _download_url_list(ctx, cfg, ds)
     elapsed = time.time() - t0

@@ -1,5 +1,6 @@
 """Local archives (SA-1B, JourneyDB): one Ray Data task per archive writes `shards/<archive>.parquet`.
 
+Images are put upright (EXIF orientation) and refused from their header above `max_decode_pixels`.
 Each archive gets a receipt (`_archives/<stem>.json`: its size and mtime): a re-downloaded archive is
 ingested again. Bad input becomes rows, never a failed stage: a truncated or unreadable archive ends
 with a failed row saying so, a member name that is not UTF-8 is kept with replacement characters, and a
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipelines.download.images import upright
 from pipelines.download.schema import SCHEMA, SHARDS, classify
 from simplear.datasets import ArchiveSource, load_dataset_manifest
 from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json, record_entry
@@ -51,6 +53,30 @@ def _member_key(name: str, match: str) -> str:
     return os.path.splitext(base)[0] if match == "stem" else base
 
 
+def _webdataset_records(path: str, key_field: str, caption_field: str) -> list[dict]:
+    """One record per stem of a webdataset-layout tar: {key_field: stem, caption_field: caption}."""
+    by_stem: dict[str, dict] = {}
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = _utf8(os.path.basename(member.name))
+            stem, _, ext = name.partition(".")
+            try:
+                data = tar.extractfile(member).read()
+                if caption_field == "txt" and ext == "txt":
+                    value = data.decode("utf-8", "replace").strip()
+                elif caption_field != "txt" and ext == "json":
+                    value = _dig(json.loads(data), caption_field)
+                else:
+                    continue
+            except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError):
+                continue  # a damaged caption costs that caption only: the image is kept, left to recaption
+            if value is not None:
+                by_stem[stem] = {key_field: stem, caption_field: value}
+    return list(by_stem.values())
+
+
 def load_captions(ds: ArchiveSource) -> dict[str, str]:
     """The side file of captions as {member key: caption}, read once per worker process."""
     if ds.captions is None:
@@ -77,6 +103,8 @@ def load_captions(ds: ArchiveSource) -> dict[str, str]:
         records = loaded if isinstance(loaded, list) else [{spec.key_field: k, spec.caption_field: v} for k, v in loaded.items()]
     elif spec.format == "parquet":
         records = pq.read_table(path).to_pylist()
+    elif spec.format == "webdataset":
+        records = _webdataset_records(path, spec.key_field, spec.caption_field)
     else:
         import csv
 
@@ -106,7 +134,7 @@ def _receipt(archive: str) -> dict:
     return {"archive": archive, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _archive_rows(archive: str, stem: str, dataset: str, ds: ArchiveSource, captions: dict[str, str]):
+def _archive_rows(archive: str, stem: str, dataset: str, ds: ArchiveSource, captions: dict[str, str], max_pixels: int):
     """One row per image member; an unreadable or truncated archive ends with a failed row saying so."""
     from PIL import Image
 
@@ -132,12 +160,14 @@ def _archive_rows(archive: str, stem: str, dataset: str, ds: ArchiveSource, capt
             except (tarfile.TarError, OSError, EOFError) as e:
                 yield _failed_read(dataset, f"{stem}-{index:06d}-truncated", archive, "truncated_archive", e)
                 return
-            width = height = error = None
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    width, height = im.size
-            except Exception as e:  # noqa: BLE001 - every bad image is recorded, never raised
-                error = f"{type(e).__name__}: {e}"
+            width = height = None
+            image, error = upright(data, max_pixels)
+            if error is None:
+                try:
+                    with Image.open(io.BytesIO(image)) as im:
+                        width, height = im.size
+                except Exception as e:  # noqa: BLE001 - every bad image is recorded, never raised
+                    error = f"{type(e).__name__}: {e}"
             status = "success" if error is None else "failed_to_decode"
             yield {
                 "key": f"{dataset}-{stem}-{index:06d}",
@@ -153,12 +183,13 @@ def _archive_rows(archive: str, stem: str, dataset: str, ds: ArchiveSource, capt
                 "reason": None if error is None else ("empty_file" if not data else classify(status, error)),
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "extra": json.dumps({"archive": os.path.basename(archive), "member": name}),
-                "image": data if error is None else None,
+                "image": image if error is None else None,
             }
             index += 1
 
 
-def _ingest_archive(batch: dict, *, stage_dir: str, dataset: str, manifest_path: str, rows_per_part: int) -> dict:
+def _ingest_archive(batch: dict, *, stage_dir: str, dataset: str, manifest_path: str, rows_per_part: int,
+                    max_pixels: int) -> dict:
     """Ray Data task: one archive to `shards/<archive>.parquet`, written in row groups and renamed into place whole."""
     ds = load_dataset_manifest(manifest_path)
     assert isinstance(ds, ArchiveSource)
@@ -167,19 +198,19 @@ def _ingest_archive(batch: dict, *, stage_dir: str, dataset: str, manifest_path:
     rel = f"{SHARDS}/{stem}.parquet"
     seen = _receipt(archive)  # before reading: an archive replaced meanwhile is ingested again next run
     with atomic_path(Path(stage_dir) / rel) as tmp:
-        _write_archive_rows(tmp, archive, stem, dataset, ds, counts, rows_per_part)
+        _write_archive_rows(tmp, archive, stem, dataset, ds, counts, rows_per_part, max_pixels)
         record_entry(Path(stage_dir), tmp, rel)
     atomic_write_json(Path(stage_dir) / RECEIPTS / f"{stem}.json", seen)
     return {"archive": [archive], "counts": [json.dumps(dict(counts))]}
 
 
 def _write_archive_rows(tmp: Path, archive: str, stem: str, dataset: str, ds: ArchiveSource, counts: Counter,
-                        rows_per_part: int) -> None:
+                        rows_per_part: int, max_pixels: int) -> None:
     from pipelines.resumable_parquet import to_arrow
 
     rows: list[dict] = []
     with pq.ParquetWriter(tmp, SCHEMA) as writer:
-        for row in _archive_rows(archive, stem, dataset, ds, load_captions(ds)):
+        for row in _archive_rows(archive, stem, dataset, ds, load_captions(ds), max_pixels):
             counts[row["status"] if row["reason"] is None else f"{row['status']}:{row['reason']}"] += 1
             rows.append(row)
             if len(rows) >= rows_per_part:
@@ -189,7 +220,7 @@ def _write_archive_rows(tmp: Path, archive: str, stem: str, dataset: str, ds: Ar
             writer.write_table(to_arrow({k: [r.get(k) for r in rows] for k in SCHEMA.names}, SCHEMA))
 
 
-def ingest_archives(ctx, dataset: str, rows_per_part: int) -> dict:
+def ingest_archives(ctx, dataset: str, rows_per_part: int, max_pixels: int) -> dict:
     import ray.data
 
     from pipelines.resumable_parquet import safe_name
@@ -219,8 +250,10 @@ def ingest_archives(ctx, dataset: str, rows_per_part: int) -> dict:
             compute=ray.data.TaskPoolStrategy(size=ctx.resources.concurrency),
             num_cpus=ctx.resources.cpus,
             fn_kwargs={"stage_dir": str(ctx.stage_dir), "dataset": dataset,
-                       "manifest_path": str(ctx.dataset_files[dataset]), "rows_per_part": rows_per_part},
+                       "manifest_path": str(ctx.dataset_files[dataset]), "rows_per_part": rows_per_part,
+                       "max_pixels": max_pixels},
         )
+        out.set_name(ctx.name)
         for _ in out.iter_batches(batch_size=None):
             pass
     return {"archives": len(items), "archives_missing": len(missing), "archives_missing_names": missing[:20]}

@@ -41,6 +41,7 @@ def classify(status: str | None, error: str | None) -> str | None:
         ("image decoding error", "undecodable"),
         ("cannot identify image", "undecodable"),
         ("truncated", "truncated"),
+        ("incompleteread", "truncated"),
         ("image too small", "too_small"),
         ("aspect ratio too large", "aspect_ratio"),
         ("hash mismatch", "hash_mismatch"),

@@ -29,6 +29,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.download.images import upright
 from pipelines.download.schema import SCHEMA, SHARDS, classify
 from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json, record_entry
 
@@ -170,23 +171,14 @@ def plan_shards(stage_dir: Path, files: list[str], input_format: str, url_col: s
 def _upright_resizer(settings: dict):
     """img2dataset's Resizer, after the orientation and size checks it lacks."""
     from img2dataset.resizer import Resizer
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     class UprightResizer(Resizer):
         def __call__(self, img_stream, blurring_bbox_list=None):
-            data = img_stream.read()
-            try:
-                with Image.open(io.BytesIO(data)) as im:  # reads the header only
-                    if im.size[0] * im.size[1] > settings["max_decode_pixels"]:
-                        return None, None, None, None, None, "image area too large (before decoding)"
-                    if im.getexif().get(0x0112, 1) not in (1, None):
-                        up = ImageOps.exif_transpose(im)
-                        buf = io.BytesIO()
-                        up.save(buf, format="PNG")  # lossless: img2dataset re-encodes it as configured
-                        data = buf.getvalue()
-            except Exception:  # noqa: BLE001 - PIL cannot read it: img2dataset's decoder gives the reason
-                pass
-            return super().__call__(io.BytesIO(data), blurring_bbox_list)
+            data, error = upright(img_stream.read(), settings["max_decode_pixels"])
+            if error:
+                return None, None, None, None, None, error
+            return super().__call__(io.BytesIO(data), blurring_bbox_list)  # re-encoded as configured, if at all
 
     Image.MAX_IMAGE_PIXELS = settings["max_decode_pixels"]
     return UprightResizer(
