@@ -86,7 +86,9 @@ class RecaptionConfig(StrictModel):
     temperature: float = Field(0.0, ge=0)
     min_pixels: int = Field(4 * 28 * 28, ge=28 * 28)
     max_pixels: int = Field(1024 * 28 * 28, ge=28 * 28)
-    batch_size: int = Field(16, ge=1, description="images per generate call")
+    batch_size: int = Field(16, ge=1, description="images per generate call (their long and short prompts go together)")
+    max_reject_ratio: float = Field(0.05, ge=0, le=1, description="a part whose rows the engine fails on more often "
+                                    "than this fails (and is retried on a rerun) instead of rejecting them")
     rows_per_part: int = Field(512, ge=1, description="rows per actor call, so per output part")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -233,18 +235,21 @@ class TransformersEngine:
         self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype).to(device).eval()
         torch.manual_seed(cfg.seed)
 
-    def generate(self, images: list, prompt: str, max_new_tokens: int) -> list[str]:
+    def generate(self, requests: list[tuple]) -> list[str]:
+        """(image, prompt, max_new_tokens) requests in one `generate` call: every row runs to the largest
+        budget and is cut to its own, which for a row is the same as generating it to its own budget."""
         import torch
         from qwen_vl_utils import process_vision_info
 
-        conversations = [_messages(im, prompt, self.cfg) for im in images]
+        conversations = [_messages(im, prompt, self.cfg) for im, prompt, _ in requests]
         texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
         vision, _ = process_vision_info(conversations)
         inputs = self.processor(text=texts, images=vision, padding=True, return_tensors="pt").to(self.device)
         sampling = {"do_sample": True, "temperature": self.cfg.temperature} if self.cfg.temperature > 0 else {"do_sample": False}
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
-        return [_clean(t) for t in self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+            out = self.model.generate(**inputs, max_new_tokens=max(n for _, _, n in requests), **sampling)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [_clean(self.processor.decode(row[:n], skip_special_tokens=True)) for row, (_, _, n) in zip(new, requests)]
 
 
 class VllmEngine:
@@ -270,17 +275,18 @@ class VllmEngine:
             mm_processor_kwargs={"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels},
         )
 
-    def generate(self, images: list, prompt: str, max_new_tokens: int) -> list[str]:
+    def generate(self, requests: list[tuple]) -> list[str]:
+        """(image, prompt, max_new_tokens) requests in one engine call, each with its own token budget."""
         from qwen_vl_utils import fetch_image
         from vllm import SamplingParams
 
-        requests = []
-        for im in images:
+        prompts, params = [], []
+        for im, prompt, max_new_tokens in requests:
             conversation = _messages(im, prompt, self.cfg)
             text = self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-            requests.append({"prompt": text, "multi_modal_data": {"image": fetch_image(conversation[0]["content"][0])}})
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=self.cfg.temperature, seed=self.cfg.seed)
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+            prompts.append({"prompt": text, "multi_modal_data": {"image": fetch_image(conversation[0]["content"][0])}})
+            params.append(SamplingParams(max_tokens=max_new_tokens, temperature=self.cfg.temperature, seed=self.cfg.seed))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [_clean(o.outputs[0].text) for o in outputs]
 
 
@@ -294,9 +300,10 @@ class Recaptioner:
         self.writer = writer  # writes the output's parts (in the pipeline); None returns the rows (tests)
 
     def _caption(self, images: list) -> tuple[list[str], list[str]]:
-        long = self.engine.generate(images, self.cfg.long_prompt, self.cfg.max_new_tokens_long)
-        short = self.engine.generate(images, self.cfg.short_prompt, self.cfg.max_new_tokens_short)
-        return long, short
+        cfg = self.cfg
+        got = self.engine.generate([(im, cfg.long_prompt, cfg.max_new_tokens_long) for im in images]
+                                   + [(im, cfg.short_prompt, cfg.max_new_tokens_short) for im in images])
+        return got[: len(images)], got[len(images):]
 
     def __call__(self, batch):
         from PIL import Image
@@ -318,13 +325,22 @@ class Recaptioner:
                 got = self._caption(images) if images else ([], [])
                 for j, i in enumerate(where):
                     long[i], short[i] = got[0][j], got[1][j]
-            except Exception:  # noqa: BLE001 - find the rows that break the engine, caption the rest
+            except Exception as batch_error:  # noqa: BLE001 - find the rows that break the engine, caption the rest
+                failed = 0
                 for j, i in enumerate(where):
                     try:
                         (lo,), (sh,) = self._caption([images[j]])
                         long[i], short[i] = lo, sh
                     except Exception as e:  # noqa: BLE001
                         reasons[i], errors[i] = "recaption_error", f"{type(e).__name__}: {e}"[:500]
+                        failed += 1
+                if where and failed == len(where):  # no row passes: the engine is broken, not the images
+                    raise RuntimeError(f"recaption engine failed on every row of a batch of {len(where)}: "
+                                       f"{type(batch_error).__name__}: {batch_error}") from batch_error
+        rejected = sum(r == "recaption_error" for r in reasons)
+        if rejected > self.cfg.max_reject_ratio * n:
+            raise RuntimeError(f"recaption engine failed on {rejected} of {n} rows (max_reject_ratio {self.cfg.max_reject_ratio}): "
+                               f"failing the part instead of rejecting them; first: {next(e for e in errors if e)}")
         batch = batch.copy()
         batch["caption_long"], batch["caption_short"] = long, short
         batch["caption_model"] = [self.cfg.model] * n

@@ -89,7 +89,7 @@ def test_config_change_makes_the_stage_and_downstream_stale(ray_session, tmp_pat
     assert [(n, a) for n, _, a in plan(load_workflow(path), select(load_workflow(path)))] == [
         ("a", "skip"), ("b", "run"), ("c", "skip"), ("d", "run")
     ]
-    assert workflow_status(load_workflow(path))["b"].reasons == ["config value: 0 -> 7"]
+    assert workflow_status(load_workflow(path))["b"].reasons == ["config value: (default) -> 7"]
     run(path)
     after = started_at(path)
     assert [n for n in "abcd" if after[n] != before[n]] == ["b", "d"]
@@ -97,7 +97,7 @@ def test_config_change_makes_the_stage_and_downstream_stale(ray_session, tmp_pat
     assert states(path) == dict.fromkeys("abcd", "done")
     # the outputs of the old config were moved aside, not deleted
     (moved,) = previous(tmp_path / "runs/b")
-    assert moved["reason"] == "stale: config value: 0 -> 7" and moved["parquet"] == [f"part-{i:05d}.parquet" for i in range(3)]
+    assert moved["reason"] == "stale: config value: (default) -> 7" and moved["parquet"] == [f"part-{i:05d}.parquet" for i in range(3)]
     assert previous(tmp_path / "runs/d")[0]["reason"] == "stale: input b changed"
 
 

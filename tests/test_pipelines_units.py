@@ -283,3 +283,51 @@ def test_each_source_is_one_task_and_concurrency_is_honoured(ray_session, tmp_pa
     spans = [(min(d["started"] for d in ds), max(d["at"] for d in ds)) for ds in tasks.values()]
     overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
     assert overlap == 2, spans
+
+
+def test_long_and_short_prompts_in_one_call_give_what_two_calls_give(tmp_path):
+    from pipelines.recaption import RecaptionConfig, TinyQwen2VL, TransformersEngine, build_tiny_qwen2vl
+
+    model = build_tiny_qwen2vl(tmp_path / "m", TinyQwen2VL())
+    cfg = RecaptionConfig(model="tiny-random", tiny={}, engine="transformers", max_pixels=50176)
+    engine = TransformersEngine(str(model), cfg, cpus=1)
+    rng = random.Random(3)
+    from PIL import Image
+
+    images = [Image.open(io.BytesIO(png(demo_shapes.draw("red", "circle", "blue", 64, 64 + 16 * i, rng)))).convert("RGB")
+              for i in range(2)]
+    together = engine.generate([(im, "describe", 6) for im in images] + [(im, "briefly", 3) for im in images])
+    apart = engine.generate([(im, "describe", 6) for im in images]) + engine.generate([(im, "briefly", 3) for im in images])
+    assert together == apart and together[0] != together[2]
+
+
+class _Engine:
+    """Stands in for a model engine: fails on the rows whose long prompt image is marked, or on every row."""
+
+    def __init__(self, fail_all: bool = False, bad_widths: tuple = ()):
+        self.fail_all, self.bad_widths = fail_all, bad_widths
+
+    def generate(self, requests):
+        if self.fail_all or any(im.size[0] in self.bad_widths for im, _, _ in requests):
+            raise RuntimeError("CUDA out of memory" if self.fail_all else "this image breaks the engine")
+        return [f"{p} {im.size[0]}" for im, p, _ in requests]
+
+
+def _recaptioner(engine, **cfg):
+    from pipelines.recaption import Recaptioner, RecaptionConfig
+
+    r = Recaptioner.__new__(Recaptioner)
+    r.engine, r.writer = engine, None
+    r.cfg = RecaptionConfig(model="tiny-random", tiny={}, engine="transformers", batch_size=4, **cfg)
+    return r
+
+
+def test_an_engine_that_fails_fails_the_part_instead_of_rejecting_its_rows():
+    rng = random.Random(4)
+    images = [png(demo_shapes.draw("red", "circle", "blue", 64 + i, 64, rng)) for i in range(10)]
+    with pytest.raises(RuntimeError, match="failed on every row of a batch"):
+        _recaptioner(_Engine(fail_all=True))(frame(images))
+    with pytest.raises(RuntimeError, match="failed on 1 of 10 rows"):
+        _recaptioner(_Engine(bad_widths=(65,)))(frame(images))  # 10% > the default 5%
+    out = _recaptioner(_Engine(bad_widths=(65,)), max_reject_ratio=0.2)(frame(images))
+    assert list(out["reason"]).count("recaption_error") == 1 and out["caption_short"][0].endswith(" 64")

@@ -184,8 +184,6 @@ def test_training_runs_are_named_after_their_stage_on_the_metrics_endpoint(train
 
     text = ray_head.scrape()  # the series of the second run (the first one's died with its job)
     assert "sft" in set(re.findall(r'ray_train_run_name="([^"]+)"', text))
-    steps = {m[0]: float(m[1]) for m in re.findall(r'^ray_simplear_train_step{[^}]*stage="([^"]+)"[^}]*} ([0-9.e+]+)$', text, re.M)}
-    assert steps.get("sft") == SFT_STEPS, steps
 
 
 def test_demo_learns(trained):

@@ -21,17 +21,22 @@ def _digest(data: Any) -> str:
 
 
 def strip_keys(config: dict, dotted: frozenset[str] | set[str]) -> dict:
-    """A copy of `config` without the given dotted keys (`train.log_every`)."""
+    """A copy of `config` without the given dotted keys (`train.log_every`), and without the sections that held
+    nothing else (`vllm: {}` once its only key is stripped is the same as no `vllm` key)."""
     out = copy.deepcopy(config)
     for key in dotted:
         *path, last = key.split(".")
-        node = out
+        nodes = [out]
         for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-            if node is None:
+            nxt = nodes[-1].get(part) if isinstance(nodes[-1], dict) else None
+            if not isinstance(nxt, dict):
                 break
-        if isinstance(node, dict):
-            node.pop(last, None)
+            nodes.append(nxt)
+        else:
+            nodes[-1].pop(last, None)
+            for parent, part, node in reversed(list(zip(nodes, path, nodes[1:]))):
+                if not node:
+                    parent.pop(part, None)
     return out
 
 
@@ -87,12 +92,21 @@ def legacy_fingerprint(kind: str, config: dict, code_version: str, inputs: dict[
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and not value and not prefix:
+        return {}
     if isinstance(value, dict) and value:
         out: dict[str, Any] = {}
         for k, v in value.items():
             out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: value}
+
+
+_DEFAULT = object()  # a key left at its default is not in the fingerprinted config
+
+
+def _shown(value: Any) -> str:
+    return "(default)" if value is _DEFAULT else json.dumps(value)
 
 
 def stale_reasons(recorded: dict | None, current: dict) -> list[str]:
@@ -104,8 +118,8 @@ def stale_reasons(recorded: dict | None, current: dict) -> list[str]:
         reasons.append(f"version {recorded.get('version')} -> {current['version']}")
     old, new = _flatten(recorded.get("config", {})), _flatten(current["config"])
     for key in sorted(set(old) | set(new)):
-        if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            reasons.append(f"config {key}: {json.dumps(old.get(key, '<unset>'))} -> {json.dumps(new.get(key, '<unset>'))}")
+        if old.get(key, _DEFAULT) != new.get(key, _DEFAULT):
+            reasons.append(f"config {key}: {_shown(old.get(key, _DEFAULT))} -> {_shown(new.get(key, _DEFAULT))}")
     for name in sorted(set(recorded.get("inputs", {})) | set(current["inputs"])):
         if recorded.get("inputs", {}).get(name) != current["inputs"].get(name):
             reasons.append(f"input {name} changed")

@@ -61,8 +61,11 @@ class StageStatus:
         return sum(o["rows"] for o in outs) - rejected, rejected
 
 
-def config_dump(stage: ResolvedStage) -> dict:
-    return stage.config.model_dump(mode="json")
+def config_dump(config) -> dict:
+    """What of a config the fingerprint covers: the values that differ from the fields' defaults, so a release
+    that adds a config key (its default keeping today's behaviour) leaves finished stages done. A release
+    that changes what a default means bumps the kind's `version`."""
+    return config.model_dump(mode="json", exclude_defaults=True)
 
 
 def current_parts(wf: ResolvedWorkflow, stage: ResolvedStage, config: dict, inputs: dict[str, dict]) -> dict:
@@ -84,7 +87,7 @@ def _migrate(wf: ResolvedWorkflow, stage: ResolvedStage, manifest: dict, upstrea
         config = stage.kind.config.model_validate(recorded, context={"datasets": wf.dataset_files, "workflow_dir": wf.base_dir})
     except ValidationError as e:
         return None, f"its recorded config is not valid today: {e.errors()[0]['msg']}"
-    parts = current_parts(wf, stage, config.model_dump(mode="json"), upstream)
+    parts = current_parts(wf, stage, config_dump(config), upstream)
     return {**manifest, "scheme": SCHEME, "fingerprint": fingerprint_of(parts), "fingerprint_parts": parts,
             "legacy_fingerprint": old, "migrated_at": time.time()}, ""
 
@@ -98,7 +101,7 @@ def stage_status(wf: ResolvedWorkflow, name: str, upstream: dict[str, StageStatu
     fp = parts = None
     not_done = [n for n in stage.needs if upstream[n].state != "done"]
     if not not_done:
-        parts = current_parts(wf, stage, config_dump(stage), {n: upstream[n].manifest for n in stage.needs})
+        parts = current_parts(wf, stage, config_dump(stage.config), {n: upstream[n].manifest for n in stage.needs})
         fp = fingerprint_of(parts)
     st = StageStatus(name, "pending", fp, parts, manifest, failure, started)
     holder, alive = lock
