@@ -174,12 +174,12 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def serve(folder: str | Path, host: str = "127.0.0.1") -> Iterator[str]:
-    """Serve `folder` over HTTP on a free port of `host` for the duration of the block; yields the base URL."""
-    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(folder), **kw)  # noqa: E731
-    server = http.server.ThreadingHTTPServer((host, 0), handler)
+def serve(folder: str | Path, host: str = "127.0.0.1", handler: type = _QuietHandler) -> Iterator[str]:
+    """Serve `folder` over HTTP on a free port of `host` for the duration of the block; yields the base URL.
+    `handler`: a SimpleHTTPRequestHandler of one's own (the rehearsal's answers faults)."""
+    server = http.server.ThreadingHTTPServer((host, 0), lambda *a, **kw: handler(*a, directory=str(folder), **kw))
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="demo-shapes-http", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, name="loopback-http", daemon=True)
     thread.start()
     try:
         yield f"http://{host}:{server.server_address[1]}"

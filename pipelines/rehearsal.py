@@ -22,10 +22,8 @@ import io
 import json
 import random
 import tarfile
-import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -231,18 +229,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.end_headers()
 
 
-@contextlib.contextmanager
-def serve(folder: str | Path, host: str = "127.0.0.1", timeout_s: float = 3.0) -> Iterator[str]:
-    """Serve `<folder>/site` with its faults for the block; yields the base URL. `timeout_s`: how long a
+def serve(folder: str | Path, host: str = "127.0.0.1", timeout_s: float = 3.0):
+    """Serve `<folder>/site` with its faults (a context manager yielding the base URL). `timeout_s`: how long a
     `timeout` URL stalls (longer than the download's timeout)."""
-    handler = type("Handler", (_Handler,), {"timeout_s": timeout_s})
-    server = http.server.ThreadingHTTPServer((host, 0), lambda *a, **kw: handler(*a, directory=str(Path(folder) / "site"), **kw))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="rehearsal-http", daemon=True)
-    thread.start()
-    try:
-        yield f"http://{host}:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    from pipelines.demo_shapes import serve as serve_folder
+
+    return serve_folder(Path(folder) / "site", host, handler=type("Handler", (_Handler,), {"timeout_s": timeout_s}))
