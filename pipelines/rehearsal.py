@@ -43,8 +43,8 @@ def displayed(width: int, height: int) -> Image.Image:
 
 def is_upright(im: Image.Image) -> bool:
     """Red at the top-left quadrant's centre, blue at the others' (what `displayed` draws)."""
-    w, h = im.convert("RGB").size
     rgb = im.convert("RGB")
+    w, h = rgb.size
     tl = rgb.getpixel((w // 4, h // 4))
     others = [rgb.getpixel((3 * w // 4, h // 4)), rgb.getpixel((w // 4, 3 * h // 4)), rgb.getpixel((3 * w // 4, 3 * h // 4))]
     return tl[0] > 180 and tl[2] < 80 and all(p[2] > 180 and p[0] < 80 for p in others)

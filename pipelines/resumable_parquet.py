@@ -61,7 +61,7 @@ def input_sources(ctx, folder: str | None = "shards") -> list[Source]:
     return out
 
 
-def _read_receipts(stage_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
+def read_receipts(stage_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
     by_src: dict[str, list[tuple[Path, dict]]] = {}
     for f in sorted((stage_dir / RECEIPTS).glob("*/*.json")):
         try:
@@ -75,7 +75,7 @@ def _read_receipts(stage_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
 
 def resume(stage_dir: Path, sources: list[Source], folders: list[str]) -> list[Source]:
     """Keep what finished sources wrote, delete everything else under `folders`; return the sources to (re)do."""
-    receipts = _read_receipts(stage_dir)
+    receipts = read_receipts(stage_dir)
     done = {s.id for s in sources if sum(d["rows"] for _, d in receipts.get(s.id, [])) == s.rows and (s.rows == 0 or s.id in receipts)}
     keep: set[str] = set()
     for sid, recs in receipts.items():
@@ -184,12 +184,15 @@ def write_parts(batch, *, stage_dir: str, split: Split, started: float | None = 
     return summary
 
 
-def totals(stage_dir: Path) -> dict[str, Any]:
+Receipts = dict[str, list[tuple[Path, dict]]]  # what read_receipts gives: by source, (file, receipt) pairs
+
+
+def totals(receipts: Receipts) -> dict[str, Any]:
     """Over every receipt: input rows, rows per output folder, and rows per reason (for folders with a `reason`)."""
     rows_in = 0
     rows_out: Counter = Counter()
     reasons: Counter = Counter()
-    for recs in _read_receipts(stage_dir).values():
+    for recs in receipts.values():
         for _, data in recs:
             rows_in += data["rows"]
             for key, n in data["counts"].items():
@@ -200,28 +203,27 @@ def totals(stage_dir: Path) -> dict[str, Any]:
     return {"rows_in": rows_in, "rows_out": dict(sorted(rows_out.items())), "by_reason": dict(sorted(reasons.items()))}
 
 
-def receipt_entries(stage_dir: Path) -> dict[str, dict]:
+def receipt_entries(receipts: Receipts) -> dict[str, dict]:
     """The manifest entries every receipt carries, by relative path."""
-    return {rel: e for recs in _read_receipts(stage_dir).values() for _, data in recs for rel, e in data.get("entries", {}).items()}
+    return {rel: e for recs in receipts.values() for _, data in recs for rel, e in data.get("entries", {}).items()}
 
 
 def parts_progress(stage_dir: Path) -> str | None:
     """Input rows finished so far (a running or interrupted data stage), from its receipts."""
-    recs = [d for rs in _read_receipts(stage_dir).values() for _, d in rs]
+    recs = [d for rs in read_receipts(stage_dir).values() for _, d in rs]
     if not recs:
         return None
     rejected = sum(d["counts"].get("rejected", 0) for d in recs)
     return f"{sum(d['rows'] for d in recs)} rows done ({rejected} rejected) in {len(recs)} parts"
 
 
-def check_complete(stage_dir: Path, sources: list[Source]) -> None:
+def check_complete(receipts: Receipts, sources: list[Source], stage: str) -> None:
     """Every input row accounted for exactly once, or the stage fails instead of recording a wrong manifest."""
-    receipts = _read_receipts(stage_dir)
     wrong = [(s.id, sum(d["rows"] for _, d in receipts.get(s.id, [])), s.rows) for s in sources]
     wrong = [w for w in wrong if w[1] != w[2]]
     if wrong:
         details = ", ".join(f"{sid}: {got} of {want} rows" for sid, got, want in wrong[:5])
-        raise RuntimeError(f"{stage_dir.name}: parts do not cover their sources exactly ({details})")
+        raise RuntimeError(f"{stage}: parts do not cover their sources exactly ({details})")
 
 
 class PartsWriter:
@@ -318,12 +320,13 @@ def run_stage(
         if os.environ.get("SIMPLEAR_DATA_STATS"):
             ctx.log.info("%s: Ray Data stats\n%s", ctx.name, ds.stats())
     elapsed = time.time() - t0
-    check_complete(ctx.stage_dir, sources)
+    receipts = read_receipts(ctx.stage_dir)  # once: a stage at scale has thousands
+    check_complete(receipts, sources, ctx.name)
     metrics: dict[str, Any] = {"sources": len(sources), "sources_done_this_run": len(todo), "rows_this_run": rows_todo}
-    metrics.update(totals(ctx.stage_dir))
+    metrics.update(totals(receipts))
     metrics["seconds_this_run"] = round(elapsed, 3)
     metrics["rows_per_s"] = round(rows_todo / elapsed, 2) if rows_todo and elapsed > 0 else None
-    return StageResult(metrics=metrics, files=receipt_entries(ctx.stage_dir))
+    return StageResult(metrics=metrics, files=receipt_entries(receipts))
 
 
 def actor_options(resources, batch_size: int) -> dict[str, Any]:

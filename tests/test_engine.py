@@ -10,13 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from simplear.config import ConfigError
 from simplear.workflow.engine import RunFailed, plan, run_workflow, select, workflow_status
+from simplear.workflow.lock import ray_session_processes
 from simplear.workflow.manifest import FAILED, MANIFEST
 from simplear.workflow.spec import load_workflow
 
@@ -163,15 +163,7 @@ def _simplear(args, env, **kw):
 
 
 def session_processes(session_dir: str) -> list[int]:
-    """Processes that still belong to an embedded Ray session (by command line or open files in its dir)."""
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(session_dir in a for a in p.info["cmdline"] or []) or any(f.path.startswith(session_dir) for f in p.open_files()):
-                found.append(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return found
+    return [p.pid for p in ray_session_processes(session_dir)]
 
 
 def test_driver_killed_mid_stage_then_rerun_at_once_takes_over_and_matches_an_uninterrupted_run(tmp_path):

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import attach_ray
 from pipelines import demo_shapes
-from pipelines.resumable_parquet import RECEIPTS, _read_receipts, input_sources
+from pipelines.resumable_parquet import RECEIPTS, read_receipts, input_sources
 from pipelines_support import ROOT, data_workflow, manifest_of, read_stage
 from simplear.visual_tokenizers import load_visual_tokenizer
 from simplear.workflow.engine import run_workflow, select, workflow_status
@@ -59,7 +59,7 @@ def _cluster_workers(head, names: tuple[str, ...]) -> list[psutil.Process]:
 
 
 def _finished_sources(stage_dir: Path, sources) -> set[str]:
-    receipts = _read_receipts(stage_dir)
+    receipts = read_receipts(stage_dir)
     return {s.id for s in sources if s.id in receipts and sum(d["rows"] for _, d in receipts[s.id]) == s.rows}
 
 
@@ -247,7 +247,7 @@ def test_output_checksums_come_from_the_tasks_that_wrote_them(demo):
     from simplear.workflow.manifest import sha256_file
 
     for stage in ("filter", "recaption", "tokenize"):
-        entries = receipt_entries(demo.runs / stage)
+        entries = receipt_entries(read_receipts(demo.runs / stage))
         outputs = [o for o in manifest_of(demo.runs / stage)["outputs"] if o["path"].endswith(".parquet")]
         assert outputs and all(entries[o["path"]] == o for o in outputs), stage
         assert all(sha256_file(demo.runs / stage / o["path"]) == o["sha256"] for o in outputs[:5])

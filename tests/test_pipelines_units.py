@@ -18,7 +18,8 @@ from pipelines import demo_shapes
 from pipelines.download import classify
 from pipelines.filter import check_image
 from pipelines.pretokenize import Encoder, Resolution, TokenizeConfig, center_crop_arr
-from pipelines.resumable_parquet import RECEIPTS, SRC, Source, check_complete, resume, to_arrow, totals, write_parts
+from pipelines.resumable_parquet import (RECEIPTS, SRC, Source, check_complete, read_receipts, resume, to_arrow, totals,
+                                        write_parts)
 from simplear.datasets import DemoShapesParams
 from simplear.visual_tokenizers import load_visual_tokenizer
 
@@ -191,10 +192,10 @@ def test_write_parts_then_resume_keeps_finished_sources_only(tmp_path):
     assert not list((tmp_path / RECEIPTS / "b").glob("*.json"))
     keys = pq.read_table([tmp_path / f for f in files if f.startswith("kept")]).column("key").to_pylist()
     assert sorted(keys) == ["a0", "a2", "a3"]
-    t = totals(tmp_path)
+    t = totals(read_receipts(tmp_path))
     assert t == {"rows_in": 4, "rows_out": {"kept": 3, "rejected": 1}, "by_reason": {"odd": 1}}
     with pytest.raises(RuntimeError, match=r"b: 0 of 4 rows"):
-        check_complete(tmp_path, sources)
+        check_complete(read_receipts(tmp_path), sources, "t")
     receipt = json.loads(next((tmp_path / RECEIPTS / "a").glob("part-a-a0.json")).read_text())
     assert receipt["files"] == ["kept/part-a-a0.parquet", "rejected/part-a-a0.parquet"]
 
@@ -263,7 +264,7 @@ def test_each_source_is_one_task_and_concurrency_is_honoured(ray_session, tmp_pa
     with batch_size 4 are 6 tasks (read back from the receipts), at most `concurrency` of them at a time."""
     import pyarrow as pa
 
-    from pipelines.resumable_parquet import SplitByReason, _read_receipts, run_stage
+    from pipelines.resumable_parquet import SplitByReason, read_receipts, run_stage
     from pipelines_support import stage_context, write_input_stage
 
     schema = pa.schema([("key", pa.string()), ("reason", pa.string())])
@@ -274,7 +275,7 @@ def test_each_source_is_one_task_and_concurrency_is_honoured(ray_session, tmp_pa
     result = run_stage(ctx, folders=["shards", "rejected"], split=SplitByReason(schema, schema), process=slow_identity,
                        process_kwargs={"seconds": 0.4}, batch_size=4)
     assert result.metrics["rows_out"] == {"rejected": 0, "shards": 60}
-    receipts = [d for recs in _read_receipts(ctx.stage_dir).values() for _, d in recs]
+    receipts = [d for recs in read_receipts(ctx.stage_dir).values() for _, d in recs]
     assert len(receipts) == 18  # 3 blocks of at most 4 rows per source
     tasks: dict[str, list[dict]] = {}
     for d in receipts:

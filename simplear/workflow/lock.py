@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import Field
 
 from simplear.config import StrictModel
+from simplear.workflow.manifest import read_json
 
 log = logging.getLogger("simplear.lock")
 
@@ -42,13 +43,6 @@ class RunLocked(RuntimeError):
 
 class FencedOut(RuntimeError):
     """This run no longer holds the lock of its run dir: its writes must stop."""
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def _process_start(pid: int) -> float | None:
@@ -122,10 +116,10 @@ class RunLock:
                 lock = cls(path, info, settings)
                 lock._start_heartbeat()
                 return lock
-            holder = _read(path)
+            holder = read_json(path)
             if holder is None:  # being written or damaged: look again, then judge it by its age
                 time.sleep(0.2)
-                holder = _read(path)
+                holder = read_json(path)
                 if holder is None:
                     holder = {"run_id": "unreadable", "heartbeat": path.stat().st_mtime if path.exists() else 0}
             alive, why = holder_alive(holder, settings)
@@ -150,13 +144,13 @@ class RunLock:
         os.replace(tmp, self.path)
 
     def holds(self) -> bool:
-        current = _read(self.path)
+        current = read_json(self.path)
         return current is not None and current.get("run_id") == self.run_id
 
     def update(self, **fields: Any) -> None:
         with self._mutex:
             if not self.holds():
-                raise FencedOut(f"{self.path}: this run ({self.run_id}) lost the lock to {describe_holder(_read(self.path) or {})}")
+                raise FencedOut(f"{self.path}: this run ({self.run_id}) lost the lock to {describe_holder(read_json(self.path) or {})}")
             self.info.update(fields, heartbeat=time.time())
             self._write()
 
@@ -206,7 +200,7 @@ def _create_exclusive(path: Path, info: dict) -> bool:
 
 def read_lock(run_dir: Path, settings: LockSettings) -> tuple[dict | None, bool]:
     """(the lock's holder or None, whether that holder is alive), for `status` and `--dry-run`."""
-    holder = _read(run_dir / LOCK)
+    holder = read_json(run_dir / LOCK)
     if holder is None:
         return None, False
     return holder, holder_alive(holder, settings)[0]
@@ -224,43 +218,46 @@ def check_fence() -> None:
     if not token:
         return
     fence = json.loads(token)
-    holder = _read(Path(fence["lock"]))
+    holder = read_json(Path(fence["lock"]))
     if holder is None or holder.get("run_id") != fence["run_id"]:
         who = describe_holder(holder) if holder else "nobody"
         raise FencedOut(f"run {fence['run_id']} lost the lock {fence['lock']} (now held by {who}): not writing")
 
 
-def stop_ray_session(marker: str, timeout: float = 15.0) -> int:
-    """End every process of one Ray session: those naming `marker` (its session or temp dir) in their command
-    line or open files, and their children. Agents rename themselves (`ray::DashboardAgent`) and outlive a
-    killed raylet, but keep their log files in the session dir open. Never a broad `ray stop`."""
+def ray_session_processes(marker: str) -> list:
+    """The processes of one Ray session: those naming `marker` (its session or temp dir) in their command line
+    or open files, and their children. Agents rename themselves (`ray::DashboardAgent`) and outlive a killed
+    raylet, but keep their log files in the session dir open."""
     import psutil
 
     me = os.getpid()
+    procs = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.pid == me:
+            continue
+        try:
+            if any(marker in arg for arg in (p.info["cmdline"] or [])) or any(
+                    f.path.startswith(marker) for f in p.open_files()):
+                procs[p.pid] = p
+                procs.update({c.pid: c for c in p.children(recursive=True)})
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    procs.pop(me, None)
+    return list(procs.values())
 
-    def ours() -> list:
-        procs = {}
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            if p.pid == me:
-                continue
-            try:
-                if any(marker in arg for arg in (p.info["cmdline"] or [])) or any(
-                        f.path.startswith(marker) for f in p.open_files()):
-                    procs[p.pid] = p
-                    procs.update({c.pid: c for c in p.children(recursive=True)})
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                pass
-        procs.pop(me, None)
-        return list(procs.values())
 
-    procs = ours()
+def stop_ray_session(marker: str, timeout: float = 15.0) -> int:
+    """End every process of one Ray session (`ray_session_processes`): TERM, then KILL. Never a broad `ray stop`."""
+    import psutil
+
+    procs = ray_session_processes(marker)
     for p in procs:
         try:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive + ours():
+    for p in alive + ray_session_processes(marker):
         try:
             p.kill()
         except psutil.NoSuchProcess:

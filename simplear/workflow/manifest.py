@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from simplear.workflow.lock import check_fence
-
 MANIFEST = "_MANIFEST.json"
 STARTED = "_STARTED.json"
 FAILED = "_FAILED.json"
@@ -33,6 +31,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         yield tmp
+        from simplear.workflow.lock import check_fence  # (lock.py reads its file with read_json below)
+
         check_fence()  # a task of a run that lost its run dir's lock commits nothing
         if path.is_dir() and tmp.is_dir():
             shutil.rmtree(path)
