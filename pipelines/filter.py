@@ -1,8 +1,10 @@
 """filter: keep the rows whose image decodes and whose short edge is at least `min_short_edge`.
 
 Reads every `shards/` file its input stages recorded (several downloads can feed one filter), streams
-them through Ray Data tasks, and writes `shards/` (kept rows, the download schema less status/error
-columns) and `rejected/` (key, dataset, url, status, reason, error_message: no image bytes). Reasons:
+them through Ray Data tasks (one per download part), and writes `shards/` (kept rows: the download
+schema less its status columns and less the bytes, with `image_file` / `image_row` saying where the
+bytes lie, see `pipelines.pixels`), `pixels.json` (the download parts those rows point into) and
+`rejected/` (key, dataset, url, status, reason, error_message: no image bytes). Reasons:
 `download:<reason>` for rows the download already failed, then `no_image`, `undecodable`, `too_large`
 (decompression-bomb sized), `too_small`, `aspect_ratio`.
 
@@ -19,13 +21,14 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipelines.download import SCHEMA as DOWNLOAD_SCHEMA
-from pipelines.resumable_parquet import SplitByReason, parts_progress, run_stage
+from pipelines.pixels import IMAGE_FILE, IMAGE_ROW, REF_FIELDS, record_pixel_files
+from pipelines.resumable_parquet import SRC_FILE, SRC_ROW, SplitByReason, parts_progress, run_stage
 from simplear.config import StrictModel
 from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.registry import register_stage
 
-# the download schema less its status columns: every kept row is a good image
-KEPT_SCHEMA = pa.schema([f for f in DOWNLOAD_SCHEMA if f.name not in ("status", "error_message", "reason")])
+# the download schema less its status columns (every kept row is a good image) and less the bytes, which stay put
+KEPT_SCHEMA = pa.schema([f for f in DOWNLOAD_SCHEMA if f.name not in ("status", "error_message", "reason", "image")] + REF_FIELDS)
 REJECTED_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -38,7 +41,7 @@ REJECTED_SCHEMA = pa.schema(
         ("height", pa.int32()),
     ]
 )
-COLUMNS = [f.name for f in KEPT_SCHEMA] + ["status", "reason", "error_message"]
+COLUMNS = [f.name for f in DOWNLOAD_SCHEMA]
 
 
 class FilterConfig(StrictModel):
@@ -96,12 +99,14 @@ def filter_batch(batch, *, min_short_edge: int, max_aspect_ratio: float | None, 
     batch["height"] = heights
     batch["error_message"] = errors
     batch["status"] = ["kept" if r is None else "rejected" for r in reasons]
-    return batch
+    batch[IMAGE_FILE], batch[IMAGE_ROW] = batch[SRC_FILE], batch[SRC_ROW]
+    return batch.drop(columns=["image"])
 
 
-@register_stage("filter", FilterConfig, version=1, operational=("batch_size",), progress=parts_progress)
+@register_stage("filter", FilterConfig, version=2, operational=("batch_size",), progress=parts_progress)
 def run(ctx: StageContext) -> StageResult:
     cfg: FilterConfig = ctx.config
+    record_pixel_files(ctx)
     result = run_stage(
         ctx,
         folders=["shards", "rejected"],

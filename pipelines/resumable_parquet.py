@@ -27,12 +27,16 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pydantic import Field
+
+from simplear.config import StrictModel
 from simplear.workflow.context import StageResult
 from simplear.workflow.manifest import atomic_path, atomic_write_json, file_entry
 from simplear.workflow.metrics import ProgressLine, count_rows
 
 RECEIPTS = "_receipts"
 SRC = "_src"  # column: the source a row came from
+SRC_FILE, SRC_ROW = "_src_file", "_src_row"  # columns: that source's file (relative to the run folder) and the row in it
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -41,6 +45,7 @@ class Source:
     id: str  # unique and file-name safe
     path: str
     rows: int
+    ref: str = ""  # the path relative to the run folder, which rows pointing into the file record
 
 
 def safe_name(text: str) -> str:
@@ -57,7 +62,7 @@ def input_sources(ctx, folder: str | None = "shards") -> list[Source]:
             if not rel.endswith(".parquet") or (folder is not None and not rel.startswith(folder.rstrip("/") + "/")):
                 continue
             sid = safe_name(f"{need}.{rel[: -len('.parquet')]}".replace("/", "."))
-            out.append(Source(id=sid, path=str(base / rel), rows=int(o.get("rows") or 0)))
+            out.append(Source(id=sid, path=str(base / rel), rows=int(o.get("rows") or 0), ref=f"{need}/{rel}"))
     return out
 
 
@@ -105,7 +110,7 @@ def clean_null(v: Any) -> Any:
 
 def to_arrow(rows, schema: pa.Schema) -> pa.Table:
     """A pandas frame (or dict of lists) to a table of exactly `schema`: missing columns are null, NaN becomes null."""
-    n = len(rows)
+    n = len(next(iter(rows.values()), [])) if isinstance(rows, dict) else len(rows)
     arrays = []
     for field in schema:
         if field.name in rows:
@@ -121,6 +126,14 @@ def to_arrow(rows, schema: pa.Schema) -> pa.Table:
 Split = Callable[[Any], dict[str, pa.Table]]  # rows of one source -> {output folder: table}
 
 
+class PrepareOptions(StrictModel):
+    """The CPU tasks ahead of a model stage's actors: they read the rows and decode and resize the images."""
+
+    cpus: float = Field(0.25, gt=0, description="CPUs each task asks Ray for (small: on a 2-core machine they share "
+                        "the cores the actors leave)")
+    tasks: int | None = Field(None, ge=1, description="how many run at once; default twice the actor pool")
+
+
 class SplitByReason:
     """Rows without a `reason` go to `shards`, the others, with their reason, to `rejected`."""
 
@@ -132,17 +145,25 @@ class SplitByReason:
         return {"shards": to_arrow(rows[ok], self.kept), "rejected": to_arrow(rows[~ok], self.rejected)}
 
 
-def read_sources(batch, *, columns: list[str] | None, rows_per_block: int):
-    """Reader task: stream each source file by record batches (a generator UDF), tagging rows with their source.
+def read_sources(batch, *, columns: list[str] | None, rows_per_block: int, prepare: Callable | None = None,
+                 prepare_kwargs: dict | None = None):
+    """Reader task: stream each source file by record batches (a generator UDF), tagging rows with their
+    source, its file and their row in it; then `prepare` each block (the CPU work ahead of a model actor).
 
     Used instead of `ray.data.read_parquet`, whose file-listing step asks for a whole CPU and can wait
     forever behind an actor pool on a small machine.
     """
-    for path, sid in zip(batch["path"], batch[SRC]):
+    for path, sid, ref in zip(batch["path"], batch[SRC], batch[SRC_FILE]):
         pf = pq.ParquetFile(str(path))
+        offset = 0
         for rb in pf.iter_batches(batch_size=rows_per_block, columns=columns):
             table = pa.Table.from_batches([rb])
-            yield table.append_column(SRC, pa.array([str(sid)] * table.num_rows, pa.string()))
+            n = table.num_rows
+            table = table.append_column(SRC, pa.array([str(sid)] * n, pa.string()))
+            table = table.append_column(SRC_FILE, pa.array([str(ref)] * n, pa.string()))
+            table = table.append_column(SRC_ROW, pa.array(range(offset, offset + n), pa.int64()))
+            offset += n
+            yield table if prepare is None else prepare(table, **(prepare_kwargs or {}))
 
 
 def _task_id() -> str | None:
@@ -264,6 +285,9 @@ def run_stage(
     source_folder: str | None = "shards",
     columns: list[str] | None = None,
     rows_per_block: int = 256,
+    prepare: Callable | None = None,
+    prepare_kwargs: dict | None = None,
+    prepare_options: PrepareOptions | None = None,
 ) -> StageResult:
     """Stream the sources still to do through `process` and write their parts; return the stage's metrics and
     the output entries its tasks computed.
@@ -271,6 +295,8 @@ def run_stage(
     `process` is a function (one Ray task per source reads, processes and writes it) or an
     actor class (a pool of `concurrency` actors with the stage's resources, GPUs included) whose
     constructor takes `writer=` and which writes its own output, so no extra task starts per block.
+    For an actor, `prepare` (pyarrow table -> table) runs in the reader tasks on CPU: decode and resize
+    happen there, in parallel, and the model actors get pixels ready to use.
     """
     import ray.data
 
@@ -285,18 +311,21 @@ def run_stage(
         data_ctx = ray.data.DataContext.get_current()
         data_ctx.enable_progress_bars = ctx.interactive  # in logs: the progress line below instead
         data_ctx.print_on_execution_start = False
-        ds = ray.data.from_items([{"path": s.path, SRC: s.id} for s in todo], override_num_blocks=len(todo))
+        items = [{"path": s.path, SRC: s.id, SRC_FILE: s.ref} for s in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(todo))
         if isinstance(process, type):
+            opts = prepare_options or PrepareOptions()
             ds = ds.map_batches(
                 read_sources,
                 batch_size=1,
                 batch_format="pyarrow",
-                num_cpus=0.25,  # beside an actor pool readers take little, so they never wait behind the actors for a CPU
-                compute=ray.data.TaskPoolStrategy(size=res.concurrency),
-                fn_kwargs={"columns": columns, "rows_per_block": rows_per_block},
+                num_cpus=opts.cpus,
+                compute=ray.data.TaskPoolStrategy(size=opts.tasks or 2 * res.concurrency),
+                fn_kwargs={"columns": columns, "rows_per_block": rows_per_block, "prepare": prepare,
+                           "prepare_kwargs": prepare_kwargs},
             )
             writer = PartsWriter(str(ctx.stage_dir), split)
-            ds = ds.map_batches(process, batch_format="pandas", fn_constructor_kwargs={**process_kwargs, "writer": writer},
+            ds = ds.map_batches(process, batch_format="pyarrow", fn_constructor_kwargs={**process_kwargs, "writer": writer},
                                 **actor_options(res, batch_size))
         else:
             ds = ds.map_batches(

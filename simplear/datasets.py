@@ -50,6 +50,14 @@ class UrlListSource(DatasetInfo):
     caption_col: str | None = None
     column_names: list[str] | None = Field(None, description="csv/tsv without a header line: the names of its columns, in order")
     save_additional_columns: list[str] = []
+    rotation_col: str | None = Field(None, description="degrees (0, 90, 180, 270) to turn each image counterclockwise to "
+                                     "show it upright (Open Images' Rotation); applied at download")
+
+    @model_validator(mode="after")
+    def _rotation_is_kept(self):
+        if self.rotation_col and self.rotation_col not in self.save_additional_columns:
+            raise ValueError(f"rotation_col {self.rotation_col!r} must be one of save_additional_columns")
+        return self
 
 
 class CaptionsFile(StrictModel):

@@ -51,7 +51,7 @@ def manifest_of(stage_dir: Path) -> dict:
 
 
 def demo_rows(n: int, seed: int = 0) -> dict[str, list]:
-    """`n` kept-by-filter rows of demo images (sizes 64..), in the filter's output schema."""
+    """`n` downloaded rows of demo images (sizes 64..), their bytes in `image`."""
     import io
     import random
 
@@ -73,7 +73,7 @@ def demo_rows(n: int, seed: int = 0) -> dict[str, list]:
     return rows
 
 
-def write_input_stage(run_dir: Path, name: str, parts: list[dict[str, list]], schema) -> None:
+def write_input_stage(run_dir: Path, name: str, parts: list[dict[str, list]], schema, row_group_size: int = 4) -> None:
     """A finished stage `name` whose `shards/` hold `parts` (what a stage run by the engine would leave)."""
     from pipelines.resumable_parquet import to_arrow
     from simplear.workflow.manifest import atomic_write_json, describe_outputs
@@ -81,8 +81,26 @@ def write_input_stage(run_dir: Path, name: str, parts: list[dict[str, list]], sc
     stage = run_dir / name
     (stage / "shards").mkdir(parents=True)
     for i, rows in enumerate(parts):
-        pq.write_table(to_arrow(rows, schema), stage / f"shards/part-{i:03d}.parquet")
+        pq.write_table(to_arrow(rows, schema), stage / f"shards/part-{i:03d}.parquet", row_group_size=row_group_size)
     atomic_write_json(stage / "_MANIFEST.json", {"fingerprint": name, "outputs": describe_outputs(stage)})
+
+
+def write_filtered_stage(run_dir: Path, rows: dict[str, list], name: str = "filter") -> None:
+    """A finished download whose shard holds `rows`' image bytes, and a finished filter `name` whose rows point
+    into it (image_file / image_row) and list it in their pixels.json: what recaption and tokenize read."""
+    from pipelines.download.schema import SCHEMA as DOWNLOAD_SCHEMA
+    from pipelines.filter import KEPT_SCHEMA
+    from pipelines.pixels import PIXELS_JSON
+    from simplear.workflow.manifest import atomic_write_json, describe_outputs
+
+    n = len(rows["key"])
+    write_input_stage(run_dir, "download", [{**rows, "status": ["success"] * n}], DOWNLOAD_SCHEMA)
+    refs = {k: v for k, v in rows.items() if k != "image"}
+    refs.update(image_file=["download/shards/part-000.parquet"] * n, image_row=list(range(n)))
+    write_input_stage(run_dir, name, [refs], KEPT_SCHEMA)
+    download = {f"download/{o['path']}": o for o in describe_outputs(run_dir / "download")}
+    atomic_write_json(run_dir / name / PIXELS_JSON, {"files": download})
+    atomic_write_json(run_dir / name / "_MANIFEST.json", {"fingerprint": name, "outputs": describe_outputs(run_dir / name)})
 
 
 def stage_context(run_dir: Path, name: str, kind: str, config, needs: list[str], **resources):

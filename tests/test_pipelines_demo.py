@@ -23,6 +23,7 @@ import pytest
 
 from conftest import attach_ray
 from pipelines import demo_shapes
+from pipelines.pixels import PIXELS_JSON, fetch
 from pipelines.resumable_parquet import RECEIPTS, read_receipts, input_sources
 from pipelines_support import ROOT, data_workflow, manifest_of, read_stage
 from simplear.visual_tokenizers import load_visual_tokenizer
@@ -153,7 +154,12 @@ def test_filter_keeps_exactly_the_images_with_a_short_edge_of_64_or_more(demo):
     big = ok[np.minimum(ok["width"], ok["height"]) >= 64]
     assert sorted(kept["key"]) == sorted(big["key"])
     assert set(kept["key"]).isdisjoint(rejected["key"]) and len(kept) + len(rejected) == len(down)
-    assert "image" not in rejected and kept["image"].notna().all()
+    assert "image" not in rejected and "image" not in kept  # the bytes stay in the download's shards
+    by_key = dict(zip(down["key"], down["image"]))
+    assert fetch(list(kept["image_file"]), list(kept["image_row"]), demo.runs) == [by_key[k] for k in kept["key"]]
+    listed = json.loads((demo.runs / "filter" / PIXELS_JSON).read_text())["files"]
+    assert set(kept["image_file"]) <= set(listed) and all(e["sha256"] for e in listed.values())
+    assert PIXELS_JSON in {o["path"] for o in manifest_of(demo.runs / "filter")["outputs"]}
     reasons = Counter(rejected["reason"])
     assert reasons["too_small"] == len(ok) - len(big) > 0
     assert reasons["download:http_404"] == 4

@@ -79,17 +79,18 @@ def test_a_url_list_with_bad_bytes_and_lines_keeps_every_row_and_puts_photos_upr
     data.mkdir()
     with serve(site) as base:
         lines = [
-            f"{base}/rotated.jpg\ta photo taken sideways".encode(),
-            f"{base}/plain.jpg\tcaf\xe9 au lait".encode("latin-1"),  # not UTF-8: kept, replaced, flagged
-            f"{base}/missing.jpg\ta 404".encode(),
-            b"http://x/\xff\xfe.jpg\ta URL that is not UTF-8",
-            b"a line\twith three\tcolumns",  # malformed for a two-column list
+            f"{base}/rotated.jpg\ta photo taken sideways\t0".encode(),
+            f"{base}/plain.jpg\tcaf\xe9 au lait\t".encode("latin-1"),  # not UTF-8: kept, replaced, flagged
+            f"{base}/plain.jpg\tturned a quarter by its list\t90".encode(),  # Open Images' Rotation: counterclockwise
+            f"{base}/missing.jpg\ta 404\t0".encode(),
+            b"http://x/\xff\xfe.jpg\ta URL that is not UTF-8\t0",
+            b"a line\twith four\tcolumns\t0",  # malformed for a three-column list
         ]
         (data / "list.tsv").write_bytes(b"\n".join(lines) + b"\n")
         (data / "web.yaml").write_text(yaml.safe_dump({
             "name": "web", "source": "url_list", "description": "a CC12M-style list", "license": "test",
-            "url_list": "list.tsv", "list_origin": "the test", "input_format": "tsv", "column_names": ["url", "caption"],
-            "url_col": "url", "caption_col": "caption"}))
+            "url_list": "list.tsv", "list_origin": "the test", "input_format": "tsv", "column_names": ["url", "caption", "turn"],
+            "url_col": "url", "caption_col": "caption", "save_additional_columns": ["turn"], "rotation_col": "turn"}))
         doc = {"run_dir": "runs", "datasets_dir": "datasets", "datasets": ["web"],
                "stages": {"download": {"uses": "download", "config": {"dataset": "web", "timeout": 5, "encode_format": "jpg"},
                                        "resources": {"cpus": 0.5, "concurrency": 2}}}}
@@ -98,20 +99,25 @@ def test_a_url_list_with_bad_bytes_and_lines_keeps_every_row_and_puts_photos_upr
         wf = load_workflow(path)
         run_workflow(wf, select(wf))
     rows = read_stage(wf.stage_dir("download"), "shards")
-    assert len(rows) == 5 and rows["key"].is_unique
+    assert len(rows) == 6 and rows["key"].is_unique
     by_caption = {c: r for c, (_, r) in zip(rows["caption"], rows.iterrows())}
     upright = Image.open(io.BytesIO(by_caption["a photo taken sideways"]["image"]))
     assert upright.size == (40, 80)
     top, bottom = upright.getpixel((20, 5)), upright.getpixel((20, 75))
     assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60  # red on top after the quarter turn
     latte = by_caption["caf\ufffd au lait"]
-    assert latte["status"] == "success" and json.loads(latte["extra"]) == {"caption_invalid_utf8": True}
+    assert latte["status"] == "success" and json.loads(latte["extra"])["caption_invalid_utf8"] is True
+    turned = by_caption["turned a quarter by its list"]
+    im = Image.open(io.BytesIO(turned["image"]))
+    assert im.size == (48, 64) == (turned["width"], turned["height"]) and json.loads(turned["extra"])["rotated"] == 90
+    top, bottom = im.getpixel((24, 5)), im.getpixel((24, 59))
+    assert top[2] > 200 and top[0] < 60 and bottom[0] > 200 and bottom[2] < 60  # the left (red) half went down
     assert by_caption["a 404"]["reason"] == "http_404"
     assert by_caption["a URL that is not UTF-8"]["reason"] == "invalid_utf8_url"
     malformed = rows[rows["reason"] == "malformed_line"]
-    assert len(malformed) == 1 and "with three" in malformed["error_message"].iloc[0]
+    assert len(malformed) == 1 and "with four" in malformed["error_message"].iloc[0]
     metrics = manifest_of(wf.stage_dir("download"))["metrics"]
-    assert metrics["input_rows"] == 5 and metrics["read_problems"] == {
+    assert metrics["input_rows"] == 6 and metrics["read_problems"] == {
         "caption_invalid_utf8": 1, "invalid_utf8_url": 1, "malformed_line": 1}
 
 

@@ -17,7 +17,8 @@ from PIL import Image
 from pipelines import demo_shapes
 from pipelines.download import classify
 from pipelines.filter import check_image
-from pipelines.pretokenize import Encoder, Resolution, TokenizeConfig, center_crop_arr
+from pipelines.pixels import IMAGE_FILE, IMAGE_ROW, fetch, open_images
+from pipelines.pretokenize import Encoder, Resolution, TokenizeConfig, center_crop_arr, prepare_crops
 from pipelines.resumable_parquet import (RECEIPTS, SRC, Source, check_complete, read_receipts, resume, to_arrow, totals,
                                         write_parts)
 from simplear.datasets import DemoShapesParams
@@ -135,12 +136,27 @@ def test_center_crop_arr_is_adm_centre_crop():
     assert small.size == (64, 64)
 
 
-def frame(images: list[bytes | None]) -> pd.DataFrame:
+def frame(images: list[bytes | None], run_dir) -> pa.Table:
+    """Rows pointing at `images`, which lie in a download-like shard under `run_dir` (3 rows per row group)."""
     n = len(images)
-    return pd.DataFrame({"key": [f"k{i}" for i in range(n)], "caption": ["c"] * n, "image": images, SRC: ["s"] * n})
+    (run_dir / "dl").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary())}), run_dir / "dl/part.parquet", row_group_size=3)
+    return pa.table({"key": [f"k{i}" for i in range(n)], "caption": ["c"] * n, SRC: ["s"] * n,
+                     IMAGE_FILE: ["dl/part.parquet"] * n, IMAGE_ROW: pa.array(range(n), pa.int64())})
 
 
-def test_encoder_actor_encodes_each_resolution_it_can():
+def test_fetch_reads_the_rows_asked_for_from_their_row_groups(tmp_path):
+    blobs = [f"image-{i}".encode() for i in range(10)]
+    t = frame(blobs, tmp_path)
+    assert pq.ParquetFile(tmp_path / "dl/part.parquet").metadata.num_row_groups == 4
+    want = [7, 0, 9, 3, 3, 12]  # across groups, out of order, twice, and one past the end
+    got = fetch(["dl/part.parquet"] * len(want), want, tmp_path)
+    assert got == [blobs[7], blobs[0], blobs[9], blobs[3], blobs[3], None]
+    images, reasons, _ = open_images(t.slice(0, 2), tmp_path)
+    assert images == [None, None] and reasons == ["undecodable", "undecodable"]
+
+
+def test_encoder_actor_encodes_each_resolution_it_can(tmp_path):
     cfg = TokenizeConfig(tokenizer={"kind": "pixel-fsq", "levels": 10}, resolutions=[Resolution(size=64), Resolution(size=128)])
     rng = random.Random(1)
     images = [
@@ -149,8 +165,9 @@ def test_encoder_actor_encodes_each_resolution_it_can():
         png(Image.new("RGB", (40, 40))),
         b"not an image",
     ]
-    out = Encoder(cfg, cpus=1)(frame(images)).to_pandas()
-    assert "image" not in out
+    prepared = prepare_crops(frame(images, tmp_path), run_dir=str(tmp_path), resolutions=cfg.resolutions)
+    out = Encoder(cfg, cpus=1)(prepared).to_pandas()
+    assert not [c for c in out.columns if c.startswith("_pixels")]
     c64, c128 = out["codes@64"], out["codes@128"]
     assert len(c64[0]) == 64 and len(c128[0]) == 256 and c64[0].dtype == np.int32
     assert len(c64[1]) == 64 and c128[1] is None
@@ -216,7 +233,7 @@ def test_to_arrow_turns_every_missing_value_into_null():
 def test_tiny_qwen2vl_is_a_checkpoint_and_captions_through_transformers(tmp_path):
     from transformers import AutoConfig
 
-    from pipelines.recaption import Recaptioner, RecaptionConfig, TinyQwen2VL, build_tiny_qwen2vl
+    from pipelines.recaption import Recaptioner, RecaptionConfig, TinyQwen2VL, build_tiny_qwen2vl, prepare_images
 
     spec = TinyQwen2VL()
     a, b = build_tiny_qwen2vl(tmp_path / "a", spec), build_tiny_qwen2vl(tmp_path / "b", spec)
@@ -226,12 +243,14 @@ def test_tiny_qwen2vl_is_a_checkpoint_and_captions_through_transformers(tmp_path
     cfg = RecaptionConfig(model="tiny-random", tiny={}, engine="transformers", max_new_tokens_long=5, max_new_tokens_short=3, max_pixels=50176)
     rng = random.Random(2)
     images = [png(demo_shapes.draw("green", "cross", "white", 64 + 32 * i, 64, rng)) for i in range(3)] + [b"broken"]
-    out = Recaptioner(cfg, str(a), cpus=1)(frame(images))
+    prepared = prepare_images(frame(images, tmp_path), run_dir=str(tmp_path), min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    assert [w % 28 for w in prepared["_pixels_w"].to_pylist()[:3]] == [0, 0, 0]  # resized for the model in the reader
+    out = Recaptioner(cfg, str(a), cpus=1)(prepared).to_pandas()
     assert list(out["reason"]) == [None, None, None, "undecodable"]
     assert all(isinstance(t, str) for t in out["caption_long"][:3]) and out["caption_long"][3] is None
     assert set(out["caption_model"]) == {"tiny-random"}
     # the same model and inputs give the same captions (greedy decoding)
-    again = Recaptioner(cfg, str(b), cpus=1)(frame(images))
+    again = Recaptioner(cfg, str(b), cpus=1)(prepared).to_pandas()
     assert list(again["caption_long"][:3]) == list(out["caption_long"][:3])
 
 
@@ -323,12 +342,15 @@ def _recaptioner(engine, **cfg):
     return r
 
 
-def test_an_engine_that_fails_fails_the_part_instead_of_rejecting_its_rows():
+def test_an_engine_that_fails_fails_the_part_instead_of_rejecting_its_rows(tmp_path):
+    from pipelines.recaption import prepare_images
+
     rng = random.Random(4)
-    images = [png(demo_shapes.draw("red", "circle", "blue", 64 + i, 64, rng)) for i in range(10)]
+    images = [png(demo_shapes.draw("red", "circle", "blue", 64 + 28 * i, 64, rng)) for i in range(10)]
+    rows = prepare_images(frame(images, tmp_path), run_dir=str(tmp_path), min_pixels=28 * 28, max_pixels=10**6)
     with pytest.raises(RuntimeError, match="failed on every row of a batch"):
-        _recaptioner(_Engine(fail_all=True))(frame(images))
+        _recaptioner(_Engine(fail_all=True))(rows)
     with pytest.raises(RuntimeError, match="failed on 1 of 10 rows"):
-        _recaptioner(_Engine(bad_widths=(65,)))(frame(images))  # 10% > the default 5%
-    out = _recaptioner(_Engine(bad_widths=(65,)), max_reject_ratio=0.2)(frame(images))
-    assert list(out["reason"]).count("recaption_error") == 1 and out["caption_short"][0].endswith(" 64")
+        _recaptioner(_Engine(bad_widths=(84,)))(rows)  # 10% > the default 5%
+    out = _recaptioner(_Engine(bad_widths=(84,)), max_reject_ratio=0.2)(rows).to_pandas()
+    assert list(out["reason"]).count("recaption_error") == 1 and out["caption_short"][0].endswith(" 56")  # resized to 28s

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines_support import demo_rows, stage_context, write_input_stage
+from pipelines_support import demo_rows, stage_context, write_filtered_stage
 
 pytest.importorskip("vllm")
 
 
 @pytest.mark.slow
 def test_recaption_with_the_vllm_engine_on_cpu(ray_session, tmp_path):
-    from pipelines.filter import KEPT_SCHEMA
     from pipelines.recaption import RecaptionConfig, run
 
     rows = demo_rows(6)
     rows["image"][5] = b"not an image"
-    write_input_stage(tmp_path, "filter", [rows], KEPT_SCHEMA)
+    write_filtered_stage(tmp_path, rows)
     cfg = RecaptionConfig(
         model="tiny-random", tiny={}, engine="vllm", max_new_tokens_long=12, max_new_tokens_short=6,
         max_pixels=50176, batch_size=8, vllm={"max_model_len": 1024, "enforce_eager": True, "cpu_kvcache_space_gib": 1},

@@ -98,6 +98,7 @@ def _download_url_list(ctx: StageContext, cfg: DownloadConfig, ds: UrlListSource
             metrics = download_all(ctx, plan, settings, cfg.dataset, extra_cols, cfg.max_shard_retry)
     else:
         extra_cols = list(ds.save_additional_columns)
+        settings["rotation_col"] = ds.rotation_col
         files = sorted(glob.glob(ds.resolve(ds.url_list))) or [ds.resolve(ds.url_list)]
         plan = plan_shards(ctx.stage_dir, files, ds.input_format, ds.url_col, ds.caption_col, extra_cols, ds.column_names,
                            cfg.number_sample_per_shard)
@@ -126,7 +127,7 @@ def shard_progress(stage_dir: Path) -> str | None:
     return f"{n} shards converted" if n else None
 
 
-@register_stage("download", DownloadConfig, version=2, operational=("thread_count", "rows_per_part", "max_shard_retry"),
+@register_stage("download", DownloadConfig, version=3, operational=("thread_count", "rows_per_part", "max_shard_retry"),
                 progress=shard_progress)
 def run(ctx: StageContext) -> StageResult:
     cfg: DownloadConfig = ctx.config

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipelines.download.images import upright
-from pipelines.download.schema import SCHEMA, SHARDS, classify
+from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA, SHARDS, classify
 from simplear.datasets import ArchiveSource, load_dataset_manifest
 from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json, record_entry
 
@@ -214,10 +214,10 @@ def _write_archive_rows(tmp: Path, archive: str, stem: str, dataset: str, ds: Ar
             counts[row["status"] if row["reason"] is None else f"{row['status']}:{row['reason']}"] += 1
             rows.append(row)
             if len(rows) >= rows_per_part:
-                writer.write_table(to_arrow({k: [r.get(k) for r in rows] for k in SCHEMA.names}, SCHEMA))
+                writer.write_table(to_arrow({k: [r.get(k) for r in rows] for k in SCHEMA.names}, SCHEMA), IMAGE_ROW_GROUP)
                 rows.clear()
         if rows:
-            writer.write_table(to_arrow({k: [r.get(k) for r in rows] for k in SCHEMA.names}, SCHEMA))
+            writer.write_table(to_arrow({k: [r.get(k) for r in rows] for k in SCHEMA.names}, SCHEMA), IMAGE_ROW_GROUP)
 
 
 def ingest_archives(ctx, dataset: str, rows_per_part: int, max_pixels: int) -> dict:

@@ -23,6 +23,7 @@ SCHEMA = pa.schema(
     ]
 )
 SHARDS = "shards"
+IMAGE_ROW_GROUP = 128  # rows per Parquet row group: later stages read a few rows' bytes by reference (pipelines.pixels)
 
 
 def classify(status: str | None, error: str | None) -> str | None:

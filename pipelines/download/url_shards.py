@@ -11,11 +11,13 @@ row per planned input row:
   flagged in `extra`; a URL that is not, or a malformed line, becomes a failed row with its reason;
 - a row img2dataset drops on an exception of its own comes back as a failed row (`img2dataset_error`);
 - images are put upright (EXIF orientation) before img2dataset resizes or re-encodes them, and no
-  decoder sees more than `max_decode_pixels` (read from the header first; cv2's own limit is set too).
+  decoder sees more than `max_decode_pixels` (read from the header first; cv2's own limit is set too);
+  a list that says how its images are turned (`rotation_col`, Open Images' Rotation) has them turned after.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -29,8 +31,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.download.images import upright
-from pipelines.download.schema import SCHEMA, SHARDS, classify
+from pipelines.download.images import rotate, rotation_degrees, upright
+from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA, SHARDS, classify
 from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json, record_entry
 
 log = logging.getLogger("simplear.stage.download")
@@ -219,21 +221,24 @@ def download_shard(shard_id: int, stage_dir: str, settings: dict, dataset: str, 
     got = pq.read_table(raw)
     oom_sample = math.ceil(math.log10(settings["number_sample_per_shard"]))
     keys = [compute_key(i, shard_id, oom_sample, oom_shard_count) for i in range(planned.num_rows)]
-    table = _convert(got, planned, keys, dataset, settings["encode_format"], extra_cols)
+    table = _convert(got, planned, keys, dataset, settings, extra_cols)
     if table.num_rows != planned.num_rows:
         raise RuntimeError(f"shard {shard_id:05d}: {table.num_rows} rows for {planned.num_rows} planned")
     rel = f"{SHARDS}/{shard_id:05d}.parquet"
     with atomic_path(stage / rel) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=IMAGE_ROW_GROUP)
         record_entry(stage, tmp, rel)
     shutil.rmtree(work, ignore_errors=True)
     return {"shard": shard_id, "rows": table.num_rows}
 
 
-def _convert(got: pa.Table, planned: pa.Table, keys: list[str], dataset: str, encode_format: str,
+def _convert(got: pa.Table, planned: pa.Table, keys: list[str], dataset: str, settings: dict,
              extra_cols: list[str]) -> pa.Table:
-    """img2dataset's rows in the stage's schema, in planned order, with a failed row for each it dropped."""
+    """img2dataset's rows in the stage's schema, in planned order, with a failed row for each it dropped;
+    images the list says are stored turned (its `rotation_col`) turned upright."""
     from pipelines.resumable_parquet import to_arrow
+
+    encode_format, rotation_col = settings["encode_format"], settings.get("rotation_col")
 
     by_key = {r["key"]: r for r in got.to_pylist()}
     rows = planned.to_pylist()
@@ -259,6 +264,12 @@ def _convert(got: pa.Table, planned: pa.Table, keys: list[str], dataset: str, en
             "sha256": r and r.get("sha256"), "extra": json.dumps(extra, default=str) if extra else None,
             "image": r.get(encode_format) if r and reason is None else None,
         }
+        degrees = rotation_degrees(plan_row.get(rotation_col)) if rotation_col and values["image"] else None
+        if degrees:
+            values["image"], values["width"], values["height"] = rotate(values["image"], degrees, encode_format,
+                                                                        settings["encode_quality"])
+            values["sha256"] = hashlib.sha256(values["image"]).hexdigest()
+            values["extra"] = json.dumps({**extra, "rotated": degrees}, default=str)
         for k, v in values.items():
             data[k].append(v)
     return to_arrow(data, SCHEMA)

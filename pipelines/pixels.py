@@ -1,0 +1,125 @@
+"""Where a row's pixels lie, so the image bytes are stored once: in the download's shards.
+
+The filter reads the download's bytes and writes, for each kept row, `image_file` (the download part,
+relative to the run folder, e.g. `download_cc12m/shards/00003.parquet`) and `image_row` (its row in
+that file) instead of another copy of the bytes; recaption passes both on. A stage that needs the
+pixels (recaption, tokenize) reads them back with `fetch`, which opens only the Parquet row groups
+holding the rows it wants (the download writes `IMAGE_ROW_GROUP` rows per group, see `pipelines.download.schema`).
+
+Each of these stages also records `pixels.json` (one of its outputs, so in its manifest): the files
+its rows point into, with the size, checksum and rows the download recorded. A stage reading references
+checks that list once at its start (`check_pixel_files`), so a missing or rewritten download part
+is a clear error naming the file, not a join by key over 50M rows or a failure deep in a task.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from simplear.workflow.manifest import atomic_write_json
+
+IMAGE_FILE, IMAGE_ROW = "image_file", "image_row"
+REF_FIELDS = [pa.field(IMAGE_FILE, pa.string()), pa.field(IMAGE_ROW, pa.int64())]
+PIXELS_JSON = "pixels.json"
+
+
+def fetch(files: Sequence[str], rows: Sequence[int], run_dir: str | Path) -> list[bytes | None]:
+    """The image bytes at each (file, row), reading only the row groups that hold them; None for a missing row."""
+    out: list[bytes | None] = [None] * len(files)
+    wanted: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for i, (f, r) in enumerate(zip(files, rows)):
+        if f is not None and r is not None:
+            wanted[f].append((int(r), i))
+    for f, pairs in wanted.items():
+        pf = pq.ParquetFile(str(Path(run_dir) / f))
+        starts = [0]
+        for g in range(pf.metadata.num_row_groups):
+            starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
+        by_group: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for r, i in pairs:
+            if 0 <= r < starts[-1]:
+                by_group[bisect.bisect_right(starts, r) - 1].append((r, i))
+        for g, members in by_group.items():
+            column = pf.read_row_group(g, columns=["image"]).column(0)
+            for r, i in members:
+                out[i] = column[r - starts[g]].as_py()
+    return out
+
+
+def pixel_files(ctx) -> dict[str, dict]:
+    """The files the rows of this stage's inputs point into, by run-relative path, with their manifest entries.
+
+    An input that keeps its own bytes (a download) points into its own `shards/`; one that keeps
+    references lists them in its `pixels.json`."""
+    files: dict[str, dict] = {}
+    for need in ctx.needs:
+        manifest = ctx.input_manifest(need)
+        listed = {o["path"] for o in manifest["outputs"]}
+        if PIXELS_JSON in listed:
+            files.update(json.loads((ctx.input_dir(need) / PIXELS_JSON).read_text())["files"])
+        else:
+            for o in manifest["outputs"]:
+                if o["path"].startswith("shards/") and o["path"].endswith(".parquet"):
+                    files[f"{need}/{o['path']}"] = {k: o.get(k) for k in ("bytes", "sha256", "rows")}
+    return files
+
+
+def check_pixel_files(run_dir: Path, files: dict[str, dict], stage: str) -> None:
+    """Every listed file is there with the size its manifest recorded, or the stage fails naming them."""
+    bad = []
+    for rel, entry in files.items():
+        path = Path(run_dir) / rel
+        if not path.exists():
+            bad.append(f"{rel} is missing")
+        elif entry.get("bytes") is not None and path.stat().st_size != entry["bytes"]:
+            bad.append(f"{rel} is {path.stat().st_size} bytes, its manifest says {entry['bytes']}")
+    if bad:
+        raise FileNotFoundError(f"{stage}: the images its input rows point to are gone or changed "
+                                f"({'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}): rerun the stages that made them")
+
+
+def record_pixel_files(ctx) -> dict[str, dict]:
+    """Check the files this stage's input rows point into and list them in its `pixels.json`; return them."""
+    files = pixel_files(ctx)
+    check_pixel_files(ctx.run_dir, files, ctx.name)
+    atomic_write_json(ctx.stage_dir / PIXELS_JSON, {"files": files})
+    return files
+
+
+def open_images(table: pa.Table, run_dir: str | Path) -> tuple[list, list[str | None], list[str | None]]:
+    """Each row's image, fetched by reference and decoded to RGB (None with a reason and message where not)."""
+    from PIL import Image
+
+    data = fetch(table[IMAGE_FILE].to_pylist(), table[IMAGE_ROW].to_pylist(), run_dir)
+    images: list = [None] * len(data)
+    reasons: list[str | None] = [None] * len(data)
+    errors: list[str | None] = [None] * len(data)
+    for i, raw in enumerate(data):
+        if raw is None:
+            reasons[i], errors[i] = "missing_image", f"no image at {table[IMAGE_FILE][i]} row {table[IMAGE_ROW][i]}"
+            continue
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                images[i] = im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - recorded, never raised
+            reasons[i], errors[i] = "undecodable", f"{type(e).__name__}: {e}"
+    return images, reasons, errors
+
+
+def raw_rgb(images: list) -> pa.Array:
+    """Decoded images as raw RGB bytes (what the model actors get: no decode left for them), null where None."""
+    return pa.array([None if im is None else im.tobytes() for im in images], pa.binary())
+
+
+def from_raw_rgb(data: bytes, width: int, height: int):
+    from PIL import Image
+
+    return Image.frombytes("RGB", (int(width), int(height)), data)
