@@ -1,23 +1,37 @@
-"""filter + tokenize on Ray Data (the stages' own code) vs a plain single-process loop over the same images.
+"""filter + tokenize on Ray Data vs one process vs multiprocessing.Pool(2): the stages' own functions in all three.
 
-    .venv/bin/python benchmarks/bench_data.py [--images 2000] [--cpus 2] [--json out.json]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_data.py [--images 20000] [--size 512] [--warmup 1000]
+        [--data DIR] [--json out.json]
 
-Makes a demo set (a fraction of it below the 64 px threshold), writes it as a download stage's
-shards, then times (a) the filter and tokenize stages' `run()` on an embedded Ray (or RAY_ADDRESS)
-with their Ray Data actor pools, and (b) one Python loop doing the same per image with the same
-functions (`check_image`, `center_crop_arr`, the same visual tokenizer, same batch size). Both write
-Parquet; their outputs are compared before the ratio is printed. Not a test: numbers depend on the machine.
+Input: a finished download stage of `--images` photo-like JPEGs (smooth colour fields with grain, so they
+compress and decode like photos, not like flat test cards), short edge `--size` (one in ten half that,
+which the filter rejects), long edge up to 1.5x, in shards of 1,000 rows; `--data` keeps it between runs.
+
+The work is the same in all three: the filter's `read_process_write` per download shard (decode, check,
+write the kept rows with a reference to their pixels), then per filter part the tokenize reader's
+`read_sources` + `prepare_crops` (fetch the bytes, decode, centre-crop) and the `Encoder` (pixel-fsq,
+downsample 8, to Parquet in parts of `rows_per_part`). Ray Data runs them as the stages do (`run()`,
+one task per source, an actor pool of 2 behind CPU reader tasks) on a cluster started once and warmed;
+the loop calls them one after another; the pool maps them over sources in 2 processes.
+
+Each is run twice, on a warm-up set (`--warmup` images) and on the full set: the steady-state rate is
+the difference of images over the difference of seconds, so the fixed costs of a run (worker and actor
+start-up, imports, the tokenizer's load) cancel; start-up is reported apart. CPU-seconds per image come
+from sampling the CPU times of this process and all its descendants (Ray's raylet and workers, the pool's
+processes) every 0.2 s; the load average is the 1-minute one, sampled while the runs go. The filter's
+kept keys and the codes of all three are compared before any figure is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import multiprocessing
 import os
-import random
+import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,150 +39,273 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from pipelines import demo_shapes  # noqa: E402
-from pipelines.download import SCHEMA as DOWNLOAD_SCHEMA  # noqa: E402
-from pipelines.filter import FilterConfig, check_image  # noqa: E402
-from pipelines.pretokenize import TokenizeConfig, center_crop_arr  # noqa: E402
-from pipelines.resumable_parquet import to_arrow  # noqa: E402
-from simplear.visual_tokenizers import load_visual_tokenizer, pil_to_tensor  # noqa: E402
+from pipelines import filter as filter_stage  # noqa: E402
+from pipelines import pretokenize  # noqa: E402
+from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA as DOWNLOAD_SCHEMA  # noqa: E402
+from pipelines.pixels import record_pixel_files  # noqa: E402
+from pipelines.resumable_parquet import (SRC, SRC_FILE, PartsWriter, SplitByReason, input_sources, read_process_write,  # noqa: E402
+                                         read_sources, to_arrow)
 from simplear.workflow.context import StageContext  # noqa: E402
 from simplear.workflow.manifest import atomic_write_json, describe_outputs  # noqa: E402
 from simplear.workflow.spec import Resources  # noqa: E402
 
-FILTER = FilterConfig(min_short_edge=64, max_aspect_ratio=2.0, batch_size=200)
-TOKENIZE = TokenizeConfig(tokenizer={"kind": "pixel-fsq", "levels": 10, "downsample": 8, "device": "cpu"},
-                          resolutions=[{"size": 64}, {"size": 128}], batch_size=64)
+SHARD_ROWS = 1000
 
 
-def make_input(run_dir: Path, n: int, shard_rows: int = 250) -> list[str]:
-    """A finished `download` stage of `n` demo images (PNG bytes), in shards of `shard_rows`."""
-    rng = random.Random(0)
-    colours = list(demo_shapes.PALETTE)
-    stage = run_dir / "download"
-    (stage / "shards").mkdir(parents=True)
-    keys = []
-    for s in range(0, n, shard_rows):
-        rows: dict[str, list] = {f.name: [] for f in DOWNLOAD_SCHEMA}
-        for i in range(s, min(n, s + shard_rows)):
-            fg, bg = rng.sample(colours, 2)
-            shape = rng.choice(demo_shapes.SHAPES)
-            short = rng.choice([48, 64, 64, 96, 128, 160])
-            w, h = (short, round(short * rng.choice([1, 1, 1.25, 1.5]))) if rng.random() < 0.5 else (round(short * 1.25), short)
-            buf = io.BytesIO()
-            demo_shapes.draw(fg, shape, bg, w, h, rng).save(buf, format="PNG")
-            row = dict(key=f"b-{i:06d}", dataset="bench", url=f"http://x/{i}.png", caption=demo_shapes.caption_for(fg, shape, bg),
-                       width=w, height=h, original_width=w, original_height=h, status="success", image=buf.getvalue())
-            for k in rows:
-                rows[k].append(row.get(k))
-            keys.append(row["key"])
-        pq.write_table(to_arrow(rows, DOWNLOAD_SCHEMA), stage / f"shards/{s // shard_rows:05d}.parquet")
+def configs(size: int):
+    f = filter_stage.FilterConfig(min_short_edge=size * 3 // 4, max_aspect_ratio=2.0, batch_size=256)
+    t = pretokenize.TokenizeConfig(tokenizer={"kind": "pixel-fsq", "levels": 10, "downsample": 8, "device": "cpu"},
+                                   resolutions=[{"size": size}], batch_size=32, rows_per_part=256,
+                                   prepare={"cpus": 0.25, "tasks": 4})
+    return f, t
+
+
+# ---- input ---------------------------------------------------------------------------------------------
+
+
+def photo(width: int, height: int, seed: int) -> bytes:
+    """A JPEG with what photos have: smooth colour regions and fine grain (so ~0.3 bytes per pixel, not 0.02)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
+    field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    grain = rng.normal(0, 6, (height, width, 1)).astype(np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(field + grain, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _shard(args) -> None:
+    folder, shard, start, n, size = args
+    rng = np.random.default_rng(shard)
+    rows: dict[str, list] = {f.name: [] for f in DOWNLOAD_SCHEMA}
+    for i in range(start, start + n):
+        short = size // 2 if i % 10 == 9 else size
+        long = int(rng.integers(short, short * 3 // 2 + 1))
+        w, h = (long, short) if i % 2 else (short, long)
+        row = dict(key=f"b-{i:07d}", dataset="bench", url=f"http://x/{i}.jpg", caption=f"photo {i}", width=w, height=h,
+                   original_width=w, original_height=h, status="success", image=photo(w, h, i))
+        for k in rows:
+            rows[k].append(row.get(k))
+    pq.write_table(to_arrow(rows, DOWNLOAD_SCHEMA), Path(folder) / f"shards/{shard:05d}.parquet", row_group_size=IMAGE_ROW_GROUP)
+
+
+def make_download(folder: Path, first: int, n: int, size: int) -> int:
+    """`folder` as a finished download stage of images first..first+n (made once: reused when there)."""
+    stage = folder / "download"
+    if (stage / "_MANIFEST.json").exists():
+        return sum(o.get("rows") or 0 for o in json.loads((stage / "_MANIFEST.json").read_text())["outputs"])
+    (stage / "shards").mkdir(parents=True, exist_ok=True)
+    jobs = [(str(stage), first // SHARD_ROWS + k, first + k * SHARD_ROWS, min(SHARD_ROWS, n - k * SHARD_ROWS), size)
+            for k in range((n + SHARD_ROWS - 1) // SHARD_ROWS)]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_shard, jobs, chunksize=1)
     atomic_write_json(stage / "_MANIFEST.json", {"fingerprint": "bench", "outputs": describe_outputs(stage)})
-    return keys
+    return n
 
 
-def context(run_dir: Path, name: str, kind: str, config, need: str, resources: Resources) -> StageContext:
+# ---- the three ways -------------------------------------------------------------------------------------
+
+
+def context(run_dir: Path, name: str, config, need: str, resources: Resources) -> StageContext:
     (run_dir / name).mkdir(parents=True, exist_ok=True)
-    return StageContext(name=name, kind=kind, config=config, resources=resources, stage_dir=run_dir / name, run_dir=run_dir,
+    return StageContext(name=name, kind=name, config=config, resources=resources, stage_dir=run_dir / name, run_dir=run_dir,
                         needs=[need], fingerprint="bench", dataset_files={}, workflow_path=run_dir / "workflow.yaml", profile="bench")
 
 
-def run_ray(run_dir: Path, cpus: int) -> float:
-    from pipelines import filter as filter_stage
-    from pipelines import pretokenize
+def run_dir_for(data: Path, out: Path) -> Path:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / "download").symlink_to(data / "download")
+    return out
 
-    t0 = time.perf_counter()
-    ctx = context(run_dir, "filter", "filter", FILTER, "download", Resources(cpus=1, concurrency=cpus))
-    filter_stage.run(ctx)
+
+def record(ctx: StageContext) -> None:
     atomic_write_json(ctx.stage_dir / "_MANIFEST.json", {"fingerprint": "bench", "outputs": describe_outputs(ctx.stage_dir)})
-    actor_cpus = max(0.5, (cpus - 0.5) / cpus)  # leave room for the read and write tasks beside the actor pool
-    pretokenize.run(context(run_dir, "tokenize", "tokenize", TOKENIZE, "filter", Resources(cpus=actor_cpus, concurrency=cpus)))
-    return time.perf_counter() - t0
 
 
-def run_loop(run_dir: Path) -> float:
-    """The same work in one process: decode + check, crop, encode in batches, write one Parquet per resolution."""
-    from PIL import Image
-
-    t0 = time.perf_counter()
-    tok = load_visual_tokenizer(TOKENIZE.tokenizer)
-    files = sorted((run_dir / "download/shards").glob("*.parquet"))
-    kept: list[tuple[str, Image.Image, str]] = []
-    for f in files:
-        t = pq.read_table(f, columns=["key", "caption", "image"]).to_pydict()
-        for key, caption, data in zip(t["key"], t["caption"], t["image"]):
-            reason, *_ = check_image(data, FILTER.min_short_edge, FILTER.max_aspect_ratio, FILTER.verify_decode, FILTER.max_pixels)
-            if reason is None:
-                with Image.open(io.BytesIO(data)) as im:
-                    kept.append((key, im.convert("RGB"), caption))
-    out = run_dir / "loop"
-    out.mkdir()
-    for res in TOKENIZE.resolutions:
-        sel = [(k, im, c) for k, im, c in kept if min(im.size) >= res.size]
-        codes = []
-        for i in range(0, len(sel), TOKENIZE.batch_size):
-            x = np.stack([pil_to_tensor(center_crop_arr(im, res.size)).numpy() for _, im, _ in sel[i : i + TOKENIZE.batch_size]])
-            import torch
-
-            codes += [c.reshape(-1).numpy().astype(np.int32) for c in tok.encode(torch.from_numpy(x))]
-        table = pa.table({"key": [k for k, _, _ in sel], "caption": [c for _, _, c in sel],
-                          "codes": pa.array(codes, type=pa.list_(pa.int32()))})
-        pq.write_table(table, out / f"{res.size}.parquet")
-    return time.perf_counter() - t0
+def source_batch(s) -> dict[str, list]:
+    return {"path": [s.path], SRC: [s.id], SRC_FILE: [s.ref]}
 
 
-def same_outputs(run_dir: Path) -> bool:
-    for res in TOKENIZE.resolutions:
-        ray_rows = pq.read_table(sorted((run_dir / "tokenize" / res.name).glob("*.parquet")), columns=["key", "codes"]).to_pydict()
-        loop_rows = pq.read_table(run_dir / "loop" / f"{res.size}.parquet", columns=["key", "codes"]).to_pydict()
-        a = dict(zip(ray_rows["key"], map(tuple, ray_rows["codes"])))
-        b = dict(zip(loop_rows["key"], map(tuple, loop_rows["codes"])))
-        if a != b:
-            return False
-    return True
+def filter_one(args) -> None:
+    run_dir, source, cfg = args
+    read_process_write(source_batch(source), fn=filter_stage.filter_batch, stage_dir=str(Path(run_dir) / "filter"),
+                       fn_kwargs={"min_short_edge": cfg.min_short_edge, "max_aspect_ratio": cfg.max_aspect_ratio,
+                                  "verify_decode": cfg.verify_decode, "max_pixels": cfg.max_pixels},
+                       split=SplitByReason(filter_stage.KEPT_SCHEMA, filter_stage.REJECTED_SCHEMA),
+                       columns=filter_stage.COLUMNS, rows_per_block=cfg.batch_size)
+
+
+_ENCODER = None
+
+
+def tokenize_one(args) -> None:
+    """What the stage's reader task and actor do for one source, in this process (one encoder per process)."""
+    import pyarrow as pa
+
+    global _ENCODER
+    run_dir, source, cfg = args
+    if _ENCODER is None:
+        _ENCODER = pretokenize.Encoder(cfg, cpus=1)
+    writer = PartsWriter(str(Path(run_dir) / "tokenize"), pretokenize.Split(cfg.resolutions))
+    pending: list = []
+    blocks = read_sources(source_batch(source), columns=None, rows_per_block=cfg.batch_size, prepare=pretokenize.prepare_crops,
+                          prepare_kwargs={"run_dir": str(run_dir), "resolutions": cfg.resolutions})
+    for table in blocks:
+        pending.append(table)
+        if sum(t.num_rows for t in pending) >= cfg.rows_per_part:
+            writer(_ENCODER(pa.concat_tables(pending)))
+            pending = []
+    if pending:
+        writer(_ENCODER(pa.concat_tables(pending)))
+
+
+def run_local(run_dir: Path, cfgs, pool=None) -> None:
+    fcfg, tcfg = cfgs
+    each = pool.map if pool is not None else (lambda fn, xs, chunksize=1: [fn(x) for x in xs])
+    fctx = context(run_dir, "filter", fcfg, "download", Resources())
+    record_pixel_files(fctx)
+    each(filter_one, [(str(run_dir), s, fcfg) for s in input_sources(fctx)], chunksize=1)
+    record(fctx)
+    tctx = context(run_dir, "tokenize", tcfg, "filter", Resources())
+    each(tokenize_one, [(str(run_dir), s, tcfg) for s in input_sources(tctx)], chunksize=1)
+
+
+def run_ray(run_dir: Path, cfgs) -> None:
+    fcfg, tcfg = cfgs
+    fctx = context(run_dir, "filter", fcfg, "download", Resources(cpus=1, concurrency=2))
+    filter_stage.run(fctx)
+    record(fctx)
+    pretokenize.run(context(run_dir, "tokenize", tcfg, "filter", Resources(cpus=0.75, concurrency=2)))
+
+
+# ---- measuring -------------------------------------------------------------------------------------------
+
+
+class Meter:
+    """CPU-seconds of this process and every descendant (sampled, so a process that exits keeps its last
+    sample), and the 1-minute load average, while a run goes."""
+
+    def __init__(self, every: float = 0.2):
+        import psutil
+
+        self.psutil, self.every = psutil, every
+        self.cpu: dict[int, float] = {}
+        self.loads: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> None:
+        me = self.psutil.Process()
+        for p in [me] + me.children(recursive=True):
+            try:
+                t = p.cpu_times()
+                self.cpu[p.pid] = t.user + t.system
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
+                pass
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+            self.loads.append(os.getloadavg()[0])
+
+    def __enter__(self):
+        self._sample()
+        self.base = dict(self.cpu)
+        self.t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.cpu_s = sum(v - self.base.get(pid, 0.0) for pid, v in self.cpu.items())
+        self.load = max(self.loads) if self.loads else os.getloadavg()[0]
+
+
+def outputs(run_dir: Path, size: int) -> tuple[list[str], dict[str, tuple]]:
+    kept = pq.read_table(sorted((run_dir / "filter/shards").glob("*.parquet")), columns=["key"]).column("key").to_pylist()
+    t = pq.read_table(sorted((run_dir / f"tokenize/{size}").glob("*.parquet")), columns=["key", "codes"]).to_pydict()
+    return sorted(kept), dict(zip(t["key"], map(tuple, t["codes"])))
+
+
+def measure(name: str, fn, warm: Path, full: Path, n_warm: int, n_full: int, work: Path) -> dict:
+    runs = {}
+    for label, data, n in (("warmup", warm, n_warm), ("full", full, n_full)):
+        run_dir = run_dir_for(data, work / f"{name}-{label}")
+        with Meter() as m:
+            fn(run_dir)
+        runs[label] = {"images": n, "seconds": round(m.seconds, 2), "cpu_s": round(m.cpu_s, 1), "load_avg_max": round(m.load, 2)}
+        print(f"  {name} {label}: {n} images in {m.seconds:.1f} s, {m.cpu_s:.0f} CPU-s, load {m.load:.2f}", flush=True)
+    w, f = runs["warmup"], runs["full"]
+    steady = (f["images"] - w["images"]) / (f["seconds"] - w["seconds"])
+    return {**runs, "steady_images_per_s": round(steady, 1),
+            "startup_s": round(w["seconds"] - w["images"] / steady, 2),
+            "cpu_s_per_image": round((f["cpu_s"] - w["cpu_s"]) / (f["images"] - w["images"]), 4)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--json", help="write the numbers here too")
+    ap.add_argument("--images", type=int, default=20_000)
+    ap.add_argument("--size", type=int, default=512, help="short edge of the images (and the tokenize resolution)")
+    ap.add_argument("--warmup", type=int, default=1_000)
+    ap.add_argument("--data", help="keep the generated input here (reused when there)")
+    ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if os.environ.get("SIMPLEAR_DATA_STATS"):  # the stages then log Ray Data's per-operator stats
-        import logging
-
-        logging.basicConfig(level=logging.INFO)
+    cfgs = configs(args.size)
+    data = Path(args.data or tempfile.mkdtemp(prefix="bench-data-input-"))
+    t0 = time.perf_counter()
+    n_warm = make_download(data / f"warm-{args.size}-{args.warmup}", 10**7, args.warmup, args.size)
+    n_full = make_download(data / f"full-{args.size}-{args.images}", 0, args.images, args.size)
+    print(f"input: {n_warm} + {n_full} JPEGs at {args.size} px ({time.perf_counter() - t0:.0f} s to make or find)", flush=True)
+    warm, full = data / f"warm-{args.size}-{args.warmup}", data / f"full-{args.size}-{args.images}"
 
     import ray
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
-        else:
-            ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
-        run_dir = Path(tmp)
-        keys = make_input(run_dir, args.images)
-        t_ray = run_ray(run_dir, args.cpus)
-        t_loop = run_loop(run_dir)
-        ok = same_outputs(run_dir)
-        kept = sum(pq.ParquetFile(f).metadata.num_rows for f in (run_dir / "filter/shards").glob("*.parquet"))
-    ray.shutdown()
-    result = {
-        "images": len(keys), "kept": kept, "cpus": args.cpus,
-        "ray_data_s": round(t_ray, 2), "plain_loop_s": round(t_loop, 2),
-        "ray_data_images_per_s": round(len(keys) / t_ray, 1), "plain_loop_images_per_s": round(len(keys) / t_loop, 1),
-        "ratio_loop_over_ray": round(t_loop / t_ray, 2), "same_outputs": ok,
+    work = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    results = {}
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        run_ray(run_dir_for(warm, work / "ray-start"), cfgs)  # the cluster warm: worker processes started, imports done
+        results["ray_data"] = measure("ray_data", lambda d: run_ray(d, cfgs), warm, full, n_warm, n_full, work)
+        ray.shutdown()
+        results["single_loop"] = measure("single_loop", lambda d: run_local(d, cfgs), warm, full, n_warm, n_full, work)
+        with multiprocessing.get_context("spawn").Pool(2) as pool:
+            pool.map(time.sleep, [0.1, 0.1])  # both started
+            results["pool_2"] = measure("pool_2", lambda d: run_local(d, cfgs, pool), warm, full, n_warm, n_full, work)
+        size = args.size
+        ref = outputs(work / "single_loop-full", size)
+        same = all(outputs(work / f"{k}-full", size) == ref for k in ("ray_data", "pool_2"))
+        kept, coded = len(ref[0]), len(ref[1])
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    rate = {k: v["steady_images_per_s"] for k, v in results.items()}
+    summary = {
+        "speedup_vs_loop": round(rate["ray_data"] / rate["single_loop"], 2),
+        "speedup_vs_pool": round(rate["ray_data"] / rate["pool_2"], 2),
+        "load_avg": round(max(r[p]["load_avg_max"] for r in results.values() for p in ("warmup", "full")), 2),
+        "same_outputs": same, "images": n_full, "warmup_images": n_warm, "size": args.size, "kept": kept, "tokenized": coded,
+        "cpus": os.cpu_count(), **results,
     }
-    print(json.dumps(result, indent=2))
-    print(f"filter + tokenize, {len(keys)} images, {args.cpus} CPUs: Ray Data {t_ray:.1f}s, plain loop {t_loop:.1f}s, "
-          f"ratio loop/Ray = {t_loop / t_ray:.2f}x ({'faster' if t_loop > t_ray else 'slower'} on Ray Data), outputs equal: {ok}")
+    print(json.dumps(summary, indent=2))
+    print(f"filter + tokenize, {n_full} JPEGs at {args.size} px: steady state Ray Data {rate['ray_data']} img/s, "
+          f"loop {rate['single_loop']}, Pool(2) {rate['pool_2']}: {summary['speedup_vs_loop']}x the loop, "
+          f"{summary['speedup_vs_pool']}x the pool (load avg up to {summary['load_avg']}); outputs equal: {same}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0 if ok else 1
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from pipelines_support import data_workflow, manifest_of, read_stage
-from simplear.workflow.engine import RunFailed, run_workflow, select
+from simplear.workflow.engine import RunFailed, run_workflow, select, workflow_status
 from simplear.workflow.manifest import MANIFEST
 from simplear.workflow.spec import load_workflow
 
@@ -195,5 +195,28 @@ def test_local_archives_are_ingested_with_captions_and_failures(ray_session, tmp
     assert sorted(kept["url"].str.split("#").str[1]) == ["000/a.png", "000/b.png", "001/d.png", "004/e.png"]
     rejected = read_stage(wf.stage_dir("filter"), "rejected").set_index("key")
     assert sorted(rejected["reason"]) == ["download:bad_archive", "download:truncated_archive", "download:undecodable", "too_small"]
-    assert pq.read_schema(wf.stage_dir("filter") / manifest_of(wf.stage_dir("filter"))["outputs"][0]["path"]).names[0] == "key"
+    first = next(o["path"] for o in manifest_of(wf.stage_dir("filter"))["outputs"] if o["path"].endswith(".parquet"))
+    assert pq.read_schema(wf.stage_dir("filter") / first).names[0] == "key"
 
+
+    # a re-downloaded archive (here: 001.tar, now with a third image) refreshes the stage in place: only that
+    # archive is ingested again, the others' shards are kept as they are, and the filter after it reruns
+    kept_000 = (wf.stage_dir("ingest") / "shards/000.parquet").stat().st_mtime_ns
+    with tarfile.open(data / "001.tar", "w") as tar:
+        add(tar, "001/c.png", png((0, 0, 255), (40, 100)))
+        add(tar, "001/d.png", png((9, 9, 9), (128, 96)))
+        add(tar, "001/g.png", png((200, 200, 0), (96, 96)))
+    st = workflow_status(wf)["ingest"]
+    assert st.state == "stale" and st.refresh and st.reasons == [f"source 001.tar changed ({metrics_bytes(data / '001.tar', wf)})"]
+    run_workflow(wf, select(wf))
+    again = manifest_of(wf.stage_dir("ingest"))["metrics"]
+    assert again["archives_ingested_this_run"] == 1 and again["by_status"]["success"] == 6
+    assert (wf.stage_dir("ingest") / "shards/000.parquet").stat().st_mtime_ns == kept_000
+    assert "001/g.png" in set(read_stage(wf.stage_dir("filter"), "shards")["url"].str.split("#").str[1])
+    assert {n: s.state for n, s in workflow_status(wf).items()} == {"ingest": "done", "filter": "done"}
+
+
+def metrics_bytes(archive, wf) -> str:
+    """`old -> new bytes` of an archive, the old size as the ingest's manifest recorded it."""
+    recorded = manifest_of(wf.stage_dir("ingest"))["sources"][str(archive)][0]
+    return f"{recorded} -> {archive.stat().st_size} bytes"

@@ -17,6 +17,7 @@ download failed).
 from __future__ import annotations
 
 import glob
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -59,7 +60,7 @@ class DownloadConfig(StrictModel):
         description="generated sets: the address the stage's HTTP server listens on and img2dataset fetches from; "
         "loopback reaches download tasks on the stage's own node only (the demo's single machine)",
     )
-    rows_per_part: int = Field(2_000, ge=1, description="archives: Parquet row group size")
+    rows_per_part: int = Field(2_000, ge=1, description="archives: rows held in memory per write")
     max_shard_retry: int = Field(2, ge=0, description="url lists: tries after the first for a failed shard, then the stage fails")
     max_decode_pixels: int = Field(178_956_970, ge=1, description="images larger than this are rejected from their header, "
                                    "before any decoder sees them (PIL's bomb limit; cv2's limit is set to it too)")
@@ -99,7 +100,7 @@ def _download_url_list(ctx: StageContext, cfg: DownloadConfig, ds: UrlListSource
     else:
         extra_cols = list(ds.save_additional_columns)
         settings["rotation_col"] = ds.rotation_col
-        files = sorted(glob.glob(ds.resolve(ds.url_list))) or [ds.resolve(ds.url_list)]
+        files = list_files(ds)
         plan = plan_shards(ctx.stage_dir, files, ds.input_format, ds.url_col, ds.caption_col, extra_cols, ds.column_names,
                            cfg.number_sample_per_shard)
         t1 = time.time()
@@ -127,8 +128,25 @@ def shard_progress(stage_dir: Path) -> str | None:
     return f"{n} shards converted" if n else None
 
 
+def list_files(ds: UrlListSource) -> list[str]:
+    return sorted(glob.glob(ds.resolve(ds.url_list))) or [ds.resolve(ds.url_list)]
+
+
+def source_files(cfg: DownloadConfig, dataset_files: dict) -> dict[str, list]:
+    """The archives or URL lists the stage reads, with their size and mtime: when they change, a done download
+    is refreshed in place (a re-downloaded or added archive is ingested, the others kept)."""
+    ds = load_dataset_manifest(dataset_files[cfg.dataset])
+    if isinstance(ds, ArchiveSource):
+        paths = glob.glob(ds.resolve(ds.archives))
+    elif isinstance(ds, UrlListSource):
+        paths = [p for p in list_files(ds) if os.path.exists(p)]
+    else:
+        return {}
+    return {p: [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in sorted(paths)}
+
+
 @register_stage("download", DownloadConfig, version=3, operational=("thread_count", "rows_per_part", "max_shard_retry"),
-                progress=shard_progress)
+                progress=shard_progress, sources=source_files)
 def run(ctx: StageContext) -> StageResult:
     cfg: DownloadConfig = ctx.config
     ds = load_dataset_manifest(ctx.dataset_files[cfg.dataset])

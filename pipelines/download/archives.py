@@ -256,6 +256,7 @@ def ingest_archives(ctx, dataset: str, rows_per_part: int, max_pixels: int) -> d
         out.set_name(ctx.name)
         for _ in out.iter_batches(batch_size=None):
             pass
-    return {"archives": len(items), "archives_missing": len(missing), "archives_missing_names": missing[:20]}
+    return {"archives": len(items), "archives_ingested_this_run": len(todo), "archives_missing": len(missing),
+            "archives_missing_names": missing[:20]}
 
 

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 import uuid
 from collections import Counter
@@ -109,6 +110,11 @@ def plan_shards(stage_dir: Path, files: list[str], input_format: str, url_col: s
     plan_dir = stage_dir / PLAN_DIR
     plan = read_json(plan_dir / PLAN)
     if plan is not None:
+        changed = [f"{f} ({n} -> {os.path.getsize(f) if os.path.exists(f) else 'gone'} bytes)"
+                   for f, n in plan.get("lists", {}).items() if not os.path.exists(f) or os.path.getsize(f) != n]
+        if changed:  # a touched list is fine; one whose bytes changed would shift the planned keys
+            raise RuntimeError(f"the URL list changed since it was planned: {', '.join(changed)}; restore it, or "
+                               "`--force` the stage to plan and download it afresh (the old outputs are moved aside)")
         return plan
     if plan_dir.exists():
         shutil.rmtree(plan_dir)  # a plan cut short by a kill: start it again
@@ -161,6 +167,7 @@ def plan_shards(stage_dir: Path, files: list[str], input_format: str, url_col: s
         flush()
     flush(force=True)
     plan = {"shards": len(rows_per_shard), "rows": rows_per_shard, "input_rows": sum(rows_per_shard),
+            "lists": {f: os.path.getsize(f) for f in files},
             "read_problems": dict(counts), "per_shard": per_shard}
     atomic_write_json(plan_dir / PLAN, plan)
     log.info("planned %d shards of up to %d rows from %d list file(s): %s", plan["shards"], per_shard, len(files), dict(counts))

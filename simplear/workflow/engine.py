@@ -67,12 +67,14 @@ def check_needs(wf: ResolvedWorkflow, selection: Selection, statuses: dict[str, 
 
 
 def _action(st: StageStatus, selection: Selection, upstream_runs: bool) -> str:
-    """skip | run | resume | rerun: what a run does with a stage in this state."""
+    """skip | run | resume | refresh | rerun: what a run does with a stage in this state."""
     if st.name in selection.forced:
         return "rerun"
-    if st.state == "done":
+    if st.state == "done" or st.refresh:
         if st.name in selection.chosen:
             return "rerun"
+        if st.refresh:
+            return "refresh"
         return "run" if upstream_runs else "skip"
     started = st.started or {}
     if st.manifest is None and started and (started.get("fingerprint") == st.fingerprint or started.get("scheme") != SCHEME):
@@ -150,6 +152,7 @@ def _execute_stage(ctx: StageContext, plugins: list[str]) -> dict:
     kind = get_stage_kind(ctx.kind)
     started = read_json(ctx.stage_dir / STARTED) or {}
     t0 = time.time()
+    sources = kind.sources(ctx.config, ctx.dataset_files) if kind.sources else None  # as they were when it began
     result = kind.run(ctx) or StageResult()
     t1 = time.time()
     outputs = describe_outputs(ctx.stage_dir, result.outputs, known=result.files)
@@ -170,6 +173,7 @@ def _execute_stage(ctx: StageContext, plugins: list[str]) -> dict:
         "rows": sum(o.get("rows") or 0 for o in outputs),
         "metrics": result.metrics,
         "artifacts": result.artifacts,
+        **({"sources": sources} if sources is not None else {}),
         "first_started_at": started.get("started_at", t0),
         "started_at": t0,
         "finished_at": t1,
@@ -186,6 +190,11 @@ class RunFailed(RuntimeError):
 def prepare_stage_dir(stage_dir: Path, st: StageStatus, action: str, reason: str, keep_previous: bool) -> None:
     """Resume on what a previous try of this very fingerprint left; otherwise move the old outputs aside first."""
     started = st.started or {}
+    if action == "refresh":  # sources changed: in place, outputs kept; no manifest until it finishes again
+        log.info("%s: refreshing in place (%s)", st.name, "; ".join(st.reasons[:3]))
+        (stage_dir / MANIFEST).unlink(missing_ok=True)
+        atomic_write_json(stage_dir / STARTED, {"scheme": SCHEME, "fingerprint": st.fingerprint, "started_at": time.time()})
+        return
     if action == "resume":
         if started.get("scheme") != SCHEME:
             log.warning("%s: resuming on what a run before the upgrade left (its fingerprint cannot be checked; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 SCHEME = 2  # manifests written before `version`/`operational` existed have no "scheme"
@@ -127,3 +128,17 @@ def stale_reasons(recorded: dict | None, current: dict) -> list[str]:
         if recorded.get("datasets", {}).get(name) != current["datasets"].get(name):
             reasons.append(f"dataset {name} changed")
     return reasons or ["fingerprint differs"]
+
+
+def source_changes(recorded: dict[str, list], current: dict[str, list]) -> list[str]:
+    """How the files outside the run a stage read changed since it ran (new, changed, gone)."""
+    out = []
+    for path in sorted(set(recorded) | set(current)):
+        name = Path(path).name
+        if path not in recorded:
+            out.append(f"source {name} is new")
+        elif path not in current:
+            out.append(f"source {name} is gone (its outputs are kept)")
+        elif list(recorded[path]) != list(current[path]):
+            out.append(f"source {name} changed ({recorded[path][0]} -> {current[path][0]} bytes)")
+    return out

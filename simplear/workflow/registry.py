@@ -14,7 +14,7 @@ import importlib.util
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from simplear import __version__
 from simplear.config import StrictModel
@@ -40,6 +40,9 @@ class StageKind:
     the config keys (dotted paths) that change only speed, memory or logging, never outputs, so that
     changing them (a smaller batch after an out-of-memory crash) keeps the work done. `progress`
     reads how far a running or interrupted stage got from its folder (rows, step), for `status`.
+    `sources(config, dataset_files)` lists the files outside the run the stage reads ({path: [bytes,
+    mtime_ns]}, e.g. archives); when they change, a done stage is *refreshed*: run again in place, its
+    outputs kept, so it redoes only what its own receipts say changed.
     """
 
     name: str
@@ -48,6 +51,7 @@ class StageKind:
     version: int = 1
     operational: frozenset[str] = frozenset()
     progress: Callable[[Path], str | None] | None = None
+    sources: Callable[[Any, dict], dict[str, list]] | None = None
 
     @property
     def code_version(self) -> str:
@@ -107,7 +111,8 @@ _KINDS: dict[str, StageKind] = {}
 
 
 def register_stage(name: str, config: type[StrictModel], *, version: int = 1, operational: tuple[str, ...] = (),
-                   progress: Callable[[Path], str | None] | None = None):
+                   progress: Callable[[Path], str | None] | None = None,
+                   sources: Callable[[Any, dict], dict[str, list]] | None = None):
     """Decorator: `@register_stage("filter", FilterConfig, version=1, operational=("batch_size",)) def run(ctx): ...`."""
     unknown = [key for key in operational if not _config_has(config, key)]
     if unknown:
@@ -115,7 +120,7 @@ def register_stage(name: str, config: type[StrictModel], *, version: int = 1, op
 
     def wrap(fn: Callable) -> Callable:
         _KINDS[name] = StageKind(name=name, config=config, run=fn, version=version, operational=frozenset(operational),
-                                 progress=progress)
+                                 progress=progress, sources=sources)
         return fn
 
     return wrap

@@ -21,6 +21,7 @@ from simplear.workflow.fingerprint import (
     fingerprint_of,
     fingerprint_parts,
     legacy_fingerprint,
+    source_changes,
     stale_reasons,
 )
 from simplear.workflow.lock import read_lock
@@ -41,6 +42,7 @@ class StageStatus:
     notes: list[str] = field(default_factory=list)
     progress: str | None = None
     migrated: bool = False  # the manifest was re-fingerprinted from the old scheme and needs writing back
+    refresh: bool = False  # stale only because source files outside the run changed: rerun in place
 
     @property
     def rows(self) -> int | None:
@@ -92,6 +94,13 @@ def _migrate(wf: ResolvedWorkflow, stage: ResolvedStage, manifest: dict, upstrea
             "legacy_fingerprint": old, "migrated_at": time.time()}, ""
 
 
+def _source_changes(wf: ResolvedWorkflow, stage: ResolvedStage, manifest: dict) -> list[str]:
+    recorded = manifest.get("sources")
+    if recorded is None or stage.kind.sources is None:
+        return []
+    return source_changes(recorded, stage.kind.sources(stage.config, wf.dataset_files))
+
+
 def stage_status(wf: ResolvedWorkflow, name: str, upstream: dict[str, StageStatus], lock: tuple[dict | None, bool]) -> StageStatus:
     stage = wf.stages[name]
     stage_dir = wf.stage_dir(name)
@@ -118,6 +127,9 @@ def stage_status(wf: ResolvedWorkflow, name: str, upstream: dict[str, StageStatu
             st.state, st.reasons = "stale", [f"input {n} is {upstream[n].state}" for n in not_done]
         elif st.manifest.get("fingerprint") == fp:
             st.state = "done"
+            changed = _source_changes(wf, stage, st.manifest)
+            if changed:
+                st.state, st.reasons, st.refresh = "stale", changed, True
         else:
             st.state, st.reasons = "stale", stale_reasons(st.manifest.get("fingerprint_parts"), parts)
         if st.state == "done" and st.manifest.get("code_version") != stage.kind.code_version:
