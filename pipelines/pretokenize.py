@@ -181,7 +181,7 @@ class Split:
         return out
 
 
-@register_stage("tokenize", TokenizeConfig, version=2, operational=("batch_size", "rows_per_part", "prepare"),
+@register_stage("tokenize", TokenizeConfig, version=2, operational=("batch_size", "rows_per_part", "prepare.cpus", "prepare.tasks"),
                 progress=parts_progress)
 def run(ctx: StageContext) -> StageResult:
     cfg: TokenizeConfig = ctx.config

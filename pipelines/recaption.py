@@ -373,7 +373,7 @@ class Recaptioner:
 
 
 @register_stage("recaption", RecaptionConfig, version=2, progress=parts_progress,
-                operational=("batch_size", "rows_per_part", "prepare", "vllm.tensor_parallel_size", "vllm.gpu_memory_utilization",
+                operational=("batch_size", "rows_per_part", "prepare.cpus", "prepare.tasks", "vllm.tensor_parallel_size", "vllm.gpu_memory_utilization",
                              "vllm.enforce_eager", "vllm.cpu_kvcache_space_gib", "vllm.engine_in_process"))
 def run(ctx: StageContext) -> StageResult:
     cfg: RecaptionConfig = ctx.config
