@@ -107,8 +107,7 @@ def local_loop(data: Path, cfg: TrainConfig, out: Path, grid) -> dict:
 
 def ray_train(data: Path, cfg: TrainConfig, out: Path, grid, address: str | None) -> dict:
     import ray
-    import ray.data
-
+    from simplear.train_data import DataFile
     from simplear.workflow.spec import Resources
 
     ray.init(address=address, num_cpus=None if address else 2, include_dashboard=False, log_to_driver=False)
@@ -119,11 +118,10 @@ def ray_train(data: Path, cfg: TrainConfig, out: Path, grid, address: str | None
 
         @ray.remote(num_cpus=0, runtime_env={"env_vars": env})
         def run_fit() -> float:
-            ray.data.DataContext.get_current().enable_progress_bars = False
             t = task(grid)
             t0 = time.perf_counter()
-            ds = ray.data.from_arrow(pq.read_table(data, columns=t.columns))
-            fit(t, cfg, stage_dir=out, resources=Resources(cpus=1), datasets={"train": ds})
+            fit(t, cfg, stage_dir=out, resources=Resources(cpus=1), files=[DataFile(str(data), pq.ParquetFile(data).metadata.num_rows)],
+                columns=t.columns)
             return time.perf_counter() - t0
 
         return from_metrics(out, ray.get(run_fit.remote()))

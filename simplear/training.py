@@ -2,8 +2,9 @@
 trainer in the same Ray Train setup (`fit(worker=...)`) and shares the checkpoint layout, metrics and samples.
 
 A stage hands `fit()` a `TrainTask` (the hooks: build the model, turn data rows into micro-batches,
-compute the loss, save a checkpoint, finish with samples), a `TrainConfig` and Ray Datasets; `fit`
-runs `train_loop` on every Ray Train worker (`TorchTrainer`, DDP or FSDP2 across workers).
+compute the loss, save a checkpoint, finish with samples), a `TrainConfig` and its Parquet files with
+their row counts; `fit` runs `train_loop` on every Ray Train worker (`TorchTrainer`, DDP or FSDP2
+across workers), and each worker reads its own share of the files (`simplear.train_data`).
 What a run leaves under the stage folder:
 
     <stage>/checkpoint-00000100/       every `checkpoint_every` steps: HF layout + optimizer.pt + trainer_state.json
@@ -14,10 +15,10 @@ What a run leaves under the stage folder:
 
 Resume: Ray Train V2 has no `resume_from_checkpoint`; a rerun with the same `RunConfig(name,
 storage_path)` makes `ray.train.get_checkpoint()` return the latest reported checkpoint, from which the
-loop restores weights, optimizer state, step and data position (epoch, micro-batches consumed), so a
-killed run ends at the same step as an uninterrupted one. `FailureConfig` restarts failed workers
-the same way within one run. Data is read deterministically (order kept, shuffle seeded per epoch),
-so with one worker a resumed run is the same computation as an uninterrupted one.
+loop restores weights, optimizer state, step and every worker's data position (epoch, file and row
+reached, the rows in its shuffle buffer), so a killed run ends at the same step, on the same batches,
+as an uninterrupted one, with one worker or several. `FailureConfig` restarts failed workers the
+same way within one run. A resume with another number of workers refuses: the files are shared out by rank.
 
 `LocalSession` runs the same loop in one process without Ray (the benchmark's baseline, fast tests).
 """
@@ -34,7 +35,6 @@ import statistics
 import tempfile
 import time
 import zlib
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -43,7 +43,9 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from simplear.config import ConfigError, StrictModel
+from simplear.train_data import DataFile, Position, WorkerRows
 from simplear.visual_tokenizers import VisualTokenizerConfig
+from simplear.vocab import MAX_TEXT_TOKENS
 
 log = logging.getLogger("simplear.train")
 
@@ -71,7 +73,7 @@ class TrainConfig(StrictModel):
     warmup_steps: int = Field(0, ge=0, description="linear warmup from lr/warmup_steps to lr")
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/linear decay ends at lr * min_lr_ratio")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not on norms and biases)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decay on matrices (not on norms and biases); the paper's 0.01")
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
@@ -84,7 +86,8 @@ class TrainConfig(StrictModel):
     report_interval_s: float = Field(5.0, ge=0, description="least seconds between metric reports to Ray Train (its controller takes one every ~2 s; more often stalls the loop)")
     max_failures: int = Field(2, ge=-1, description="FailureConfig: worker-group restarts from the latest checkpoint (-1: no limit)")
     seed: int = 0
-    shuffle_buffer: int = Field(1024, ge=0, description="rows in the local shuffle buffer (0: file order)")
+    shuffle_buffer: int = Field(1024, ge=0, description="rows in each worker's shuffle buffer (0: file order; files are "
+                                "shuffled per epoch either way); a resume reads this many rows again at most")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads per worker (None: Ray's default, one per CPU asked)")
 
     @model_validator(mode="after")
@@ -126,16 +129,10 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 # sessions: what the loop needs from its surroundings (Ray Train, or one plain process)
 
 
-@dataclass
-class DataPosition:
-    epoch: int = 0
-    batch: int = 0  # micro-batches of this worker's shard consumed in `epoch`
-
-
 class RaySession:
-    """Inside a Ray Train worker: the dataset shard, the latest checkpoint, reports."""
+    """Inside a Ray Train worker: its rows of the data files, the latest checkpoint, reports."""
 
-    def __init__(self):
+    def __init__(self, files: list[DataFile], columns: list[str]):
         import ray.train
         import ray.train.torch
 
@@ -143,13 +140,10 @@ class RaySession:
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self._shard = ray.train.get_dataset_shard("train")
+        self.files, self.columns = files, columns
 
-    def epoch_batches(self, epoch: int, batch_size: int, seed: int, shuffle_buffer: int) -> Iterator[dict]:
-        kw: dict[str, Any] = {}
-        if shuffle_buffer:
-            kw = {"local_shuffle_buffer_size": max(shuffle_buffer, batch_size), "local_shuffle_seed": seed * 100_003 + epoch}
-        return self._shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **kw)
+    def worker_rows(self, seed: int, shuffle_buffer: int) -> WorkerRows:
+        return WorkerRows(self.files, self.columns, self.rank, self.world_size, seed, shuffle_buffer)
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -180,26 +174,22 @@ def ray_report(metrics: dict, checkpoint_dir: Path | None = None, name: str | No
 
 
 class LocalSession:
-    """The same loop in one process: Parquet read into memory, checkpoints under `storage_dir`."""
+    """The same loop in one process (as rank 0 of 1): checkpoints under `storage_dir`."""
 
     def __init__(self, files: list[Path], columns: list[str], storage_dir: Path, device: str = "cpu", keep: int | None = 2):
-        import pyarrow as pa
         import pyarrow.parquet as pq
         import torch
 
         self.rank, self.world_size = 0, 1
         self.device = torch.device(device)
-        self.table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+        self.files = [DataFile(str(f), pq.ParquetFile(f).metadata.num_rows) for f in files]
+        self.columns = columns
         self.storage_dir = Path(storage_dir)
         self.keep = keep
         self.reports: list[dict] = []
 
-    def epoch_batches(self, epoch: int, batch_size: int, seed: int, shuffle_buffer: int) -> Iterator[dict]:
-        n = self.table.num_rows
-        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle_buffer else np.arange(n)
-        for i in range(0, n - batch_size + 1, batch_size):
-            rows = self.table.take(order[i: i + batch_size])
-            yield {c: rows[c].to_numpy(zero_copy_only=False) for c in rows.column_names}
+    def worker_rows(self, seed: int, shuffle_buffer: int) -> WorkerRows:
+        return WorkerRows(self.files, self.columns, 0, 1, seed, shuffle_buffer)
 
     def checkpoints(self) -> list[Path]:
         return sorted(p for p in self.storage_dir.glob("checkpoint-*") if p.is_dir())
@@ -242,7 +232,7 @@ class TrainTask:
         """The model to train: from `resume_dir` (a checkpoint of this run) when resuming, else the task's init."""
         raise NotImplementedError
 
-    def collate(self, rows: dict[str, np.ndarray], position: DataPosition, rank: int, bundle: Bundle) -> dict:
+    def collate(self, rows: dict[str, np.ndarray], position: Position, rank: int, bundle: Bundle) -> dict:
         """One micro-batch of tensors (on CPU) from rows of the data shard."""
         raise NotImplementedError
 
@@ -250,19 +240,10 @@ class TrainTask:
         """(loss to minimise, sums to log: each value a 0-d tensor, summed over micro-batches and workers)."""
         raise NotImplementedError
 
-    def micro_batches(self, session, start: DataPosition, batch_size: int, cfg: TrainConfig, bundle: Bundle) -> Iterator[tuple[DataPosition, dict]]:
-        """Endless micro-batches from `start`; each comes with the data position after it. GRPO overrides this."""
-        epoch, skip = start.epoch, start.batch
-        while True:
-            n = 0
-            for rows in session.epoch_batches(epoch, batch_size, cfg.seed, cfg.shuffle_buffer):
-                n += 1
-                if n > skip:  # a resumed run passes over what the killed one had consumed
-                    position = DataPosition(epoch, n)
-                    yield position, self.collate(rows, position, session.rank, bundle)
-            if n == 0:
-                raise ValueError(f"worker {session.rank}: the data shard has no full micro-batch of {batch_size} rows")
-            epoch, skip = epoch + 1, 0
+    def micro_batches(self, rows: WorkerRows, start: Position, batch_size: int, bundle: Bundle) -> Iterator[tuple[Position, dict]]:
+        """Endless micro-batches from `start`; each comes with the (epoch, batch) after it."""
+        for position, values in rows.batches(start, batch_size):
+            yield position, self.collate(values, position, rows.rank, bundle)
 
     def save(self, bundle: Bundle, model, directory: Path, extra: dict) -> None:
         """Write a checkpoint of `model` (unsharded, same weights as bundle.model) to `directory`."""
@@ -426,7 +407,7 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, out_dir: str | Path, 
         state = json.loads((resume_dir / TRAINER_STATE).read_text()) if resume_dir else {}
         optim_state = torch.load(resume_dir / OPTIMIZER, map_location="cpu", weights_only=True) if resume_dir else None
     step = state.get("step", 0)
-    position = DataPosition(**state.get("position", {}))
+    position = _resume_position(state, rank, world)
     resumes = state.get("resumed_at", []) + ([step] if resume_dir else [])
     if rank == 0:
         log.info("%s at step %d of %d (world %d, micro-batch %d x %d accumulation, device %s)",
@@ -447,7 +428,8 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, out_dir: str | Path, 
         del optim_state
     autocast = _autocast(cfg, device, world)
     writer = MetricsWriter(out_dir, step) if rank == 0 else None
-    batches = task.micro_batches(session, position, micro_bs, cfg, bundle)
+    rows = session.worker_rows(cfg.seed, cfg.shuffle_buffer)
+    batches = task.micro_batches(rows, position, micro_bs, bundle)
     metrics: dict[str, Any] = {}
     t_run = t_report = time.perf_counter()
 
@@ -486,7 +468,8 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, out_dir: str | Path, 
             log.info("step %d/%d loss %.4f image_loss %.4f lr %.2e %.0f tokens/s", step, cfg.steps,
                      metrics.get("loss", float("nan")), metrics.get("image_loss", float("nan")), lr, metrics.get("tokens_per_s", 0))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            state = {"step": step, "position": asdict(position), "resumed_at": resumes, "world_size": world, **(run_info or {})}
+            state = {"step": step, "positions": _gather(rows.position().to_json(), world), "resumed_at": resumes,
+                     "world_size": world, **(run_info or {})}
             _checkpoint(task, bundle, wrapped, optimizer, cfg, session, metrics, state)
         elif report:
             session.report(metrics)
@@ -501,6 +484,32 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, out_dir: str | Path, 
         log.info("trained to step %d in %.1fs", step, time.perf_counter() - t_run)
         task.finish(bundle, _unsharded(bundle, full), out_dir, device, autocast)
     return metrics
+
+
+def _resume_position(state: dict, rank: int, world: int) -> Position:
+    """This worker's data position in a checkpoint's state; a different number of workers is refused."""
+    if not state:
+        return Position()
+    positions = state.get("positions")
+    if positions is None:  # a checkpoint of the loop before per-worker positions: (epoch, batch) only
+        raise RuntimeError("this checkpoint predates per-worker data positions and cannot be resumed exactly: "
+                           "rerun the stage afresh (`--force`)")
+    if len(positions) != world:
+        raise RuntimeError(f"the checkpoint was written by {len(positions)} workers, this run has {world}: each worker's "
+                           "files and position are its own, so resume with resources.concurrency: "
+                           f"{len(positions)} (or rerun the stage afresh with `--force`)")
+    return Position.from_json(positions[rank])
+
+
+def _gather(value: dict, world: int) -> list[dict]:
+    """Every worker's `value`, in rank order (one process: just this one's)."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out: list = [None] * world
+    dist.all_gather_object(out, value)
+    return out
 
 
 def _ratios(totals: dict[str, float]) -> dict[str, float]:
@@ -544,7 +553,8 @@ def _ray_worker(config: dict) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("simplear").setLevel(logging.INFO)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train_loop(config["task"], TrainConfig.model_validate(config["train"]), RaySession(), config["out_dir"], config.get("run_info"))
+    session = RaySession([DataFile(**f) for f in config["files"]], config["columns"])
+    train_loop(config["task"], TrainConfig.model_validate(config["train"]), session, config["out_dir"], config.get("run_info"))
 
 
 def scaling_config(resources, cfg: TrainConfig):
@@ -560,12 +570,12 @@ def scaling_config(resources, cfg: TrainConfig):
     return ScalingConfig(num_workers=resources.concurrency, use_gpu=resources.gpus > 0, resources_per_worker=per_worker)
 
 
-def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: Path, resources, datasets: dict, run_info: dict | None = None,
-        worker=None):
+def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: Path, resources, files: list[DataFile] = (), columns: list[str] = (),
+        run_info: dict | None = None, worker=None):
     """Run `train_loop` on Ray Train; a rerun on the same stage folder resumes from its latest checkpoint.
 
     `worker`: another per-worker function taking the same config dict (GRPO runs trl's trainer there)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     runs = checkpoints_dir(stage_dir)
@@ -575,11 +585,10 @@ def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: Path, resources, datase
         log.info("%s: moved the checkpoints of an earlier run from %s/ to %s/ (the run is now named after the stage)",
                  stage_dir.name, LEGACY_CHECKPOINTS, runs.name)
 
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # with the seeded local shuffle: the same batches after a resume
     trainer = TorchTrainer(
         worker or _ray_worker,
-        train_loop_config={"task": task, "train": cfg.model_dump(mode="json"), "out_dir": str(stage_dir), "run_info": run_info or {}},
+        train_loop_config={"task": task, "train": cfg.model_dump(mode="json"), "out_dir": str(stage_dir), "run_info": run_info or {},
+                           "files": [asdict(f) for f in files], "columns": list(columns)},
         scaling_config=scaling_config(resources, cfg),
         run_config=RunConfig(
             name=runs.name,
@@ -587,8 +596,6 @@ def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: Path, resources, datase
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(execution_options=ingest),
     )
     return trainer.fit()
 
@@ -677,13 +684,12 @@ class DataSpec(StrictModel):
     stage: str = "tokenize"  # the needed stage whose tokenized Parquet is read
     resolution: int | None = None  # its sub-folder for this resolution (`<stage>/<resolution>/part-*.parquet`); None: all its Parquet
     caption: Literal["original", "long", "short"] = "original"  # long/short fall back to the original when empty
-    materialize: bool = False  # read once by the stage into the object store, not by read tasks every epoch: for sets that fit in memory
 
 
 class SequenceSpec(StrictModel):
     cfg_dropout: float = Field(0.1, ge=0, le=1, description="probability that a caption is dropped (teaches the unconditional model)")
     image_loss_only: bool = False  # default: the loss covers every token, like the reference code
-    max_text_tokens: int | None = Field(128, ge=1)
+    max_text_tokens: int | None = Field(MAX_TEXT_TOKENS, ge=1, description="caption tokens kept (recaption writes up to 256)")
 
 
 class SampleSpec(StrictModel):
@@ -735,7 +741,7 @@ class T2ITask(TrainTask):
         model = build_model(self.model_init, vocab, dtype=torch.float32, **self.model_overrides)
         return Bundle(model, vocab, self.visual_tokenizer)
 
-    def collate(self, rows: dict[str, np.ndarray], position: DataPosition, rank: int, bundle: Bundle) -> dict:
+    def collate(self, rows: dict[str, np.ndarray], position: Position, rank: int, bundle: Bundle) -> dict:
         import torch
 
         chosen = rows[CAPTION_COLUMNS[self.caption]]
@@ -749,15 +755,12 @@ class T2ITask(TrainTask):
 
     def loss(self, model, batch: dict, bundle: Bundle):
         import torch
-        import torch.nn.functional as F
+
+        from simplear.losses import causal_lm_cross_entropy
 
         labels = batch["labels"]
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], use_cache=False)
-        logits_BLV = out.logits[:, :-1].float()
+        ce_BL = causal_lm_cross_entropy(model, batch)  # never the whole (B, L, 215.7k) logits in fp32
         target_BL = labels[:, 1:]
-        ce_BL = F.cross_entropy(logits_BLV.reshape(-1, logits_BLV.shape[-1]), target_BL.reshape(-1),
-                                ignore_index=-100, reduction="none").view_as(target_BL)
         trained = target_BL != -100
         image = trained & (target_BL >= bundle.vocab.visual_offset)
         text = trained & ~image
@@ -810,7 +813,7 @@ def sample_grid(model, vocab, vt_config, spec: SampleSpec, grid: tuple[int, int]
     return sheet
 
 
-T2I_OPERATIONAL = TRAIN_OPERATIONAL + ("data.materialize",)  # materialize: read once by the stage, same rows
+T2I_OPERATIONAL = TRAIN_OPERATIONAL
 
 
 def train_progress(stage_dir: Path) -> str | None:
@@ -840,7 +843,7 @@ class T2IStageConfig(StrictModel):
 
 @dataclass
 class TokenizedData:
-    files: list[Path]
+    files: list[DataFile]  # with their row counts, from the data stage's manifest
     grid: tuple[int, int]  # codes per column and row of the most common image size
     downsample: int  # pixels per code side, from the first row
     rows: int
@@ -854,6 +857,7 @@ def tokenized_data(ctx, spec: DataSpec, where: str) -> TokenizedData:
     if spec.stage not in ctx.needs:
         raise ConfigError(f"{where}.data.stage: {spec.stage!r} is not among the stage's needs {ctx.needs}")
     base = ctx.input_dir(spec.stage)
+    rows_of = {str(base / o["path"]): int(o.get("rows") or 0) for o in ctx.input_manifest(spec.stage)["outputs"]}
     files = ctx.input_files(spec.stage, ".parquet")
     if spec.resolution is not None:
         found = sorted({f.relative_to(base).parts[0] for f in files if len(f.relative_to(base).parts) > 1})
@@ -868,20 +872,18 @@ def tokenized_data(ctx, spec: DataSpec, where: str) -> TokenizedData:
     missing = sorted(needed - set(schema.names))
     if missing:
         raise ConfigError(f"{where}.data: {files[0]} lacks column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
-    sizes: Counter = Counter()
-    rows = 0
-    for f in files:
-        t = pq.read_table(f, columns=["height", "width"])
-        rows += t.num_rows
-        sizes.update(zip(t["height"].to_pylist(), t["width"].to_pylist()))
+    # sizes from the manifest and one row: every row of a resolution's folder has that resolution's size
+    listed = [DataFile(str(f), rows_of.get(str(f), 0)) for f in files]
+    rows = sum(f.rows for f in listed)
     if not rows:
         raise ConfigError(f"{where}.data: the Parquet of stage {spec.stage!r} has no rows")
-    first = pq.read_table(files[0], columns=["codes", "height", "width"]).slice(0, 1).to_pylist()[0]
-    (h, w), _ = sizes.most_common(1)[0]
+    first_file = next(f for f in listed if f.rows)
+    first = pq.ParquetFile(first_file.path).read_row_group(0, columns=["codes", "height", "width"]).slice(0, 1).to_pylist()[0]
+    h, w = first["height"], first["width"]
     if h * w % len(first["codes"]):
-        raise ConfigError(f"{where}.data: {files[0]}: {len(first['codes'])} codes for a {first['height']}x{first['width']} image")
-    d = int(round(math.sqrt(first["height"] * first["width"] / len(first["codes"]))))
-    return TokenizedData(files=files, grid=(h // d, w // d), downsample=d, rows=rows, visual_tokenizer=_data_tokenizer(ctx, spec.stage))
+        raise ConfigError(f"{where}.data: {first_file.path}: {len(first['codes'])} codes for a {h}x{w} image")
+    d = int(round(math.sqrt(h * w / len(first["codes"]))))
+    return TokenizedData(files=listed, grid=(h // d, w // d), downsample=d, rows=rows, visual_tokenizer=_data_tokenizer(ctx, spec.stage))
 
 
 def _data_tokenizer(ctx, stage: str) -> dict | None:
@@ -918,15 +920,13 @@ def check_codebook(data: TokenizedData, vt: VisualTokenizerConfig, where: str) -
     if data.downsample != vt.downsample:
         raise ConfigError(f"{where}: the data has one code per {data.downsample}x{data.downsample} pixels, "
                           f"the model's visual tokenizer one per {vt.downsample}x{vt.downsample}")
-    top = pc.max(pc.list_flatten(pq.read_table(data.files[0], columns=["codes"])["codes"])).as_py()
+    top = pc.max(pc.list_flatten(pq.read_table(data.files[0].path, columns=["codes"])["codes"])).as_py()
     if top is not None and top >= vt.codebook_size:
-        raise ConfigError(f"{where}: code {top} in {data.files[0]} is outside the model's codebook of {vt.codebook_size}")
+        raise ConfigError(f"{where}: code {top} in {data.files[0].path} is outside the model's codebook of {vt.codebook_size}")
 
 
 def run_t2i_stage(ctx, task_kwargs: dict, vt: VisualTokenizerConfig | None, data: TokenizedData):
     """Shared body of the pretrain and SFT stages, after each resolved its init: train, export, figures."""
-    import ray.data
-
     from simplear.workflow.context import StageResult
 
     cfg: T2IStageConfig = ctx.config
@@ -935,15 +935,8 @@ def run_t2i_stage(ctx, task_kwargs: dict, vt: VisualTokenizerConfig | None, data
         check_codebook(data, vt, where)
     task = T2ITask(sequence=cfg.sequence, caption=cfg.data.caption, samples=cfg.samples, grid=data.grid,
                    seed=cfg.train.seed, visual_tokenizer=vt, **task_kwargs)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    if cfg.data.materialize:  # read here, no read tasks: a small set costs less than the workers to read it
-        import pyarrow.parquet as pq
-
-        ds = ray.data.from_arrow([pq.read_table(f, columns=task.columns) for f in data.files])
-    else:
-        ds = ray.data.read_parquet([str(f) for f in data.files], columns=task.columns)
     t0 = time.time()
-    result = fit(task, cfg.train, stage_dir=ctx.stage_dir, resources=ctx.resources, datasets={"train": ds},
+    result = fit(task, cfg.train, stage_dir=ctx.stage_dir, resources=ctx.resources, files=data.files, columns=task.columns,
                  run_info={"stage": ctx.name})
     if result.checkpoint is None:
         raise RuntimeError(f"{ctx.name}: Ray Train finished without a checkpoint")

@@ -33,6 +33,7 @@ from pydantic import Field
 
 from simplear.config import StrictModel
 from simplear.sampler import SamplingParams, TorchSampler
+from simplear.vocab import MAX_TEXT_TOKENS
 
 EXTRA_KEY = "simplear"  # SamplingParams.extra_args[EXTRA_KEY] = {"visual": [lo, hi], "pair": id, "role": ..., "scale": s}
 
@@ -211,7 +212,7 @@ class VLLMSampler:
     """Same interface as `TorchSampler` (`generate_codes`, `generate_images`), backed by vLLM."""
 
     def __init__(self, checkpoint, visual_tokenizer=None, options: VLLMOptions | dict | None = None,
-                 max_text_tokens: int = 128, max_image_tokens: int = 1024):
+                 max_text_tokens: int = MAX_TEXT_TOKENS, max_image_tokens: int = 1024):
         """`max_text_tokens`: caption tokens kept (longer captions are cut, as in the torch engine given the
         same limit); `max_image_tokens`: the largest grid h*w asked for. Both size vLLM's sequences."""
         from simplear.model import is_checkpoint

@@ -20,6 +20,9 @@ T2I = "<|t2i|>"
 SOI = "<|soi|>"
 META_FILE = "simplear.json"
 IGNORE_INDEX = -100
+# caption tokens a model sees, the same in training, GRPO and serving (recaption writes long captions of up
+# to 256 tokens; longer captions are cut); a stage's `max_text_tokens` overrides it
+MAX_TEXT_TOKENS = 256
 
 
 def load_text_tokenizer(source):

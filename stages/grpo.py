@@ -56,6 +56,7 @@ from simplear.training import (
     sample_grid,
     train_progress,
 )
+from simplear.vocab import MAX_TEXT_TOKENS
 from simplear.workflow import StageContext, StageResult, register_stage
 
 log = logging.getLogger("simplear.grpo")
@@ -131,7 +132,7 @@ class GRPOStageConfig(StrictModel):
     train: TrainConfig  # global_batch_size: completions per optimizer step (prompts x num_generations)
     eval: EvalSpec = EvalSpec()
     samples: SampleSpec | None = None
-    max_text_tokens: int | None = Field(128, ge=1)
+    max_text_tokens: int | None = Field(MAX_TEXT_TOKENS, ge=1)
 
     @model_validator(mode="after")
     def _check(self):
@@ -786,7 +787,7 @@ def make_task(ctx: StageContext, cfg: GRPOStageConfig) -> GRPOTask:
                     max_text_tokens=cfg.max_text_tokens, stage=ctx.name)
 
 
-@register_stage("grpo", GRPOStageConfig, version=1, operational=TRAIN_OPERATIONAL, progress=train_progress)
+@register_stage("grpo", GRPOStageConfig, version=2, operational=TRAIN_OPERATIONAL, progress=train_progress)
 def run(ctx: StageContext) -> StageResult:
     from simplear.workflow.manifest import atomic_path
 
@@ -797,7 +798,7 @@ def run(ctx: StageContext) -> StageResult:
     ctx.log.info("%s: from %s, %d train prompts (%d per step x %d images), %d held out", ctx.name, init,
                  len(train_prompts), per_step_prompts, cfg.grpo.num_generations, len(eval_prompts))
     t0 = time.time()
-    result = fit(task, cfg.train, stage_dir=ctx.stage_dir, resources=ctx.resources, datasets={},
+    result = fit(task, cfg.train, stage_dir=ctx.stage_dir, resources=ctx.resources,
                  run_info={"stage": ctx.name}, worker=grpo_worker)
     if result.checkpoint is None:
         raise RuntimeError(f"{ctx.name}: Ray Train finished without a checkpoint")

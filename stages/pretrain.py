@@ -22,7 +22,7 @@ class PretrainConfig(T2IStageConfig):
     visual_tokenizer: VisualTokenizerConfig | None = None  # default: the one the data stage recorded
 
 
-@register_stage("pretrain", PretrainConfig, version=1, operational=T2I_OPERATIONAL, progress=train_progress)
+@register_stage("pretrain", PretrainConfig, version=2, operational=T2I_OPERATIONAL, progress=train_progress)
 def run(ctx: StageContext) -> StageResult:
     cfg: PretrainConfig = ctx.config
     where = f"stages.{ctx.name}.config"

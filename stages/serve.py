@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from simplear.config import StrictModel
 from simplear.vllm_engine import VLLMOptions
+from simplear.vocab import MAX_TEXT_TOKENS
 from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.registry import register_stage
 
@@ -60,7 +61,7 @@ class ServeConfig(StrictModel):
     sizes: list[str] = Field(["64x64"], min_length=1)  # "WxH" in pixels; the first is the default
     max_prompt_chars: int = Field(1000, ge=1)
     max_n: int = Field(4, ge=1)
-    max_text_tokens: int = Field(128, ge=1)  # caption tokens the model sees (longer ones are cut)
+    max_text_tokens: int = Field(MAX_TEXT_TOKENS, ge=1)  # caption tokens the model sees (longer ones are cut), as trained
     max_batch_size: int = Field(16, ge=1)  # requests gathered into one engine call
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     defaults: GenerationDefaults = GenerationDefaults()
@@ -455,7 +456,7 @@ def render_page(cfg: ServeConfig, api_root: str = "") -> str:
 # -- the stage --------------------------------------------------------------------------------------
 
 
-@register_stage("serve", ServeConfig, version=1, operational=("max_batch_size", "batch_wait_timeout_s"))
+@register_stage("serve", ServeConfig, version=2, operational=("max_batch_size", "batch_wait_timeout_s"))
 def run(ctx: StageContext) -> StageResult:
     import urllib.request
 

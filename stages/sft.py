@@ -37,7 +37,7 @@ def resolve_init(ctx: StageContext, init: str, where: str) -> Path:
     return path
 
 
-@register_stage("sft", SFTConfig, version=1, operational=T2I_OPERATIONAL, progress=train_progress)
+@register_stage("sft", SFTConfig, version=2, operational=T2I_OPERATIONAL, progress=train_progress)
 def run(ctx: StageContext) -> StageResult:
     cfg: SFTConfig = ctx.config
     where = f"stages.{ctx.name}.config"

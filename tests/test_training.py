@@ -16,7 +16,7 @@ from simplear.training import (
     CAPTION_COLUMNS,
     METRICS,
     TRAINER_STATE,
-    DataPosition,
+    Position,
     LocalSession,
     SequenceSpec,
     T2ITask,
@@ -121,7 +121,7 @@ def test_caption_choice_falls_back_to_the_original(small_bundle):
     tok = vocab.text_tokenizer
 
     def captions(caption):
-        batch = task(caption=caption, sequence=no_drop).collate(rows, DataPosition(), 0, small_bundle)
+        batch = task(caption=caption, sequence=no_drop).collate(rows, Position(), 0, small_bundle)
         out = []
         for ids in batch["input_ids"]:
             ids = ids.tolist()
@@ -137,9 +137,9 @@ def test_caption_choice_falls_back_to_the_original(small_bundle):
 def test_cfg_dropout_depends_on_the_data_position_only(small_bundle):
     rows = rows_of(shapes_table(64, 32, seed=4), 64)
     t = task(sequence=SequenceSpec(cfg_dropout=0.5))
-    a = t.collate(rows, DataPosition(2, 7), 0, small_bundle)
-    b = t.collate(rows, DataPosition(2, 7), 0, small_bundle)
-    c = t.collate(rows, DataPosition(2, 8), 0, small_bundle)
+    a = t.collate(rows, Position(2, 7), 0, small_bundle)
+    b = t.collate(rows, Position(2, 7), 0, small_bundle)
+    c = t.collate(rows, Position(2, 8), 0, small_bundle)
     assert torch.equal(a["input_ids"], b["input_ids"])
     assert not torch.equal(a["input_ids"], c["input_ids"])
     empty = (a["input_ids"][:, 1] == small_bundle.vocab.soi_id).float().mean().item()  # <|t2i|><|soi|>: caption dropped
@@ -150,7 +150,7 @@ def test_cfg_dropout_depends_on_the_data_position_only(small_bundle):
 def test_loss_and_image_token_loss(small_bundle, image_only):
     rows = rows_of(shapes_table(8, 32, seed=5), 8)
     t = task(sequence=SequenceSpec(cfg_dropout=0.0, image_loss_only=image_only))
-    batch = t.collate(rows, DataPosition(), 0, small_bundle)
+    batch = t.collate(rows, Position(), 0, small_bundle)
     loss, stats = t.loss(small_bundle.model, batch, small_bundle)
     logits = small_bundle.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     V = logits.shape[-1]
@@ -221,7 +221,10 @@ def test_killed_run_resumes_to_the_same_weights_and_steps(tmp_path):
     assert end_a.name == end_b.name == "checkpoint-00000012"
     state = json.loads((end_b / TRAINER_STATE).read_text())
     assert state["step"] == 12 and state["resumed_at"] == [6]
-    assert state["position"] == json.loads((end_a / TRAINER_STATE).read_text())["position"] == {"epoch": 2, "batch": 2}
+    positions = state["positions"]
+    assert positions == json.loads((end_a / TRAINER_STATE).read_text())["positions"]  # buffer and cursor included
+    assert len(positions) == 1 and (positions[0]["epoch"], positions[0]["batch"]) == (2, 2)
+    assert len(positions[0]["buffered"]) <= cfg.shuffle_buffer
     wa, wb = weights(end_a), weights(end_b)
     assert wa.keys() == wb.keys()
     for k in wa:

@@ -43,7 +43,7 @@ stages:
     needs: [shapes]
     resources: {{cpus: 1}}
     config:
-      data: {{stage: shapes, resolution: 32, materialize: true}}
+      data: {{stage: shapes, resolution: 32}}
       train: {{steps: {pretrain_steps}, global_batch_size: 32, lr: 1.0e-3, warmup_steps: 20, checkpoint_every: 100,
               max_failures: 1, num_threads: 2}}
       samples: {{per_prompt: 3}}
@@ -53,7 +53,7 @@ stages:
     resources: {{cpus: 1}}
     config:
       init: pretrain
-      data: {{stage: shapes, resolution: 48, materialize: true}}
+      data: {{stage: shapes, resolution: 48}}
       train: {{steps: {sft_steps}, global_batch_size: 32, lr: 1.0e-3, warmup_steps: 10, checkpoint_every: 50, num_threads: 2}}
       samples: {{per_prompt: 3}}
 """
