@@ -4,7 +4,7 @@
 
 Three runs: (1) a plain torch loop (what nanoGPT would write: no Ray, no hooks); (2) the project's
 `train_loop` in one process (`LocalSession`: the hooks, metrics, checkpoints, no Ray); (3) the same
-loop on Ray Train (`fit`: TorchTrainer, a Ray Data shard, reports, checkpoints). For each: the median
+loop on Ray Train (`fit`: TorchTrainer, each worker reading its files, reports, checkpoints). For each: the median
 tokens/s of single steps (what the loop costs per step) and tokens over the whole wall time
 (with Ray: starting the controller and workers, streaming the data, reporting checkpoints).
 """

@@ -813,9 +813,6 @@ def sample_grid(model, vocab, vt_config, spec: SampleSpec, grid: tuple[int, int]
     return sheet
 
 
-T2I_OPERATIONAL = TRAIN_OPERATIONAL
-
-
 def train_progress(stage_dir: Path) -> str | None:
     """The last logged step (and loss) of a running or interrupted training stage, from its metrics.jsonl."""
     path = Path(stage_dir) / METRICS

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from simplear.config import ConfigError
-from simplear.training import T2I_OPERATIONAL, T2IStageConfig, run_t2i_stage, tokenized_data, train_progress
+from simplear.training import TRAIN_OPERATIONAL, T2IStageConfig, run_t2i_stage, tokenized_data, train_progress
 from simplear.visual_tokenizers import VisualTokenizerConfig
 from simplear.workflow import StageContext, StageResult, register_stage
 
@@ -22,7 +22,7 @@ class PretrainConfig(T2IStageConfig):
     visual_tokenizer: VisualTokenizerConfig | None = None  # default: the one the data stage recorded
 
 
-@register_stage("pretrain", PretrainConfig, version=2, operational=T2I_OPERATIONAL, progress=train_progress)
+@register_stage("pretrain", PretrainConfig, version=2, operational=TRAIN_OPERATIONAL, progress=train_progress)
 def run(ctx: StageContext) -> StageResult:
     cfg: PretrainConfig = ctx.config
     where = f"stages.{ctx.name}.config"

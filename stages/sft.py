@@ -7,7 +7,7 @@ from pathlib import Path
 
 from simplear.config import ConfigError
 from simplear.model import is_checkpoint
-from simplear.training import FINAL, T2I_OPERATIONAL, T2IStageConfig, run_t2i_stage, tokenized_data, train_progress
+from simplear.training import FINAL, TRAIN_OPERATIONAL, T2IStageConfig, run_t2i_stage, tokenized_data, train_progress
 from simplear.visual_tokenizers import VisualTokenizerConfig
 from simplear.vocab import META_FILE
 from simplear.workflow import StageContext, StageResult, register_stage
@@ -37,7 +37,7 @@ def resolve_init(ctx: StageContext, init: str, where: str) -> Path:
     return path
 
 
-@register_stage("sft", SFTConfig, version=2, operational=T2I_OPERATIONAL, progress=train_progress)
+@register_stage("sft", SFTConfig, version=2, operational=TRAIN_OPERATIONAL, progress=train_progress)
 def run(ctx: StageContext) -> StageResult:
     cfg: SFTConfig = ctx.config
     where = f"stages.{ctx.name}.config"
