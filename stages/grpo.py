@@ -87,7 +87,8 @@ class PromptSpec(StrictModel):
     """Where prompts come from; `eval_count` distinct ones are held out of training for the evaluation."""
 
     source: Literal["stage", "file", "list"] = "stage"
-    stage: str | None = None  # source "stage": a needed stage whose Parquet outputs have `column`
+    stage: str | None = None  # source "stage": a needed stage whose kept Parquet outputs have `column`
+    resolution: int | None = None  # source "stage": only its `<resolution>/` folder (a tokenize stage's); never `rejected/`
     column: str = "caption"
     path: str | None = None  # source "file": a .txt (one prompt a line) or .parquet (`column`); relative to workflow.yaml
     items: list[str] | None = None  # source "list"
@@ -685,9 +686,13 @@ def resolve_prompts(ctx: StageContext, spec: PromptSpec, where: str) -> tuple[li
     elif spec.source == "stage":
         if spec.stage not in ctx.needs:
             raise ConfigError(f"{where}.prompts.stage: {spec.stage!r} is not among the stage's needs {ctx.needs}")
-        files = ctx.input_files(spec.stage, ".parquet")
+        base = ctx.input_dir(spec.stage)
+        files = [f for f in ctx.input_files(spec.stage, ".parquet") if f.relative_to(base).parts[0] != "rejected"]
+        if spec.resolution is not None:
+            files = [f for f in files if f.relative_to(base).parts[0] == str(spec.resolution)]
         if not files:
-            raise ConfigError(f"{where}.prompts.stage: stage {spec.stage!r} recorded no Parquet outputs")
+            raise ConfigError(f"{where}.prompts.stage: stage {spec.stage!r} recorded no kept Parquet outputs"
+                              + (f" under {spec.resolution}/" if spec.resolution is not None else ""))
         for f in files:
             if spec.column not in pq.read_schema(f).names:
                 raise ConfigError(f"{where}.prompts.column: {f} has no column {spec.column!r}")

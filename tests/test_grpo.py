@@ -309,3 +309,25 @@ def test_rollout_seeds_are_distinct_and_repeatable():
     seeds = {rollout_seed(0, step, rank, i) for step in range(20) for rank in range(4) for i in range(28)}
     assert len(seeds) == 20 * 4 * 28
     assert rollout_seed(3, 5, 1, 2) == rollout_seed(3, 5, 1, 2)
+
+
+def test_prompts_come_from_the_kept_parts_of_the_chosen_resolution(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines_support import stage_context
+    from simplear.workflow.manifest import atomic_write_json, describe_outputs
+    from stages.grpo import PromptSpec, resolve_prompts
+
+    stage = tmp_path / "tokenize"
+    for folder, captions in (("64", [f"small {i}" for i in range(5)]), ("128", [f"big {i}" for i in range(6)])):
+        (stage / folder).mkdir(parents=True)
+        pq.write_table(pa.table({"key": captions, "caption": captions}), stage / folder / "part-0.parquet")
+    (stage / "rejected").mkdir()
+    pq.write_table(pa.table({"key": ["x"], "reason": ["encode_error"]}), stage / "rejected/part-0.parquet")  # no caption
+    atomic_write_json(stage / "_MANIFEST.json", {"fingerprint": "t", "outputs": describe_outputs(stage)})
+    ctx = stage_context(tmp_path, "grpo", "grpo", None, ["tokenize"])
+    train, held_out = resolve_prompts(ctx, PromptSpec(stage="tokenize", resolution=128, eval_count=2), "stages.grpo.config")
+    assert sorted(train + held_out) == [f"big {i}" for i in range(6)] and len(held_out) == 2
+    everything = resolve_prompts(ctx, PromptSpec(stage="tokenize", eval_count=2), "w")  # rejected/ skipped, not an error
+    assert len(everything[0]) + len(everything[1]) == 11
