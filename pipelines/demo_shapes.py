@@ -5,8 +5,8 @@
 that every broken file ends up with the right reason. `serve(folder)` is a loopback HTTP server; the
 download stage starts and stops it around img2dataset.
 
-Captions name the shape and both colours ("a red circle on a blue background"); `PALETTE` and
-`parse_caption` are public so rewards and evaluations can read colours back.
+Captions name the shape and both colours ("a red circle on a blue background"), in the grammar of
+`simplear.demo_captions` (which rewards and evaluations read colours back with).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import http.server
 import io
 import json
 import random
-import re
 import struct
 import threading
 import zlib
@@ -25,39 +24,9 @@ from pathlib import Path
 from typing import Iterator
 
 from simplear.datasets import DemoShapesParams
+from simplear.demo_captions import PALETTE, SHAPES, caption_for, parse_caption
 
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 60),
-    "blue": (30, 70, 220),
-    "yellow": (240, 220, 40),
-    "orange": (245, 140, 20),
-    "purple": (140, 50, 170),
-    "pink": (245, 140, 190),
-    "cyan": (40, 200, 210),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-}
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 BROKEN_KINDS = ("truncated", "not_an_image", "zero_byte", "huge_header", "missing")
-
-_CAPTION = re.compile(r"^an? (?P<fg>\w+) (?P<shape>\w+) on an? (?P<bg>\w+) background$")
-
-
-def caption_for(fg: str, shape: str, bg: str) -> str:
-    return f"{_article(fg)} {fg} {shape} on {_article(bg)} {bg} background"
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def parse_caption(caption: str) -> tuple[str, str, str] | None:
-    """(foreground colour, shape, background colour) of a demo caption, or None if it is not one."""
-    m = _CAPTION.match(caption.strip().lower())
-    if not m or m["fg"] not in PALETTE or m["bg"] not in PALETTE or m["shape"] not in SHAPES:
-        return None
-    return m["fg"], m["shape"], m["bg"]
 
 
 def draw(fg: str, shape: str, bg: str, width: int, height: int, rng: random.Random):
@@ -187,3 +156,6 @@ def serve(folder: str | Path, host: str = "127.0.0.1", handler: type = _QuietHan
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+__all__ = ["BROKEN_KINDS", "PALETTE", "SHAPES", "caption_for", "draw", "generate", "parse_caption", "serve"]

@@ -169,7 +169,7 @@ def cmd_serve(args) -> int:
     import time
     from pathlib import Path
 
-    from stages.serve import ServeConfig, read_checkpoint_meta, resolve_checkpoint, start
+    from simplear.serving import ServeConfig, read_checkpoint_meta, resolve_checkpoint, start
 
     cpus, gpus, replicas, run_dir, needs = 1.0, 0.0, 1, None, None
     base: dict = {}

@@ -160,7 +160,7 @@ class ClipReward:
 
 
 def _palette() -> dict[str, tuple[int, int, int]]:
-    from pipelines.demo_shapes import PALETTE
+    from simplear.demo_captions import PALETTE
 
     return PALETTE
 
@@ -204,7 +204,7 @@ class ColorMatchReward:
         return mask
 
     def score_one(self, image_3HW: torch.Tensor, prompt: str) -> float | None:
-        from pipelines.demo_shapes import parse_caption
+        from simplear.demo_captions import parse_caption
 
         labels = self.assign(image_3HW)
         presence = lambda frac: min(1.0, frac / self.config.fg_target)  # noqa: E731

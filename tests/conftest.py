@@ -125,7 +125,7 @@ def ray_session(ray_head):
 class ServedApp:
     url: str  # the app's root, e.g. http://127.0.0.1:PORT
     checkpoint: Path
-    config: object  # stages.serve.ServeConfig
+    config: object  # simplear.serving.ServeConfig
     port: int
 
 
@@ -136,7 +136,7 @@ def serve_torch_app(ray_head, tmp_path_factory):
     from ray import serve
 
     from serve_support import make_checkpoint
-    from stages.serve import ServeConfig, start
+    from simplear.serving import ServeConfig, start
 
     attach_ray(ray_head)
     ckpt = make_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt")

@@ -123,7 +123,7 @@ def test_needs_the_kv_cache(sampler, vocab):
 
 def test_serve_builds_sjd_for_the_torch_engine(tmp_path):
     from serve_support import make_checkpoint
-    from stages.serve import ServeConfig, build_engine
+    from simplear.serving import ServeConfig, build_engine
 
     ckpt = make_checkpoint(tmp_path / "ckpt", layers=1)
     engine = build_engine(ckpt, ServeConfig(engine="torch", sjd_window=4, sizes=["32x32"], device="cpu"))

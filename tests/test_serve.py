@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import ROOT
 from simplear.config import describe_validation_error
-from stages.serve import ServeConfig, render_page
+from simplear.serving import ServeConfig, render_page
 
 API = "/v1/images/generations"
 
@@ -176,7 +176,7 @@ def serve_vllm_app(serve_torch_app):
     from ray import serve
 
     from conftest import ServedApp
-    from stages.serve import start
+    from simplear.serving import start
 
     cfg = serve_torch_app.config.model_copy(update={
         "engine": "vllm", "app_name": "vllm", "route_prefix": "/vllm",
@@ -236,7 +236,7 @@ def test_stage_deploys_checks_and_returns(serve_torch_app, tmp_path):
 
 
 def test_stage_needs_its_checkpoint_stage(tmp_path):
-    from stages.serve import resolve_checkpoint
+    from simplear.serving import resolve_checkpoint
 
     with pytest.raises(ValueError, match="from_stage 'grpo' is not in the stage's needs"):
         resolve_checkpoint(ServeConfig(), tmp_path, needs=["sft"])

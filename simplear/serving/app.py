@@ -1,0 +1,209 @@
+"""The Ray Serve app: one engine per replica, requests gathered by `serve.batch` into one engine call."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import secrets
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+
+from simplear.serving.config import RequestError, ServeConfig, error_body, parse_request
+from simplear.serving.page import render_page
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    from simplear.model import is_checkpoint
+    from simplear.vocab import META_FILE
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    if not is_checkpoint(path):
+        raise ValueError(f"not a SimpleAR checkpoint: {path} (no valid {META_FILE})")
+    return json.loads((path / META_FILE).read_text())
+
+
+def build_engine(checkpoint: Path, cfg: ServeConfig):
+    """A sampler with `generate_images(prompts, size=(H, W), params=[...])`: vLLM, torch or torch + SJD."""
+    from simplear.visual_tokenizers import VisualTokenizerConfig, load_visual_tokenizer
+
+    meta = read_checkpoint_meta(checkpoint)
+    vt = load_visual_tokenizer(VisualTokenizerConfig.model_validate(meta["visual_tokenizer"]))
+    for w, h in cfg.parsed_sizes():
+        if w % vt.downsample or h % vt.downsample:
+            raise ValueError(f"size {w}x{h} is not a multiple of the visual tokenizer's downsample {vt.downsample}")
+    if cfg.engine == "vllm":
+        from simplear.vllm_engine import VLLMSampler
+
+        max_tokens = max((w // vt.downsample) * (h // vt.downsample) for w, h in cfg.parsed_sizes())
+        return VLLMSampler(checkpoint, vt, cfg.vllm, max_text_tokens=cfg.max_text_tokens, max_image_tokens=max_tokens)
+
+    from simplear.devices import resolve_device
+    from simplear.model import load_checkpoint
+    from simplear.sampler import TorchSampler
+
+    ckpt = load_checkpoint(checkpoint, device=resolve_device(cfg.device))
+    sampler = TorchSampler(ckpt.model, ckpt.vocab, vt, max_text_tokens=cfg.max_text_tokens)
+    if cfg.sjd_window:
+        from simplear.jacobi import JacobiSampler
+
+        return JacobiSampler(sampler, window=cfg.sjd_window)
+    return sampler
+
+
+@dataclass
+class _Job:
+    prompts: list[str]
+    size: tuple[int, int]  # (width, height)
+    params: list  # simplear.sampler.SamplingParams, one per image
+
+
+def _png_b64(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class ImageServer:
+    """The Serve deployment (wrapped by `serve.deployment` in `build_app`): routing by path, batching, the page."""
+
+    def __init__(self, checkpoint: str, config: dict):
+        from ray import serve
+
+        self.cfg = ServeConfig.model_validate(config)
+        self.checkpoint = Path(checkpoint)
+        self.engine = build_engine(self.checkpoint, self.cfg)
+        self.stats = {"requests": 0, "images": 0, "batches": 0, "max_batch_requests": 0}
+        # Batching is set up per replica so that its size and wait come from the config.
+        self._batched = serve.batch(max_batch_size=self.cfg.max_batch_size,
+                                    batch_wait_timeout_s=self.cfg.batch_wait_timeout_s)(self._run_batch)
+
+    async def __call__(self, request):
+        from starlette.responses import HTMLResponse, JSONResponse
+
+        path = request.scope.get("path", "/")
+        root = request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        path = "/" + path.strip("/")
+        routes = {("GET", "/"): "page", ("GET", "/v1/health"): "health", ("POST", "/v1/images/generations"): "generate"}
+        route = routes.get((request.method, path))
+        if route is None:
+            known = [p for (_, p) in routes]
+            status = 405 if path in known else 404
+            msg = f"{request.method} {path} is not allowed" if status == 405 else f"no route {path}"
+            return JSONResponse(error_body(msg, kind="not_found" if status == 404 else "method_not_allowed"), status_code=status)
+        if route == "page":
+            return HTMLResponse(render_page(self.cfg, api_root=root.rstrip("/")))
+        if route == "health":
+            return JSONResponse(self.health())
+        try:
+            req, (w, h) = parse_request(await request.body(), self.cfg)
+        except RequestError as e:
+            return JSONResponse(error_body(str(e), e.param), status_code=400)
+        try:
+            job = self._job(req, (w, h))
+        except ValueError as e:
+            return JSONResponse(error_body(str(e)), status_code=400)
+        self.stats["requests"] += 1
+        try:
+            images = await self._batched(job)
+        except Exception as e:  # noqa: BLE001 - the clients of the batch get a message, the replica stays up
+            return JSONResponse(error_body(f"{type(e).__name__}: {e}", kind="server_error"), status_code=500)
+        data = [{"b64_json": b64, "seed": p.seed} for b64, p in zip(images, job.params)]
+        return JSONResponse({"created": int(time.time()), "data": data})
+
+    def health(self) -> dict:
+        return {
+            "status": "ok",
+            "engine": self.cfg.engine if not self.cfg.sjd_window else f"torch+sjd(window={self.cfg.sjd_window})",
+            "checkpoint": str(self.checkpoint),
+            "sizes": self.cfg.sizes,
+            "defaults": self.cfg.defaults.model_dump(),
+            "max_n": self.cfg.max_n,
+            "max_prompt_chars": self.cfg.max_prompt_chars,
+            "stats": dict(self.stats),
+        }
+
+    def _job(self, req: ImageRequest, size: tuple[int, int]) -> _Job:
+        from simplear.sampler import SamplingParams
+
+        d = self.cfg.defaults
+        base = SamplingParams(
+            cfg_scale=d.guidance_scale if req.guidance_scale is None else req.guidance_scale,
+            temperature=d.temperature if req.temperature is None else req.temperature,
+            top_k=d.top_k if req.top_k is None else req.top_k,
+            top_p=d.top_p if req.top_p is None else req.top_p,
+            negative_prompt=req.negative_prompt,
+        )
+        first = req.seed if req.seed is not None else secrets.randbits(62)
+        params = [replace(base, seed=(first + i) % 2**63) for i in range(req.n)]  # one repeatable seed per image
+        return _Job([req.prompt] * req.n, size, params)
+
+    async def _run_batch(self, jobs: list[_Job]) -> list[list[str]]:
+        self.stats["batches"] += 1
+        self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], len(jobs))
+        self.stats["images"] += sum(len(j.prompts) for j in jobs)
+        # One engine call per size; serve.batch runs one batch at a time, so the engine is never shared.
+        return await asyncio.to_thread(self._generate, jobs)
+
+    def _generate(self, jobs: list[_Job]) -> list[list[str]]:
+        out: list[list[str] | None] = [None] * len(jobs)
+        for size in dict.fromkeys(j.size for j in jobs):
+            idx = [i for i, j in enumerate(jobs) if j.size == size]
+            prompts = [p for i in idx for p in jobs[i].prompts]
+            params = [p for i in idx for p in jobs[i].params]
+            w, h = size
+            images = [_png_b64(im) for im in self.engine.generate_images(prompts, size=(h, w), params=params)]
+            k = 0
+            for i in idx:
+                n = len(jobs[i].prompts)
+                out[i] = images[k:k + n]
+                k += n
+        return out
+
+
+def build_app(checkpoint: str | Path, cfg: ServeConfig, cpus: float = 1.0, gpus: float = 0.0,
+              replicas: int = 1, env: dict[str, str] | None = None):
+    """The bound Serve application (pass it to `serve.run`)."""
+    from ray import serve
+
+    actor_options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
+    env_vars = {"OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    actor_options["runtime_env"] = {"env_vars": env_vars}
+    deployment = serve.deployment(
+        ImageServer,
+        name="ImageServer",
+        num_replicas=replicas,
+        ray_actor_options=actor_options,
+        max_ongoing_requests=max(2 * cfg.max_batch_size, 8),
+        health_check_period_s=10,
+        graceful_shutdown_timeout_s=5,
+    )
+    return deployment.bind(str(checkpoint), cfg.model_dump(mode="json"))
+
+
+def start(checkpoint: str | Path, cfg: ServeConfig, blocking: bool = False, **app_kwargs):
+    """Start Serve's proxy on cfg.host:cfg.port (if Serve is not up yet) and run the app; returns its handle."""
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    return serve.run(build_app(checkpoint, cfg, **app_kwargs), name=cfg.app_name, route_prefix=cfg.route_prefix,
+                     blocking=blocking)
+
+
+def resolve_checkpoint(cfg: ServeConfig, run_dir: Path, needs: list[str] | None = None) -> Path:
+    if cfg.checkpoint:
+        return Path(cfg.checkpoint)
+    if needs is not None and cfg.from_stage not in needs:
+        raise ValueError(f"from_stage {cfg.from_stage!r} is not in the stage's needs {needs}: add it or set checkpoint")
+    return Path(run_dir) / cfg.from_stage / "final"
+
+
+# -- the page ---------------------------------------------------------------------------------------
+

@@ -1,0 +1,159 @@
+"""The serve config and the request it takes (OpenAI images API): parsed and checked, or a 400 with a reason."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from simplear.config import StrictModel
+from simplear.vllm_engine import VLLMOptions
+from simplear.vocab import MAX_TEXT_TOKENS
+
+
+SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+
+
+class GenerationDefaults(StrictModel):
+    """What a request that leaves a parameter out gets."""
+
+    guidance_scale: float = Field(1.5, ge=0, le=50)  # 1.5 beat 3 on held-out demo prompts (ENVIRONMENT.md)
+    temperature: float = Field(1.0, ge=0, le=10)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+
+class ServeConfig(StrictModel):
+    checkpoint: str | None = None  # a checkpoint folder; None: `<run_dir>/<from_stage>/final`
+    from_stage: str = "grpo"  # the stage whose final checkpoint is served (must be in `needs`)
+    engine: Literal["vllm", "torch"] = "vllm"
+    sjd_window: int | None = Field(None, ge=1)  # torch engine: speculative Jacobi decoding with this many drafts
+    device: str = "auto"  # torch engine: "auto" = cuda when the replica has a GPU, else cpu
+    host: str = "127.0.0.1"  # where the HTTP proxy listens; 0.0.0.0 exposes it
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "simplear"
+    route_prefix: str = "/"
+    sizes: list[str] = Field(["64x64"], min_length=1)  # "WxH" in pixels; the first is the default
+    max_prompt_chars: int = Field(1000, ge=1)
+    max_n: int = Field(4, ge=1)
+    max_text_tokens: int = Field(MAX_TEXT_TOKENS, ge=1)  # caption tokens the model sees (longer ones are cut), as trained
+    max_batch_size: int = Field(16, ge=1)  # requests gathered into one engine call
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    defaults: GenerationDefaults = GenerationDefaults()
+    vllm: VLLMOptions = VLLMOptions()
+    smoke_prompt: str | None = "a red circle on a blue background"  # the stage's check request; None: no check
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, sizes: list[str]) -> list[str]:
+        for s in sizes:
+            m = SIZE_RE.match(s)
+            if not m or int(m[1]) < 1 or int(m[2]) < 1:
+                raise ValueError(f"size {s!r} is not WIDTHxHEIGHT in pixels, e.g. 64x64")
+        return sizes
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"route_prefix must start with '/', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _engine_options(self):
+        if self.sjd_window is not None and self.engine != "torch":
+            raise ValueError("sjd_window (speculative Jacobi decoding) needs engine: torch")
+        return self
+
+    def parsed_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) per served size."""
+        return [(int(m[1]), int(m[2])) for m in (SIZE_RE.match(s) for s in self.sizes)]
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}{self.route_prefix.rstrip('/')}"
+
+
+# -- requests ---------------------------------------------------------------------------------------
+
+
+class ImageRequest(BaseModel):
+    """POST /v1/images/generations; `None` means the server's default. `model` and `user` are
+    accepted (and ignored) so that OpenAI clients work; any other unknown key is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    n: int = Field(1, ge=1)
+    size: str | None = None
+    guidance_scale: float | None = Field(None, ge=0, le=50)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    temperature: float | None = Field(None, ge=0, le=10)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    negative_prompt: str = ""
+    response_format: Literal["b64_json"] = "b64_json"
+    model: str | None = None
+    user: str | None = None
+
+    @field_validator("n", "seed", "top_k", "guidance_scale", "temperature", "top_p", mode="before")
+    @classmethod
+    def _numbers_only(cls, v):
+        if isinstance(v, (str, bool)):  # pydantic would take "3" or true for a number
+            raise ValueError("must be a number")
+        return v
+
+    @field_validator("n", "seed", "top_k", mode="before")
+    @classmethod
+    def _whole(cls, v):
+        if isinstance(v, float):
+            raise ValueError("must be an integer")
+        return v
+
+
+class RequestError(ValueError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def parse_request(body: bytes, cfg: ServeConfig) -> tuple[ImageRequest, tuple[int, int]]:
+    """The request and its (width, height), or RequestError with an OpenAI-style message."""
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"malformed JSON body: {e}") from None
+    if not isinstance(obj, dict):
+        raise RequestError(f"the body must be a JSON object, got {type(obj).__name__}")
+    try:
+        req = ImageRequest.model_validate(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        msgs = [f"{'.'.join(str(p) for p in err['loc'])}: {'unknown parameter' if err['type'] == 'extra_forbidden' else err['msg']}"
+                for err in e.errors()]
+        raise RequestError("; ".join(msgs), param) from None
+    if not req.prompt.strip():
+        raise RequestError("prompt must not be empty", "prompt")
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(req, name)) > cfg.max_prompt_chars:
+            raise RequestError(f"{name} is longer than {cfg.max_prompt_chars} characters", name)
+    if req.n > cfg.max_n:
+        raise RequestError(f"n must be at most {cfg.max_n}, got {req.n}", "n")
+    size = req.size or cfg.sizes[0]
+    if size not in cfg.sizes:
+        raise RequestError(f"unsupported size {size!r}; supported: {', '.join(cfg.sizes)}", "size")
+    w, h = (int(x) for x in SIZE_RE.match(size).groups())
+    return req, (w, h)
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+# -- the engine -------------------------------------------------------------------------------------
+
+
