@@ -50,3 +50,60 @@ def test_a_resume_with_another_worker_count_refuses():
         _resume_position(state, 0, 1)
     with pytest.raises(RuntimeError, match="predates per-worker data positions"):
         _resume_position({"step": 4, "position": {"epoch": 0, "batch": 4}}, 0, 1)
+
+
+class SplitRows:
+    """Stands in for a worker's files: step k's global batch is rows [k*G, (k+1)*G) of one table, and rank r
+    of w takes rows r::w of it, so 1 worker and 2 see the same global batches."""
+
+    def __init__(self, rows: dict, rank: int, world: int, per_step: int):
+        self.rows, self.rank, self.world, self.per_step, self.step = rows, rank, world, per_step, 0
+
+    def batches(self, start, batch_size):
+        import numpy as np
+
+        from simplear.train_data import Position
+
+        n = len(next(iter(self.rows.values())))
+        self.step = start.batch
+        while True:
+            idx = np.arange(self.step * self.per_step, (self.step + 1) * self.per_step) % n
+            self.step += 1
+            yield Position(0, self.step), {c: v[idx[self.rank::self.world]] for c, v in self.rows.items()}
+
+    def position(self):
+        from simplear.train_data import Position
+
+        return Position(0, self.step)
+
+
+def split_rows_worker(config: dict) -> None:
+    """fit()'s worker with the loop's data replaced by `SplitRows`."""
+    import pyarrow.parquet as pq
+
+    from simplear.training import RaySession, TrainConfig, train_loop
+
+    cfg = TrainConfig.model_validate(config["train"])
+    session = RaySession([], config["columns"])
+    table = pq.read_table(config["files"][0]["path"], columns=config["columns"])
+    rows = {c: table[c].to_numpy(zero_copy_only=False) for c in config["columns"]}
+    session.worker_rows = lambda seed, buffer: SplitRows(rows, session.rank, session.world_size, cfg.global_batch_size)
+    train_loop(config["task"], cfg, session, config["out_dir"], config.get("run_info"))
+
+
+def test_two_workers_with_ddp_or_fsdp2_give_the_losses_of_one(ray_session, tmp_path):
+    from simplear.training import SequenceSpec, read_metrics
+
+    data = tmp_path / "data.parquet"
+    pq.write_table(shapes_table(32, 32, seed=5), data)
+    t = task(sequence=SequenceSpec(cfg_dropout=0.0))  # dropout draws depend on the rank
+    files = [DataFile(str(data), 32)]
+    losses = {}
+    for name, strategy, workers in (("one", "ddp", 1), ("ddp", "ddp", 2), ("fsdp", "fsdp", 2)):
+        cfg = train_cfg(steps=3, global_batch_size=8, strategy=strategy, checkpoint_every=3, report_interval_s=0, max_failures=0)
+        fit(t, cfg, stage_dir=tmp_path / name, resources=Resources(cpus=1, concurrency=workers), files=files, columns=t.columns,
+            worker=split_rows_worker)
+        losses[name] = [r["loss"] for r in read_metrics(tmp_path / name)]
+    assert len(losses["one"]) == 3
+    for name in ("ddp", "fsdp"):
+        assert losses[name] == pytest.approx(losses["one"], rel=1e-4), (name, losses)
