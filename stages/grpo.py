@@ -222,7 +222,11 @@ def visual_logps(model, input_ids, attention_mask, n_completion: int, vocab, sam
     codes = completion - vocab.visual_offset
     valid = (codes >= 0) & (codes < vocab.codebook_size)
     token_logp = final.gather(-1, codes.clamp(0, vocab.codebook_size - 1).unsqueeze(-1)).squeeze(-1) * valid
-    entropy = -(final.exp() * final).sum(-1) if compute_entropy else None
+    entropy = None
+    if compute_entropy:  # logged only: no graph for it (it would keep a (B, T, codebook) tensor for backward)
+        with torch.no_grad():
+            detached = final.detach()
+            entropy = -(detached.exp() * detached).sum(-1)
     return token_logp, entropy
 
 

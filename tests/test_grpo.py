@@ -331,3 +331,20 @@ def test_prompts_come_from_the_kept_parts_of_the_chosen_resolution(tmp_path):
     assert sorted(train + held_out) == [f"big {i}" for i in range(6)] and len(held_out) == 2
     everything = resolve_prompts(ctx, PromptSpec(stage="tokenize", eval_count=2), "w")  # rejected/ skipped, not an error
     assert len(everything[0]) + len(everything[1]) == 11
+
+
+def test_several_iterations_per_generation_move_the_ratio_and_clip(sft, tmp_path):
+    """num_iterations 2: the second pass over a generation uses the old policy's log-probs kept from the
+    first, the ratio leaves 1, and with a small epsilon some tokens are clipped; entropy carries no graph."""
+    from stages.grpo import GRPOSpec, build_trainer, visual_logps
+
+    torch.manual_seed(0)
+    task = make_task(sft, grpo=GRPOSpec(num_generations=4, num_iterations=2, epsilon=0.01, beta=0.0))
+    trainer = build_trainer(task, TrainConfig(steps=4, global_batch_size=8, lr=5e-3), str(tmp_path / "hf"), device="cpu")
+    trainer.train()
+    clipped = [r["clip_ratio/region_mean"] for r in trainer.state.log_history if "clip_ratio/region_mean" in r]
+    assert len(clipped) == 4 and max(clipped) > 0, clipped
+    ids = torch.tensor([[trainer.vocab.t2i_id, trainer.vocab.soi_id] + [trainer.vocab.visual_offset] * 4])
+    lp, ent = visual_logps(trainer.model, ids, torch.ones_like(ids), 4, trainer.vocab, task.sampling, trainer.uncond_ids,
+                           compute_entropy=True)
+    assert lp.requires_grad and not ent.requires_grad
