@@ -28,9 +28,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from simplear.training import (  # noqa: E402
-    LocalSession, SequenceSpec, T2ITask, TrainConfig, fit, read_metrics, train_loop,
-)
+from simplear.t2i import SequenceSpec, T2ITask  # noqa: E402
+from simplear.train import LocalSession, TrainConfig, fit, read_metrics, train_loop  # noqa: E402
 from simplear.visual_tokenizers import VisualTokenizerConfig, load_visual_tokenizer, pil_to_tensor  # noqa: E402
 
 VT = VisualTokenizerConfig(kind="pixel-fsq", levels=10)

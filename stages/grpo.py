@@ -8,7 +8,7 @@ sampled visual tokens under the sampler's own distribution: visual ids only, CFG
 `cfg_scale != 1` (the unconditional rows run too), divided by the temperature. So on-policy the
 importance ratio is exactly 1 and the KL to the reference is 0 at the first step.
 
-Ray Train runs the worker (`simplear.training.fit`); every `checkpoint_every` steps trl's checkpoint
+Ray Train runs the worker (`simplear.train.fit`); every `checkpoint_every` steps trl's checkpoint
 (optimizer, scheduler, RNG, trainer state) is reported together with a SimpleAR checkpoint of the
 policy, so a rerun resumes where a killed one stopped. Per step: reward mean/std (and per reward),
 KL, clip fraction, entropy, loss to the log, metrics.jsonl, TensorBoard and `ray.train.report`.
@@ -40,22 +40,9 @@ from pydantic import Field, model_validator
 
 from simplear.config import ConfigError, StrictModel
 from simplear.rewards import RewardConfig, WeightedRewards
-from simplear.training import (
-    FINAL,
-    METRICS,
-    OPTIMIZER,
-    SAMPLES,
-    TRAINER_STATE,
-    MetricsWriter,
-    SampleSpec,
-    TRAIN_OPERATIONAL,
-    TrainConfig,
-    fit,
-    ray_report,
-    read_metrics,
-    sample_grid,
-    train_progress,
-)
+from simplear.t2i import SampleSpec, sample_grid, train_progress
+from simplear.train import FINAL, METRICS, OPTIMIZER, SAMPLES, TRAINER_STATE, TRAIN_OPERATIONAL, TrainConfig, fit, ray_report, read_metrics
+from simplear.train.metrics import MetricsWriter
 from simplear.vocab import MAX_TEXT_TOKENS
 from simplear.workflow import StageContext, StageResult, register_stage
 

@@ -1,6 +1,6 @@
 """Pretrain: next-token training on caption + visual tokens, from an LLM (production) or a tiny config (demo).
 
-The loop, checkpoints, resume and figures are `simplear.training`'s; this stage says how the model
+The loop, checkpoints, resume and figures are `simplear.train`'s; this stage says how the model
 starts (`init`) and which visual tokenizer its vocabulary is built for.
 """
 
@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from simplear.config import ConfigError
-from simplear.training import TRAIN_OPERATIONAL, T2IStageConfig, run_t2i_stage, tokenized_data, train_progress
+from simplear.t2i import T2IStageConfig, run_t2i_stage, tokenized_data, train_progress
+from simplear.train import TRAIN_OPERATIONAL
 from simplear.visual_tokenizers import VisualTokenizerConfig
 from simplear.workflow import StageContext, StageResult, register_stage
 

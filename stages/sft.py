@@ -7,7 +7,8 @@ from pathlib import Path
 
 from simplear.config import ConfigError
 from simplear.model import is_checkpoint
-from simplear.training import FINAL, TRAIN_OPERATIONAL, T2IStageConfig, run_t2i_stage, tokenized_data, train_progress
+from simplear.t2i import T2IStageConfig, run_t2i_stage, tokenized_data, train_progress
+from simplear.train import FINAL, TRAIN_OPERATIONAL
 from simplear.visual_tokenizers import VisualTokenizerConfig
 from simplear.vocab import META_FILE
 from simplear.workflow import StageContext, StageResult, register_stage

@@ -1,7 +1,7 @@
 """The GRPO stage: advantages, log-probs, KL, resume, and the demo's held-out reward rising.
 
 An SFT-like checkpoint is trained here in half a minute by the project's own training loop
-(`simplear.training.train_loop`, one process) on tokenized coloured shapes; GRPO then runs as the
+(`simplear.train.train_loop`, one process) on tokenized coloured shapes; GRPO then runs as the
 real stage: through the workflow engine, in a Ray task, with trl's trainer inside a Ray Train worker.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from simplear.training import FINAL, TrainConfig, checkpoints_dir
+from simplear.train import FINAL, TrainConfig, checkpoints_dir
 
 from test_training_helpers import VT, shapes_table
 
@@ -25,7 +25,8 @@ SIZE = 32  # 4 x 4 visual tokens: seconds per GRPO step on 2 cores
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory) -> Path:
     """A small SFT-like checkpoint: 150 steps of next-token training on 1,024 tokenized shapes."""
-    from simplear.training import LocalSession, SequenceSpec, T2ITask, export_final, train_loop
+    from simplear.t2i import SequenceSpec, T2ITask
+    from simplear.train import LocalSession, export_final, train_loop
     from simplear.visual_tokenizers import VisualTokenizerConfig
 
     out = tmp_path_factory.mktemp("sft")

@@ -12,22 +12,9 @@ import pytest
 import torch
 
 from simplear.config import ConfigError
-from simplear.training import (
-    CAPTION_COLUMNS,
-    METRICS,
-    TRAINER_STATE,
-    Position,
-    LocalSession,
-    SequenceSpec,
-    T2ITask,
-    TrainConfig,
-    lr_at,
-    plot_loss_curve,
-    read_metrics,
-    scaling_config,
-    summarize,
-    train_loop,
-)
+from simplear.t2i import CAPTION_COLUMNS, SequenceSpec, T2ITask
+from simplear.train import LocalSession, METRICS, TRAINER_STATE, TrainConfig, lr_at, plot_loss_curve, read_metrics, scaling_config, summarize, train_loop
+from simplear.train_data import Position
 from simplear.visual_tokenizers import VisualTokenizerConfig
 from simplear.workflow.spec import Resources, load_workflow
 from test_training_helpers import VT, shapes_table
@@ -344,6 +331,6 @@ def test_bf16_and_gradient_checkpointing_on_gpu(tmp_path):
     assert last["step"] == 6 and math.isfinite(last["loss"])
     w = weights(session.checkpoints()[-1])
     assert all(v.dtype == torch.float32 for v in w.values())  # bf16 compute, fp32 master weights in the checkpoint
-    from simplear.training import _autocast
+    from simplear.train.parallel import autocast_for
 
-    assert _autocast(cfg, torch.device("cuda"), 1) is not contextlib.nullcontext
+    assert autocast_for(cfg, torch.device("cuda"), 1) is not contextlib.nullcontext

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from simplear.train_data import DataFile
-from simplear.training import TRAINER_STATE, _resume_position, checkpoints_dir, fit
+from simplear.train import TRAINER_STATE, checkpoints_dir, fit
+from simplear.train.loop import _resume_position
 from simplear.workflow.spec import Resources
 from test_training import CrashingTask, task, train_cfg, weights
 from test_training_helpers import shapes_table
@@ -81,7 +82,7 @@ def split_rows_worker(config: dict) -> None:
     """fit()'s worker with the loop's data replaced by `SplitRows`."""
     import pyarrow.parquet as pq
 
-    from simplear.training import RaySession, TrainConfig, train_loop
+    from simplear.train import RaySession, TrainConfig, train_loop
 
     cfg = TrainConfig.model_validate(config["train"])
     session = RaySession([], config["columns"])
@@ -92,7 +93,8 @@ def split_rows_worker(config: dict) -> None:
 
 
 def test_two_workers_with_ddp_or_fsdp2_give_the_losses_of_one(ray_session, tmp_path):
-    from simplear.training import SequenceSpec, read_metrics
+    from simplear.t2i import SequenceSpec
+    from simplear.train import read_metrics
 
     data = tmp_path / "data.parquet"
     pq.write_table(shapes_table(32, 32, seed=5), data)

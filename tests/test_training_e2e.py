@@ -25,7 +25,7 @@ import psutil
 import pytest
 import torch
 
-from simplear.training import FINAL, LEGACY_CHECKPOINTS, METRICS, checkpoints_dir
+from simplear.train import FINAL, LEGACY_CHECKPOINTS, METRICS, checkpoints_dir
 from test_training_helpers import HELD_OUT, image_colours
 
 ROOT = Path(__file__).resolve().parent.parent
