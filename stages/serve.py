@@ -1,19 +1,6 @@
-"""`serve`: a trained checkpoint behind an HTTP API and a web page, on Ray Serve (engine vLLM or torch).
-
-    POST /v1/images/generations   {"prompt", "n", "size", "guidance_scale", "seed", "temperature", "top_k",
-                                   "top_p", "negative_prompt"} -> {"created", "data": [{"b64_json", "seed"}]}
-    GET  /                        a page to type a prompt and see the images
-    GET  /v1/health               engine, checkpoint, sizes, defaults, limits, batching counters
-
-The request and response follow OpenAI's images API (`response_format` b64_json only); a bad
-request gets a 400 with `{"error": {"message", "type": "invalid_request_error", "param"}}`.
-Concurrent requests are gathered by `serve.batch` into one engine call (per image size).
-
-In a workflow the stage deploys the app, checks it with one request (the image is kept as
-`sample.png`), writes `endpoint.json` and returns: on a cluster the Serve app outlives the stage's
-task; on the demo's embedded Ray it ends with the run, so `simplear serve` is how a local user keeps
-it up (it runs the same app in the foreground).
-"""
+"""`serve`: deploy a trained checkpoint with `simplear.serving` (HTTP API and page on Ray Serve), check it with
+one request (kept as `sample.png`) and write `endpoint.json`. On a cluster the Serve app outlives the
+stage's task; on the demo's embedded Ray it ends with the run (`simplear serve` keeps it up)."""
 
 from __future__ import annotations
 
