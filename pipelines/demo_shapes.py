@@ -24,39 +24,9 @@ from pathlib import Path
 from typing import Iterator
 
 from simplear.datasets import DemoShapesParams
-from simplear.demo_captions import PALETTE, SHAPES, caption_for, parse_caption
+from simplear.demo_captions import PALETTE, SHAPES, caption_for, draw, parse_caption
 
 BROKEN_KINDS = ("truncated", "not_an_image", "zero_byte", "huge_header", "missing")
-
-
-def draw(fg: str, shape: str, bg: str, width: int, height: int, rng: random.Random):
-    """One image: a solid background and one filled shape covering 35-70% of the short edge."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), PALETTE[bg])
-    d = ImageDraw.Draw(img)
-    short = min(width, height)
-    size = rng.uniform(0.35, 0.7) * short
-    cx = rng.uniform(size / 2, width - size / 2)
-    cy = rng.uniform(size / 2, height - size / 2)
-    r = size / 2
-    box = [cx - r, cy - r, cx + r, cy + r]
-    color = PALETTE[fg]
-    if shape == "circle":
-        d.ellipse(box, fill=color)
-    elif shape == "square":
-        d.rectangle(box, fill=color)
-    elif shape == "triangle":
-        d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=color)
-    elif shape == "diamond":
-        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
-    elif shape == "cross":
-        t = r / 3
-        d.rectangle([cx - r, cy - t, cx + r, cy + t], fill=color)
-        d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=color)
-    else:  # pragma: no cover - SHAPES is closed
-        raise AssertionError(shape)
-    return img
 
 
 def _huge_header_png(width: int = 200_000, height: int = 200_000) -> bytes:

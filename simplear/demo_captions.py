@@ -1,11 +1,13 @@
-"""The demo set's caption grammar ("a red circle on a blue background"): its colours and shapes, written and read back.
+"""The demo set's captions ("a red circle on a blue background") and pictures: colours, shapes, the grammar
+that writes and reads captions, and the drawing of one image.
 
-In the library, not in the demo's data pipeline, because rewards and evaluations read colours back
-from captions and the library never imports `pipelines/`.
+In the library, not in the demo's data pipeline, because rewards and evaluations read colours and
+shapes back (`simplear.rewards`) and the library never imports `pipelines/`.
 """
 
 from __future__ import annotations
 
+import random
 import re
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -39,3 +41,35 @@ def parse_caption(caption: str) -> tuple[str, str, str] | None:
     if not m or m["fg"] not in PALETTE or m["bg"] not in PALETTE or m["shape"] not in SHAPES:
         return None
     return m["fg"], m["shape"], m["bg"]
+
+
+def paint_shape(canvas, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    """Draw `shape` (centre cx, cy; half-size r: its bounding box is 2r x 2r) on a PIL ImageDraw."""
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        canvas.ellipse(box, fill=fill)
+    elif shape == "square":
+        canvas.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        canvas.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    elif shape == "diamond":
+        canvas.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif shape == "cross":
+        t = r / 3
+        canvas.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
+        canvas.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r} (shapes: {', '.join(SHAPES)})")
+
+
+def draw(fg: str, shape: str, bg: str, width: int, height: int, rng: random.Random):
+    """One image: a solid background and one filled shape covering 35-70% of the short edge."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), PALETTE[bg])
+    short = min(width, height)
+    size = rng.uniform(0.35, 0.7) * short
+    cx = rng.uniform(size / 2, width - size / 2)
+    cy = rng.uniform(size / 2, height - size / 2)
+    paint_shape(ImageDraw.Draw(img), shape, cx, cy, size / 2, PALETTE[fg])
+    return img

@@ -58,7 +58,14 @@ class ColorMatchRewardConfig(StrictModel):
     max_distance: float = Field(80.0, gt=0)  # RGB distance beyond which a pixel matches no palette colour
 
 
-RewardConfig = Annotated[Union[ClipRewardConfig, HpsRewardConfig, ColorMatchRewardConfig], Field(discriminator="kind")]
+class ShapeMatchRewardConfig(StrictModel):
+    kind: Literal["shape_match"] = "shape_match"
+    weight: float = 1.0
+    max_distance: float = Field(80.0, gt=0)  # RGB distance beyond which a pixel is not the shape's colour
+
+
+RewardConfig = Annotated[Union[ClipRewardConfig, HpsRewardConfig, ColorMatchRewardConfig, ShapeMatchRewardConfig],
+                         Field(discriminator="kind")]
 
 
 # -- interface ---------------------------------------------------------------------------------
@@ -232,6 +239,50 @@ class ColorMatchReward:
 # -- building and combining --------------------------------------------------------------------
 
 
+class ShapeMatchReward:
+    """Demo captions: 1 when the shape drawn in the caption's colour is the caption's shape, else 0 (None for
+    other prompts). The pixels nearest the shape colour form a mask; each of the five shapes is drawn in
+    the mask's bounding box (as the demo set draws them) and the one overlapping it best (IoU) is the
+    shape seen. A score GRPO's colour reward does not train, for the held-out evaluation."""
+
+    name = "shape_match"
+
+    def __init__(self, config: ShapeMatchRewardConfig | None = None):
+        self.config = config or ShapeMatchRewardConfig()
+        self.colours = ColorMatchReward(ColorMatchRewardConfig(max_distance=self.config.max_distance))
+
+    def seen_shape(self, image_3HW: torch.Tensor, colour: str) -> str | None:
+        import numpy as np
+        from PIL import Image, ImageDraw
+
+        from simplear.demo_captions import SHAPES, paint_shape
+
+        mask = (self.colours.assign(image_3HW) == self.colours.colour_names.index(colour)).numpy()
+        ys, xs = np.nonzero(mask)
+        if len(xs) < 4:
+            return None
+        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
+        best, best_iou = None, -1.0
+        for shape in SHAPES:
+            template = Image.new("L", (mask.shape[1], mask.shape[0]), 0)
+            paint_shape(ImageDraw.Draw(template), shape, cx, cy, r, 255)
+            t = np.asarray(template) > 0
+            iou = (t & mask).sum() / max(1, (t | mask).sum())
+            if iou > best_iou:
+                best, best_iou = shape, iou
+        return best
+
+    def __call__(self, images, prompts: Sequence[str]) -> list[float | None]:
+        from simplear.demo_captions import parse_caption
+
+        out: list[float | None] = []
+        for image, prompt in zip(as_image_list(images), prompts):
+            parsed = parse_caption(prompt)
+            out.append(None if parsed is None else float(self.seen_shape(image, parsed[0]) == parsed[1]))
+        return out
+
+
 def build_reward(config) -> Reward:
     if isinstance(config, dict):
         from pydantic import TypeAdapter
@@ -239,6 +290,8 @@ def build_reward(config) -> Reward:
         config = TypeAdapter(RewardConfig).validate_python(config)
     if isinstance(config, ColorMatchRewardConfig):
         return ColorMatchReward(config)
+    if isinstance(config, ShapeMatchRewardConfig):
+        return ShapeMatchReward(config)
     if isinstance(config, ClipRewardConfig):  # clip and hps
         return ClipReward(config)
     raise TypeError(f"not a reward config: {config!r}")

@@ -108,6 +108,9 @@ class EvalSpec(StrictModel):
     batch_size: int = Field(64, ge=1)
     seed: int = 10_000
     sampling: SamplingSpec | None = None  # default: the training sampling
+    scorers: list[RewardConfig] = Field([], description="scores reported but not trained on (the `simplear.rewards` "
+                                        "interface): shape_match in the demo, clip or hps in production")
+    cfg_scales: list[float] = Field([], description="the evaluation again at these CFG scales (the serving one)")
 
 
 class GRPOStageConfig(StrictModel):
@@ -520,8 +523,9 @@ def step_metrics(step: int, logs: dict, seconds: float) -> dict:
 
 
 def sample_and_score(model, vocab, visual_tokenizer, rewards: WeightedRewards, prompts: list[str], grid, sampling: SamplingSpec,
-                     per_prompt: int, seed: int, batch_size: int, max_text_tokens=None, autocast=contextlib.nullcontext) -> dict:
-    """Per reward (and "total"): the mean score of each prompt over its samples."""
+                     per_prompt: int, seed: int, batch_size: int, max_text_tokens=None, autocast=contextlib.nullcontext,
+                     scorers: WeightedRewards | None = None) -> dict:
+    """Per reward (and "total", their weighted sum) and per extra scorer: the mean score of each prompt over its samples."""
     import torch
 
     from simplear.sampler import SamplingParams, TorchSampler
@@ -536,7 +540,11 @@ def sample_and_score(model, vocab, visual_tokenizer, rewards: WeightedRewards, p
         with autocast():
             codes = sampler.generate_codes([p for p, _ in chunk], grid, params)
         images = visual_tokenizer.decode(codes).float().cpu()
-        for name, values in rewards.score(images, [p for p, _ in chunk]).items():
+        texts = [p for p, _ in chunk]
+        got = rewards.score(images, texts)
+        if scorers is not None:  # named apart from the trained rewards when they share a kind
+            got.update({(n if n not in got else f"{n}_eval"): v for n, v in scorers.score(images, texts).items() if n != "total"})
+        for name, values in got.items():
             scores.setdefault(name, []).extend(values)
     out = {}
     for name, values in scores.items():
@@ -577,19 +585,26 @@ def evaluate_before_after(task: GRPOTask, policy, vocab, visual_tokenizer, vt_co
     spec = task.eval
     sampling = spec.sampling or task.sampling
     before_model = load_checkpoint(task.init_path, device=device, dtype=torch.float32).model
-    common = dict(vocab=vocab, visual_tokenizer=visual_tokenizer, rewards=rewards,
-                  prompts=task.eval_prompts, grid=task.grid, sampling=sampling, per_prompt=spec.samples_per_prompt,
+    scorers = WeightedRewards.from_configs(spec.scorers) if spec.scorers else None
+    common = dict(vocab=vocab, visual_tokenizer=visual_tokenizer, rewards=rewards, scorers=scorers,
+                  prompts=task.eval_prompts, grid=task.grid, per_prompt=spec.samples_per_prompt,
                   seed=spec.seed, batch_size=spec.batch_size, max_text_tokens=task.max_text_tokens, autocast=autocast)
     t0 = time.perf_counter()
-    before = sample_and_score(before_model, **common)
-    after = sample_and_score(policy, **common)
+    before = sample_and_score(before_model, sampling=sampling, **common)
+    after = sample_and_score(policy, sampling=sampling, **common)
     comparison = {name: paired_comparison(before[name], after[name]) for name in before}
+    at_cfg = {}
+    for scale in spec.cfg_scales:  # e.g. the serving CFG: does the gain hold where the model is used?
+        other = sampling.model_copy(update={"cfg_scale": scale})
+        b, a = sample_and_score(before_model, sampling=other, **common), sample_and_score(policy, sampling=other, **common)
+        at_cfg[f"{scale:g}"] = {name: paired_comparison(b[name], a[name]) for name in b}
     result = {
         "prompts": task.eval_prompts,
         "samples_per_prompt": spec.samples_per_prompt,
         "sampling": sampling.model_dump(mode="json"),
         "seed": spec.seed,
         "comparison": comparison,
+        "comparison_at_cfg": at_cfg,
         "per_prompt": {"before": before, "after": after},
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -807,7 +822,9 @@ def run(ctx: StageContext) -> StageResult:
     rows = read_metrics(ctx.stage_dir)
     plot_reward_curve(rows, ctx.stage_dir / REWARD_CURVE,
                       title=f"{ctx.name}: G={cfg.grpo.num_generations}, beta={cfg.grpo.beta}, lr={cfg.train.lr:g}")
-    evaluation = json.loads((ctx.stage_dir / EVAL).read_text())["comparison"]
+    evaluated = json.loads((ctx.stage_dir / EVAL).read_text())
+    evaluation = {**evaluated["comparison"], **{f"{name}_cfg{scale}": c for scale, by_name in evaluated.get("comparison_at_cfg", {}).items()
+                                                for name, c in by_name.items()}}
     metrics = {"steps": state["step"], "resumed_at": state.get("resumed_at", []), "train_seconds": round(time.time() - t0, 1),
                "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts), "grid": list(task.grid),
                **_summary(rows),

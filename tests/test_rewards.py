@@ -167,3 +167,24 @@ def test_reward_configs_are_strict():
         adapter.validate_python({"kind": "aesthetic"})
     with pytest.raises(FileNotFoundError):
         build_reward({"kind": "hps", "model": "ViT-B-32", "checkpoint": "/nonexistent/hps.pt"})
+
+
+def test_shape_match_sees_the_drawn_shape_and_only_that():
+    import random
+
+    from simplear.demo_captions import SHAPES, caption_for, draw
+    from simplear.rewards import ShapeMatchReward
+    from simplear.visual_tokenizers import pil_to_tensor
+
+    reward = ShapeMatchReward()
+    rng = random.Random(4)
+    hits, total = 0, 0
+    for shape in SHAPES:
+        for _ in range(6):
+            image = pil_to_tensor(draw("red", shape, "blue", 64, 64, rng)).unsqueeze(0)
+            right = reward(image, [caption_for("red", shape, "blue")])[0]
+            wrong = reward(image, [caption_for("red", next(s for s in SHAPES if s != shape), "blue")])[0]
+            hits += right == 1.0 and wrong == 0.0
+            total += 1
+    assert hits / total >= 0.9, (hits, total)
+    assert reward(torch.zeros(1, 3, 32, 32), ["a photo of a dog"]) == [None]  # not a demo caption
