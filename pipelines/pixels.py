@@ -86,25 +86,25 @@ def check_pixel_files(run_dir: Path, files: dict[str, dict], stage: str) -> None
                                 f"({'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}): rerun the stages that made them")
 
 
-def record_pixel_files(ctx) -> dict[str, dict]:
-    """Check the files this stage's input rows point into and list them in its `pixels.json`; return them."""
+def record_pixel_files(ctx) -> None:
+    """Check the files this stage's input rows point into and list them in its `pixels.json`."""
     files = pixel_files(ctx)
     check_pixel_files(ctx.run_dir, files, ctx.name)
     atomic_write_json(ctx.stage_dir / PIXELS_JSON, {"files": files})
-    return files
 
 
 def open_images(table: pa.Table, run_dir: str | Path) -> tuple[list, list[str | None], list[str | None]]:
     """Each row's image, fetched by reference and decoded to RGB (None with a reason and message where not)."""
     from PIL import Image
 
-    data = fetch(table[IMAGE_FILE].to_pylist(), table[IMAGE_ROW].to_pylist(), run_dir)
+    files, rows = table[IMAGE_FILE].to_pylist(), table[IMAGE_ROW].to_pylist()
+    data = fetch(files, rows, run_dir)
     images: list = [None] * len(data)
     reasons: list[str | None] = [None] * len(data)
     errors: list[str | None] = [None] * len(data)
     for i, raw in enumerate(data):
         if raw is None:
-            reasons[i], errors[i] = "missing_image", f"no image at {table[IMAGE_FILE][i]} row {table[IMAGE_ROW][i]}"
+            reasons[i], errors[i] = "missing_image", f"no image at {files[i]} row {rows[i]}"
             continue
         try:
             with Image.open(io.BytesIO(raw)) as im:
@@ -112,6 +112,13 @@ def open_images(table: pa.Table, run_dir: str | Path) -> tuple[list, list[str | 
         except Exception as e:  # noqa: BLE001 - recorded, never raised
             reasons[i], errors[i] = "undecodable", f"{type(e).__name__}: {e}"
     return images, reasons, errors
+
+
+def set_reasons(table: pa.Table, reasons: list[str | None], errors: list[str | None]) -> pa.Table:
+    """`table` with its `reason` and `error_message` columns set to these (replaced when it has them)."""
+    table = table.drop_columns([c for c in ("reason", "error_message") if c in table.column_names])
+    table = table.append_column("reason", pa.array(reasons, pa.string()))
+    return table.append_column("error_message", pa.array(errors, pa.string()))
 
 
 def raw_rgb(images: list) -> pa.Array:

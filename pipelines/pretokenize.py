@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from pipelines.pixels import check_pixel_files, from_raw_rgb, open_images, pixel_files, raw_rgb
+from pipelines.pixels import check_pixel_files, from_raw_rgb, open_images, pixel_files, raw_rgb, set_reasons
 from pipelines.resumable_parquet import PrepareOptions, parts_progress, run_stage, to_arrow
 from simplear.config import StrictModel
 from simplear.visual_tokenizers import VisualTokenizerConfig, load_visual_tokenizer, pil_to_tensor
@@ -107,8 +107,7 @@ def prepare_crops(table: pa.Table, *, run_dir: str, resolutions: list[Resolution
     for i, im in enumerate(images):
         if im is not None and all(min(im.size) < r.threshold for r in resolutions):
             reasons[i] = "below_every_resolution"
-    table = table.append_column("reason", pa.array(reasons, pa.string()))
-    return table.append_column("error_message", pa.array(errors, pa.string()))
+    return set_reasons(table, reasons, errors)
 
 
 class Encoder:
@@ -152,9 +151,7 @@ class Encoder:
                     except Exception as e1:  # noqa: BLE001
                         reasons[i], errors[i] = "encode_error", f"{type(e1).__name__}: {e1}"[:500]
             codes_by_res[res.name] = column
-        table = table.drop_columns([pixels_column(r.name) for r in self.cfg.resolutions] + ["reason", "error_message"])
-        table = table.append_column("reason", pa.array(reasons, pa.string()))
-        table = table.append_column("error_message", pa.array(errors, pa.string()))
+        table = set_reasons(table.drop_columns([pixels_column(r.name) for r in self.cfg.resolutions]), reasons, errors)
         table = table.append_column("tokenizer", pa.array([self.tokenizer.name] * n, pa.string()))
         # typed list columns: a pandas column mixing arrays and None would be pickled by Ray Data
         for name, column in codes_by_res.items():

@@ -36,7 +36,7 @@ import pyarrow as pa
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipelines.filter import KEPT_SCHEMA
-from pipelines.pixels import from_raw_rgb, open_images, raw_rgb, record_pixel_files
+from pipelines.pixels import from_raw_rgb, open_images, raw_rgb, record_pixel_files, set_reasons
 from pipelines.resumable_parquet import PrepareOptions, SplitByReason, parts_progress, run_stage
 from simplear.config import StrictModel
 from simplear.workflow.context import StageContext, StageResult
@@ -317,8 +317,7 @@ def prepare_images(table: pa.Table, *, run_dir: str, min_pixels: int, max_pixels
     table = table.append_column(PIXELS, raw_rgb(images))
     table = table.append_column(PIXELS_W, pa.array([None if im is None else im.width for im in images], pa.int32()))
     table = table.append_column(PIXELS_H, pa.array([None if im is None else im.height for im in images], pa.int32()))
-    table = table.append_column("reason", pa.array(reasons, pa.string()))
-    return table.append_column("error_message", pa.array(errors, pa.string()))
+    return set_reasons(table, reasons, errors)
 
 
 class Recaptioner:
@@ -365,16 +364,17 @@ class Recaptioner:
         if rejected > self.cfg.max_reject_ratio * n:
             raise RuntimeError(f"recaption engine failed on {rejected} of {n} rows (max_reject_ratio {self.cfg.max_reject_ratio}): "
                                f"failing the part instead of rejecting them; first: {next(e for e in errors if e)}")
-        table = table.drop_columns([PIXELS, PIXELS_W, PIXELS_H, "reason", "error_message"])
-        for name, values in (("caption_long", long), ("caption_short", short), ("caption_model", [self.cfg.model] * n),
-                             ("reason", reasons), ("error_message", errors)):
+        table = table.drop_columns([PIXELS, PIXELS_W, PIXELS_H])
+        for name, values in (("caption_long", long), ("caption_short", short), ("caption_model", [self.cfg.model] * n)):
             table = table.append_column(name, pa.array(values, pa.string()))
+        table = set_reasons(table, reasons, errors)
         return self.writer(table) if self.writer else table
 
 
 @register_stage("recaption", RecaptionConfig, version=2, progress=parts_progress,
-                operational=("batch_size", "rows_per_part", "prepare.cpus", "prepare.tasks", "vllm.tensor_parallel_size", "vllm.gpu_memory_utilization",
-                             "vllm.enforce_eager", "vllm.cpu_kvcache_space_gib", "vllm.engine_in_process"))
+                operational=("batch_size", "rows_per_part", "prepare.cpus", "prepare.tasks", "vllm.tensor_parallel_size",
+                             "vllm.gpu_memory_utilization", "vllm.enforce_eager", "vllm.cpu_kvcache_space_gib",
+                             "vllm.engine_in_process"))
 def run(ctx: StageContext) -> StageResult:
     cfg: RecaptionConfig = ctx.config
     model_path = prepare_model(ctx, cfg)

@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from pydantic import Field
 
 from simplear.config import StrictModel

@@ -16,14 +16,13 @@ import numpy as np
 from pydantic import Field
 
 from simplear.config import ConfigError, StrictModel
-from simplear.train_data import DataFile, Position
-from simplear.visual_tokenizers import VisualTokenizerConfig
-from simplear.vocab import MAX_TEXT_TOKENS
-
 from simplear.train.config import FINAL, LOSS_CURVE, METRICS, SAMPLES, TrainConfig
 from simplear.train.fit import export_final, fit
 from simplear.train.metrics import plot_loss_curve, read_metrics, summarize
 from simplear.train.task import Bundle, TrainTask
+from simplear.train_data import DataFile, Position
+from simplear.visual_tokenizers import VisualTokenizerConfig
+from simplear.vocab import MAX_TEXT_TOKENS
 
 log = logging.getLogger("simplear.train")
 
@@ -202,8 +201,10 @@ def tokenized_data(ctx, spec: DataSpec, where: str) -> TokenizedData:
     if spec.stage not in ctx.needs:
         raise ConfigError(f"{where}.data.stage: {spec.stage!r} is not among the stage's needs {ctx.needs}")
     base = ctx.input_dir(spec.stage)
-    rows_of = {str(base / o["path"]): int(o.get("rows") or 0) for o in ctx.input_manifest(spec.stage)["outputs"]}
-    files = ctx.input_files(spec.stage, ".parquet")
+    # the files the data stage recorded, with the row counts its manifest holds (no file is scanned)
+    rows_of = {str(base / o["path"]): int(o.get("rows") or 0) for o in ctx.input_manifest(spec.stage)["outputs"]
+               if o["path"].endswith(".parquet")}
+    files = [Path(f) for f in rows_of]
     if spec.resolution is not None:
         found = sorted({f.relative_to(base).parts[0] for f in files if len(f.relative_to(base).parts) > 1})
         files = [f for f in files if f.relative_to(base).parts[0] == str(spec.resolution)]
@@ -217,8 +218,8 @@ def tokenized_data(ctx, spec: DataSpec, where: str) -> TokenizedData:
     missing = sorted(needed - set(schema.names))
     if missing:
         raise ConfigError(f"{where}.data: {files[0]} lacks column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
-    # sizes from the manifest and one row: every row of a resolution's folder has that resolution's size
-    listed = [DataFile(str(f), rows_of.get(str(f), 0)) for f in files]
+    # sizes from one row: every row of a resolution's folder has that resolution's size
+    listed = [DataFile(str(f), rows_of[str(f)]) for f in files]
     rows = sum(f.rows for f in listed)
     if not rows:
         raise ConfigError(f"{where}.data: the Parquet of stage {spec.stage!r} has no rows")

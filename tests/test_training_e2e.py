@@ -182,8 +182,13 @@ def test_stage_artefacts(trained):
 def test_training_runs_are_named_after_their_stage_on_the_metrics_endpoint(trained, ray_head):
     import re
 
-    text = ray_head.scrape()  # the series of the second run (the first one's died with its job)
-    assert "sft" in set(re.findall(r'ray_train_run_name="([^"]+)"', text))
+    deadline = time.time() + 30  # the metrics agent exports every few seconds: poll, do not race it
+    while True:
+        names = set(re.findall(r'ray_train_run_name="([^"]+)"', ray_head.scrape()))  # the second run's series
+        if "sft" in names or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert "sft" in names, names
 
 
 def test_demo_learns(trained):

@@ -25,11 +25,13 @@ same way within one run. A resume with another number of workers refuses: the fi
 
 from __future__ import annotations
 
-from simplear.train.config import FINAL, LEGACY_CHECKPOINTS, LOSS_CURVE, METRICS, OPTIMIZER, SAMPLES, TENSORBOARD, TRAINER_STATE, TRAIN_OPERATIONAL, TrainConfig, lr_at
+from simplear.train.config import (FINAL, LEGACY_CHECKPOINTS, LOSS_CURVE, METRICS, OPTIMIZER, SAMPLES, TENSORBOARD,
+                                   TRAIN_OPERATIONAL, TRAINER_STATE, TrainConfig, lr_at)
+from simplear.train.fit import checkpoints_dir, export_final, fit, scaling_config
+from simplear.train.loop import train_loop
+from simplear.train.metrics import plot_loss_curve, read_metrics, summarize
 from simplear.train.sessions import LocalSession, RaySession, ray_report
 from simplear.train.task import Bundle, TrainTask
-from simplear.train.metrics import plot_loss_curve, read_metrics, summarize
-from simplear.train.loop import train_loop
-from simplear.train.fit import checkpoints_dir, export_final, fit, scaling_config
+
 
 __all__ = ["Bundle", "FINAL", "LEGACY_CHECKPOINTS", "LOSS_CURVE", "LocalSession", "METRICS", "OPTIMIZER", "RaySession", "SAMPLES", "TENSORBOARD", "TRAINER_STATE", "TRAIN_OPERATIONAL", "TrainConfig", "TrainTask", "checkpoints_dir", "export_final", "fit", "lr_at", "plot_loss_curve", "ray_report", "read_metrics", "scaling_config", "summarize", "train_loop"]

@@ -9,13 +9,11 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-
-from simplear.train_data import DataFile
-
 from simplear.train.config import LEGACY_CHECKPOINTS, OPTIMIZER, TRAINER_STATE, TrainConfig
 from simplear.train.loop import train_loop
 from simplear.train.sessions import RaySession
 from simplear.train.task import TrainTask
+from simplear.train_data import DataFile
 
 log = logging.getLogger("simplear.train")
 

@@ -9,13 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-from simplear.train_data import Position
-
 from simplear.train.config import OPTIMIZER, TRAINER_STATE, TrainConfig, lr_at
 from simplear.train.metrics import MetricsWriter
 from simplear.train.parallel import all_reduce, autocast_for, full_state, gather_all, no_sync, param_groups, unsharded, wrap_model
 from simplear.train.task import TrainTask
+from simplear.train_data import Position
 
 log = logging.getLogger("simplear.train")
 

@@ -8,7 +8,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-
 from simplear.train.config import METRICS, TENSORBOARD
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-
 from simplear.train.config import TrainConfig
 from simplear.train.task import Bundle
 

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-
 from simplear.train_data import DataFile, WorkerRows
 
 

@@ -188,13 +188,9 @@ class RunFailed(RuntimeError):
 
 
 def prepare_stage_dir(stage_dir: Path, st: StageStatus, action: str, reason: str, keep_previous: bool) -> None:
-    """Resume on what a previous try of this very fingerprint left; otherwise move the old outputs aside first."""
+    """Resume on what a previous try of this very fingerprint left; refresh in place (sources changed);
+    otherwise move the old outputs aside first."""
     started = st.started or {}
-    if action == "refresh":  # sources changed: in place, outputs kept; no manifest until it finishes again
-        log.info("%s: refreshing in place (%s)", st.name, "; ".join(st.reasons[:3]))
-        (stage_dir / MANIFEST).unlink(missing_ok=True)
-        atomic_write_json(stage_dir / STARTED, {"scheme": SCHEME, "fingerprint": st.fingerprint, "started_at": time.time()})
-        return
     if action == "resume":
         if started.get("scheme") != SCHEME:
             log.warning("%s: resuming on what a run before the upgrade left (its fingerprint cannot be checked; "
@@ -203,9 +199,13 @@ def prepare_stage_dir(stage_dir: Path, st: StageStatus, action: str, reason: str
             log.info("%s: resuming on what a previous run left", st.name)
         (stage_dir / FAILED).unlink(missing_ok=True)
         return
-    old = (st.manifest or started).get("fingerprint") or "unknown"
-    move_aside(stage_dir, old[:16], reason, keep=keep_previous)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    if action == "refresh":  # outputs kept; no manifest until it finishes again, so a kill leaves it partial
+        log.info("%s: refreshing in place (%s)", st.name, "; ".join(st.reasons[:3]))
+        (stage_dir / MANIFEST).unlink(missing_ok=True)
+    else:
+        old = (st.manifest or started).get("fingerprint") or "unknown"
+        move_aside(stage_dir, old[:16], reason, keep=keep_previous)
+        stage_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stage_dir / STARTED, {"scheme": SCHEME, "fingerprint": st.fingerprint, "started_at": time.time()})
 
 
