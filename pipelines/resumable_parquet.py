@@ -15,6 +15,7 @@ therefore loses no key and duplicates none.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -32,6 +33,8 @@ from simplear.config import StrictModel
 from simplear.workflow.context import StageResult
 from simplear.workflow.manifest import atomic_path, atomic_write_json, file_entry
 from simplear.workflow.metrics import ProgressLine, count_rows
+
+log = logging.getLogger("simplear.stage")
 
 RECEIPTS = "_receipts"
 SRC = "_src"  # column: the source a row came from
@@ -78,7 +81,9 @@ def read_receipts(stage_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
 
 
 def resume(stage_dir: Path, sources: list[Source], folders: list[str]) -> list[Source]:
-    """Keep what finished sources wrote, delete everything else under `folders`; return the sources to (re)do."""
+    """Keep what finished sources wrote, delete everything else under `folders`; return the sources to (re)do.
+
+    What is deleted is the partial output of unfinished sources (redone from their input), counted in the log."""
     receipts = read_receipts(stage_dir)
     done = {s.id for s in sources if sum(d["rows"] for _, d in receipts.get(s.id, [])) == s.rows and (s.rows == 0 or s.id in receipts)}
     keep: set[str] = set()
@@ -88,6 +93,7 @@ def resume(stage_dir: Path, sources: list[Source], folders: list[str]) -> list[S
                 keep.update(data["files"])
             else:
                 f.unlink(missing_ok=True)
+    partial = 0
     for folder in folders:
         root = stage_dir / folder
         if not root.exists():
@@ -95,7 +101,12 @@ def resume(stage_dir: Path, sources: list[Source], folders: list[str]) -> list[S
         for f in root.rglob("*"):
             if f.is_file() and str(f.relative_to(stage_dir)) not in keep:
                 f.unlink()
-    return [s for s in sources if s.id not in done]
+                partial += 1
+    todo = [s for s in sources if s.id not in done]
+    if receipts or partial:
+        log.info("%s: resuming: %d of %d sources done and kept; %d partial files of the others deleted, those %d sources redone",
+                 stage_dir.name, len(done), len(sources), partial, len(todo))
+    return todo
 
 
 def clean_null(v: Any) -> Any:
@@ -338,11 +349,11 @@ def run_stage(
                 **({"memory": int(res.memory)} if res.memory else {}),
             )
         ds.set_name(ctx.name)  # the dashboard's Ray Data page tells stages apart
-        progress = ProgressLine(ctx.name, rows_todo, ctx.progress_interval_s)
+        progress = ProgressLine(ctx.name, rows_todo, ctx.progress_interval_s, run=str(ctx.run_dir))
         for summary in ds.iter_batches(batch_size=None, batch_format="pandas"):
             done = int(summary["rows"].sum())
             rejected = sum(json.loads(c).get("rejected", 0) for c in summary["counts"])
-            count_rows(ctx.name, done, rejected)
+            count_rows(ctx.name, done, rejected, str(ctx.run_dir))
             progress.add(done)
         progress.add(0, force=True)
         if os.environ.get("SIMPLEAR_DATA_STATS"):

@@ -169,7 +169,7 @@ def cmd_serve(args) -> int:
     import time
     from pathlib import Path
 
-    from simplear.serving import ServeConfig, read_checkpoint_meta, resolve_checkpoint, start
+    from simplear.serving import ServeConfig, load_api_keys, read_checkpoint_meta, resolve_checkpoint, start
 
     cpus, gpus, replicas, run_dir, needs = 1.0, 0.0, 1, None, None
     base: dict = {}
@@ -188,9 +188,11 @@ def cmd_serve(args) -> int:
         print("error: give a workflow (its serve stage) or --model CHECKPOINT", file=sys.stderr)
         return 2
     overrides = {"checkpoint": args.model, "engine": args.engine, "host": args.host, "port": args.port,
-                 "sjd_window": args.sjd_window, "app_name": args.app_name, "route_prefix": args.route_prefix}
+                 "sjd_window": args.sjd_window, "app_name": args.app_name, "route_prefix": args.route_prefix,
+                 "api_keys_file": args.api_keys_file}
     try:
         cfg = ServeConfig.model_validate({**base, **{k: v for k, v in overrides.items() if v is not None}})
+        load_api_keys(cfg)  # refuse a host beyond loopback without a key before Ray starts
         checkpoint = resolve_checkpoint(cfg, Path(run_dir or "."), None if cfg.checkpoint else needs)
         read_checkpoint_meta(checkpoint)
     except (FileNotFoundError, ValueError) as e:
@@ -295,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint folder to serve (overrides the workflow's)")
     p.add_argument("--engine", choices=["vllm", "torch"])
     p.add_argument("--sjd-window", type=int, help="torch engine: speculative Jacobi decoding with this many drafts")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; beyond loopback an API key is required)")
+    p.add_argument("--api-keys-file", help="API keys, one per line (keys also come from $SIMPLEAR_API_KEYS, comma separated)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--app-name", help="Serve application name (default simplear)")
     p.add_argument("--route-prefix", help="URL prefix of the app (default /)")

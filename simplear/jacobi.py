@@ -8,8 +8,20 @@ probability min(1, p(x)/q(x)); the first rejected one is replaced by a draw from
 after the rejected one are renewed by the Jacobi iteration: a draw from the p this very forward
 gave them (q := p). New window slots get a draw from the distribution of the furthest position
 the last forward reached (`draft_init="last"`: neighbouring visual tokens are alike, so such drafts
-are often right), or, as in the paper, a uniform draw over the visual ids (`"uniform"`). Every step decides at least one token; greedy decoding (temperature 0) accepts a draft iff it is
-the argmax, so greedy SJD gives exactly the codes of greedy plain decoding.
+are often right), or, as in the paper, a uniform draw over the visual ids (`"uniform"`). Every step
+decides at least one token.
+
+Randomness: every uniform of an image comes from its request's stream (`request_stream(seed)`, the
+torch engine's), in the order SJD needs them, and a draw from a target p is the torch engine's own
+(`DrawSettings.draw`, inverse CDF). Hence the same seed gives the torch engine's codes exactly where
+decoding is deterministic given the stream: greedy (temperature 0, or top_k=1) accepts a draft iff
+it is the argmax, so greedy SJD gives exactly the codes of greedy plain decoding; and the first
+token of every image is the torch engine's (the same uniform 0, the same draw). Beyond that, sampled
+SJD draws the same distribution but not the same image: the torch engine's token t is F_t^-1(u_t),
+while SJD's token at t is a draft kept with probability min(1, p/q) (a function of the draft and of
+another uniform) or a residual draw, which equals F_t^-1(u_t) only by chance. Exact equality would
+need accepting a draft iff it equals F_t^-1(u_t), i.e. plain Jacobi iteration with frozen noise,
+which gives up the min(1, p/q) acceptance that lets SJD accept drafts under random sampling.
 
 The reference implementation has no KV cache and re-runs the whole sequence every iteration, so
 fewer steps brought no speed; here a step costs one forward of W + 1 tokens on the cache, so fewer
@@ -25,7 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from simplear.sampler import SamplingParams, TorchSampler, _Stream, guided_logprobs, truncated_probs
+from simplear.sampler import (DrawSettings, SamplingParams, TorchSampler, _inverse_cdf, _Stream, request_stream,
+                             resolve_seed, truncated_probs)
 
 
 @dataclass
@@ -85,41 +98,40 @@ class JacobiSampler:
     def _decode(self, prompt: str, N: int, p: SamplingParams) -> tuple[list[int], int]:
         s, vocab = self.sampler, self.vocab
         dev, K, vo = s.device, vocab.codebook_size, vocab.visual_offset
-        guided = p.cfg_scale != 1.0
         rows = [vocab.prompt_ids(prompt, s.max_text_tokens)]
-        if guided:
+        if p.cfg_scale != 1.0:
             rows.append(vocab.prompt_ids(p.negative_prompt, s.max_text_tokens))
         R = len(rows)
         stream = _Stream(rows, vocab.pad_id, dev, True, s.model.config)
         body = s.model.base_model
         head_w = s.model.get_output_embeddings().weight[vo: vo + K]
-        cfg_idx = torch.tensor([0] if guided else [], dtype=torch.long, device=dev)
-        scale = torch.tensor([p.cfg_scale], dtype=torch.float32, device=dev)
-        temp = torch.tensor([1.0 if p.is_greedy else p.temperature], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([min(p.top_k or K, K)])
-        top_p = torch.tensor([p.top_p or 1.0], dtype=torch.float64)
-        filtered = torch.tensor([(p.top_k is not None or p.top_p is not None) and not p.is_greedy])
-        seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        gen = torch.Generator().manual_seed(seed)
+        on_dev, d = DrawSettings.of([p], K, dev), DrawSettings.of([p], K, torch.device("cpu"))
+        gen = request_stream(resolve_seed(p))
         greedy = p.is_greedy
 
-        def targets(hidden_RTH: torch.Tensor) -> torch.Tensor:
-            """(T, K) on CPU: final log-probs when greedy, else the float64 distribution sampling draws from."""
-            final = guided_logprobs(hidden_RTH, head_w, 1, cfg_idx, scale, temp)[0].cpu()
+        def uniform() -> torch.Tensor:
+            return torch.rand(1, generator=gen, dtype=torch.float64)
+
+        def targets(hidden_RTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """(T, K) final log-probs and, unless greedy, the float64 distribution sampling draws from; on CPU."""
+            final = on_dev.final_logprobs(hidden_RTH @ head_w.T)[0].cpu()
             if greedy:
-                return final
+                return final, None
             T = final.shape[0]
-            return truncated_probs(final, top_k.expand(T), top_p.expand(T), filtered.expand(T))
+            return final, truncated_probs(final, d.top_k.expand(T), d.top_p.expand(T), d.filtered.expand(T))
 
-        def draw(dist: torch.Tensor) -> int:
-            if greedy:
-                return int(dist.argmax())
-            return int(torch.multinomial(dist, 1, generator=gen))
+        def draw(final_K: torch.Tensor) -> int:
+            """A draw from a target position's distribution, as the torch engine draws."""
+            return int(d.draw(final_K[None], uniform())[0])
 
-        P = targets(stream.extend(body, None)[:, -1:])  # prefill: the first image position
+        def draw_from(probs_K: torch.Tensor) -> int:
+            """A draw from any other distribution (a residual), unnormalised."""
+            return int(_inverse_cdf(probs_K[None], uniform())[0])
+
+        Fin, P = targets(stream.extend(body, None)[:, -1:])  # prefill: the first image position
         steps = 1
-        head = draw(P[0])
-        last = P[0]  # the distribution of the furthest position a forward has seen
+        head = draw(Fin[0])
+        last = (Fin[0], None if greedy else P[0])  # the distribution of the furthest position a forward has seen
         drafts: list[int] = []
         q: list[torch.Tensor | None] = []  # each draft's distribution; None: uniform over the K codes
         out: list[int] = []
@@ -130,24 +142,24 @@ class JacobiSampler:
             m = min(self.window, N - len(out))  # no drafts past the image's end
             while len(drafts) < m:  # new window slots
                 if self.draft_init == "uniform":
-                    drafts.append(int(torch.randint(0, K, (), generator=gen)))
+                    drafts.append(min(int(float(uniform()) * K), K - 1))
                     q.append(None)
                 else:
-                    drafts.append(draw(last))
-                    q.append(None if greedy else last)
+                    drafts.append(draw(last[0]))
+                    q.append(last[1])
             drafts, q = drafts[:m], q[:m]
             L0 = stream.ids.shape[1]
             feed = (torch.tensor([head] + drafts, dtype=torch.long, device=dev) + vo).expand(R, -1)
-            P = targets(stream.extend(body, feed))  # P[i]: the position after fed token i; P[i] verifies drafts[i]
+            Fin, P = targets(stream.extend(body, feed))  # row i: the position after fed token i; it verifies drafts[i]
             steps += 1
             n = 0
             while n < m:
                 x = drafts[n]
                 if greedy:
-                    ok = x == int(P[n].argmax())
+                    ok = x == int(Fin[n].argmax())
                 else:
                     qx = 1.0 / K if q[n] is None else float(q[n][x])
-                    ok = float(torch.rand((), generator=gen, dtype=torch.float64)) * qx < float(P[n, x])
+                    ok = float(uniform()) * qx < float(P[n, x])
                 if not ok:
                     break
                 out.append(x)
@@ -155,16 +167,15 @@ class JacobiSampler:
                 if len(out) == N:
                     return out, steps
             stream.truncate(L0 + 1 + n)  # keep head + accepted drafts; the rejected tail leaves the cache
-            last = P[m]
+            last = (Fin[m], None if greedy else P[m])
             if n == m:
-                head, drafts, q = draw(P[m]), [], []
+                head, drafts, q = draw(Fin[m]), [], []
                 continue
             if greedy:
-                head = draw(P[n])
+                head = draw(Fin[n])
             else:
-                qn = torch.full_like(P[n], 1.0 / K) if q[n] is None else q[n]
-                residual = (P[n] - qn).clamp(min=0)
-                head = draw(residual / residual.sum() if residual.sum() > 0 else P[n])
+                residual = (P[n] - (1.0 / K if q[n] is None else q[n])).clamp(min=0)
+                head = draw_from(residual) if residual.sum() > 0 else draw(Fin[n])
             # Jacobi renewal: the drafts after the rejected one, drawn from this step's distributions
-            drafts = [draw(P[i]) for i in range(n + 1, m + 1)]
+            drafts = [draw(Fin[i]) for i in range(n + 1, m + 1)]
             q = [None if greedy else P[i] for i in range(n + 1, m + 1)]

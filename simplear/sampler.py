@@ -5,11 +5,15 @@ never sampled) for the conditional row c and, when cfg_scale != 1, its unconditi
 (negative prompt, empty by default), combined as u + s*(c - u), renormalised, divided by the
 temperature and renormalised again; then top-k / top-p truncation and a draw.
 
-Determinism: request i draws its h*w uniforms up front from `torch.Generator().manual_seed(seed_i)`
-(float64, CPU) and takes the token by inverse CDF over the visual ids (in id order, or in
-probability order when top-k/top-p is set). So the same seed gives the same codes whatever else is
-in the batch, on any device, up to float noise in the logits. A request with cfg_scale == 1 gets no
-unconditional row at all: it is exactly plain conditional sampling, and costs half.
+Determinism: a request's randomness is one stream, `request_stream(seed)`: the float64 uniforms of
+a CPU `torch.Generator` seeded with its seed, taken in order (CPU draws are serial, so taking them
+one at a time or n at once gives the same numbers). Token t takes uniform t and becomes the inverse
+CDF of the final distribution over the visual ids at it (`sample_tokens`: in id order, or in
+probability order when top-k/top-p is set). The vLLM engine's logits processor draws with the same
+stream and the same functions, and speculative Jacobi decoding takes its uniforms from the same
+stream, so one seed names one image whatever else is in the batch and on any device, up to float
+noise in the logits. A request with cfg_scale == 1 gets no unconditional row at all: it is exactly
+plain conditional sampling, and costs half.
 
 Greedy: `greedy=True` or `temperature=0` takes the argmax of the CFG-combined log-probs.
 """
@@ -43,6 +47,21 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0
+
+
+def resolve_seed(p: SamplingParams) -> int:
+    """Without a seed a request gets one from torch's global RNG, so torch.manual_seed still repeats a run."""
+    return p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item())
+
+
+def request_stream(seed: int) -> torch.Generator:
+    """The source of every uniform a request with this seed uses, in every engine (see the module docstring)."""
+    return torch.Generator().manual_seed(seed)
+
+
+def request_uniforms(seed: int, n: int) -> torch.Tensor:
+    """The first n uniforms of the request's stream (float64, CPU): uniform t draws token t."""
+    return torch.rand(n, generator=request_stream(seed), dtype=torch.float64)
 
 
 class _Stream:
@@ -114,14 +133,11 @@ def truncated_probs(logp_BK: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch
     return probs / probs.sum(-1, keepdim=True)
 
 
-def guided_logprobs(hidden_R: torch.Tensor | None, head_w_KH: torch.Tensor | None, n_cond: int, cfg_idx: torch.Tensor,
-                    scale_U: torch.Tensor, temp_B: torch.Tensor, logits_RK: torch.Tensor | None = None) -> torch.Tensor:
-    """Hidden states of the n_cond conditional rows then the unconditional rows of requests `cfg_idx`
+def guided_logprobs(logits_RK: torch.Tensor, n_cond: int, cfg_idx: torch.Tensor, scale_U: torch.Tensor,
+                    temp_B: torch.Tensor) -> torch.Tensor:
+    """Visual logits of the n_cond conditional rows then the unconditional rows of requests `cfg_idx`
     (any extra dims, e.g. positions, after the row dim) -> (n_cond, ..., K) final log-probs over the
-    visual ids: u + s*(c - u) renormalised where guided, then divided by the temperature, renormalised.
-    `logits_RK`: the visual logits already computed (then hidden_R and head_w_KH are unused)."""
-    if logits_RK is None:
-        logits_RK = hidden_R @ head_w_KH.T
+    visual ids: u + s*(c - u) renormalised where guided, then divided by the temperature, renormalised."""
     logp = F.log_softmax(logits_RK.float(), -1)
     extra = (1,) * (logp.ndim - 1)
     comb = logp[:n_cond]
@@ -144,6 +160,43 @@ def sample_tokens(logp_BK: torch.Tensor, u_B: torch.Tensor, top_k_B: torch.Tenso
     if bool(greedy_B.any()):
         tokens = torch.where(greedy_B, logp_BK.argmax(-1), tokens)
     return tokens
+
+
+@dataclass(frozen=True)
+class DrawSettings:
+    """The per-request settings of a batch as the tensors `guided_logprobs` and `sample_tokens` take,
+    built in one place so that every engine turns the same `SamplingParams` into the same draw."""
+
+    guided: list[int]  # requests with an unconditional row (cfg_scale != 1), in the order of those rows
+    cfg_idx: torch.Tensor  # `guided` as a tensor
+    scale: torch.Tensor  # (U, 1) float32
+    temp: torch.Tensor  # (B, 1) float32; 1 where greedy (the argmax does not care)
+    top_k: torch.Tensor  # (B,) long, K when unset
+    top_p: torch.Tensor  # (B,) float64, 1 when unset
+    filtered: torch.Tensor  # (B,) bool: top-k or top-p applies
+    greedy: torch.Tensor  # (B,) bool
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], K: int, device) -> DrawSettings:
+        guided = [i for i, p in enumerate(params) if p.cfg_scale != 1.0]
+        t = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        return cls(
+            guided=guided,
+            cfg_idx=t(guided, torch.long),
+            scale=t([params[i].cfg_scale for i in guided], torch.float32).reshape(-1, 1),
+            temp=t([1.0 if p.is_greedy else p.temperature for p in params], torch.float32)[:, None],
+            top_k=t([min(p.top_k or K, K) for p in params], torch.long),
+            top_p=t([p.top_p or 1.0 for p in params], torch.float64),
+            filtered=t([(p.top_k is not None or p.top_p is not None) and not p.is_greedy for p in params], torch.bool),
+            greedy=t([p.is_greedy for p in params], torch.bool),
+        )
+
+    def final_logprobs(self, logits_RK: torch.Tensor) -> torch.Tensor:
+        """Visual logits of the B conditional rows then the U unconditional ones -> (B, ..., K) final log-probs."""
+        return guided_logprobs(logits_RK, len(self.temp), self.cfg_idx, self.scale, self.temp)
+
+    def draw(self, logp_BK: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+        return sample_tokens(logp_BK, u_B, self.top_k, self.top_p, self.filtered, self.greedy)
 
 
 class TorchSampler:
@@ -205,24 +258,14 @@ class TorchSampler:
 
     def _generate(self, prompts, N, params):
         vocab, dev, B = self.vocab, self.device, len(prompts)
-        seeds = [p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()) for p in params]
-        uniforms = torch.stack([torch.rand(N, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                                for s in seeds]).to(dev)
+        uniforms = torch.stack([request_uniforms(resolve_seed(p), N) for p in params]).to(dev)
         K, vo = vocab.codebook_size, vocab.visual_offset
-        cfg_idx = [i for i, p in enumerate(params) if p.cfg_scale != 1.0]
+        d = DrawSettings.of(params, K, dev)
         cond = [vocab.prompt_ids(p, self.max_text_tokens) for p in prompts]
-        uncond = [vocab.prompt_ids(params[i].negative_prompt, self.max_text_tokens) for i in cfg_idx]
+        uncond = [vocab.prompt_ids(params[i].negative_prompt, self.max_text_tokens) for i in d.guided]
         mk = lambda rows: _Stream(rows, vocab.pad_id, dev, self.use_kv_cache, self.model.config)  # noqa: E731
         streams = [mk(cond + uncond)] if (self.batch_cfg or not uncond) else [mk(cond), mk(uncond)]
-        follow = torch.tensor(list(range(B)) + cfg_idx, device=dev)  # row r feeds the token of request follow[r]
-
-        cfg_idx_t = torch.tensor(cfg_idx, dtype=torch.long, device=dev)
-        scale = torch.tensor([params[i].cfg_scale for i in cfg_idx], dtype=torch.float32, device=dev)[:, None]
-        greedy = torch.tensor([p.is_greedy for p in params], device=dev)
-        temp = torch.tensor([1.0 if p.is_greedy else p.temperature for p in params], device=dev)[:, None]
-        top_k = torch.tensor([min(p.top_k or K, K) for p in params], device=dev)
-        top_p = torch.tensor([p.top_p or 1.0 for p in params], dtype=torch.float64, device=dev)
-        filtered = torch.tensor([(p.top_k is not None or p.top_p is not None) and not p.is_greedy for p in params], device=dev)
+        follow = torch.tensor(list(range(B)) + d.guided, device=dev)  # row r feeds the token of request follow[r]
 
         body = self.model.base_model
         head_w = self.model.get_output_embeddings().weight[vo: vo + K]  # visual rows only: the text ids are never scored
@@ -232,8 +275,8 @@ class TorchSampler:
         for t in range(N):
             # one stream: one forward of all B + U rows; two (batch_cfg=False): two full forwards, LM head included
             logits = torch.cat([s.forward(body, x) @ head_w.T for s, x in zip(streams, new_ids)], 0)  # (B + U, K)
-            final = guided_logprobs(None, None, B, cfg_idx_t, scale, temp, logits_RK=logits)
-            tok = sample_tokens(final, uniforms[:, t], top_k, top_p, filtered, greedy)
+            final = d.final_logprobs(logits)
+            tok = d.draw(final, uniforms[:, t])
             codes[:, t] = tok
             logps[:, t] = final.gather(-1, tok[:, None]).squeeze(-1)
             feed = tok[follow] + vo

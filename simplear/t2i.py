@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import math
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +16,13 @@ from pydantic import Field
 
 from simplear.config import ConfigError, StrictModel
 from simplear.train.config import FINAL, LOSS_CURVE, METRICS, SAMPLES, TrainConfig
-from simplear.train.fit import export_final, fit
-from simplear.train.metrics import plot_loss_curve, read_metrics, summarize
+from simplear.train.figures import plot_loss_curve
+from simplear.train.fit import run_training
+from simplear.train.metrics import summarize
 from simplear.train.task import Bundle, TrainTask
 from simplear.train_data import DataFile, Position
 from simplear.visual_tokenizers import VisualTokenizerConfig
-from simplear.vocab import MAX_TEXT_TOKENS
+from simplear.vocab import MAX_TEXT_TOKENS, META_FILE
 
 log = logging.getLogger("simplear.train")
 
@@ -160,6 +160,28 @@ def sample_grid(model, vocab, vt_config, spec: SampleSpec, grid: tuple[int, int]
     return sheet
 
 
+def resolve_init(ctx, init: str, where: str) -> Path:
+    """The checkpoint folder a stage starts from (SFT from pretrain, GRPO from SFT); a wrong or missing one is a ConfigError naming the key."""
+    if init in ctx.needs:
+        manifest = ctx.input_manifest(init)
+        if not any(o["path"].startswith(f"{FINAL}/") for o in manifest["outputs"]):
+            raise ConfigError(f"{where}.init: stage {init!r} recorded no {FINAL}/ checkpoint (is it a training stage?)")
+        path = ctx.input_dir(init) / FINAL
+    else:
+        path = Path(init)
+        if not path.is_absolute():
+            path = ctx.workflow_path.parent / path
+        if not path.exists():
+            raise ConfigError(f"{where}.init: {init!r} is neither a stage this one needs ({', '.join(ctx.needs)}) "
+                              f"nor an existing checkpoint folder ({path} not found)")
+    from simplear.model import is_checkpoint
+
+    if not path.is_dir() or not is_checkpoint(path):
+        raise ConfigError(f"{where}.init: {path} is not a SimpleAR checkpoint (no valid {META_FILE}; "
+                          "expected a folder written by a pretrain/sft stage)")
+    return path
+
+
 def train_progress(stage_dir: Path) -> str | None:
     """The last logged step (and loss) of a running or interrupted training stage, from its metrics.jsonl."""
     path = Path(stage_dir) / METRICS
@@ -281,19 +303,9 @@ def run_t2i_stage(ctx, task_kwargs: dict, vt: VisualTokenizerConfig | None, data
         check_codebook(data, vt, where)
     task = T2ITask(sequence=cfg.sequence, caption=cfg.data.caption, samples=cfg.samples, grid=data.grid,
                    seed=cfg.train.seed, visual_tokenizer=vt, **task_kwargs)
-    t0 = time.time()
-    result = fit(task, cfg.train, stage_dir=ctx.stage_dir, resources=ctx.resources, files=data.files, columns=task.columns,
-                 run_info={"stage": ctx.name})
-    if result.checkpoint is None:
-        raise RuntimeError(f"{ctx.name}: Ray Train finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = export_final(Path(d), ctx.stage_dir / FINAL)
-    if state["step"] != cfg.train.steps:
-        raise RuntimeError(f"{ctx.name}: the last checkpoint is at step {state['step']}, not {cfg.train.steps}")
-    rows = read_metrics(ctx.stage_dir)
-    plot_loss_curve(rows, ctx.stage_dir / LOSS_CURVE, title=f"{ctx.name}: {data.rows} sequences, grid {data.grid[0]}x{data.grid[1]}")
-    metrics = {"steps": state["step"], "resumed_at": state.get("resumed_at", []), "train_seconds": round(time.time() - t0, 1),
-               "rows": data.rows, "grid": list(data.grid), **summarize(rows)}
+    run = run_training(ctx, task, cfg.train, files=data.files, columns=task.columns)
+    plot_loss_curve(run.rows, ctx.stage_dir / LOSS_CURVE, title=f"{ctx.name}: {data.rows} sequences, grid {data.grid[0]}x{data.grid[1]}")
+    metrics = {**run.metrics, "rows": data.rows, "grid": list(data.grid), **summarize(run.rows)}
     ctx.log.info("%s: %s", ctx.name, metrics)
     outputs = [FINAL, METRICS, LOSS_CURVE] + ([SAMPLES] if (ctx.stage_dir / SAMPLES).exists() else [])
     return StageResult(metrics=metrics, outputs=outputs, artifacts=[SAMPLES, LOSS_CURVE, f"{FINAL}/"])

@@ -18,11 +18,14 @@ rows may differ from another's by a file), so no worker waits for another at an 
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
+
+log = logging.getLogger("simplear.train")
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,10 @@ class WorkerRows:
         while True:
             fill()
             if len(buf) < batch_size:
-                return  # the epoch's last rows (fewer than a micro-batch) are dropped
+                if buf:  # not the same rows each epoch: files and buffer are reshuffled
+                    log.info("worker %d: the last %d rows of epoch %d are fewer than a micro-batch of %d and left out of it",
+                             self.rank, len(buf), pos.epoch, batch_size)
+                return
             if self.shuffle_buffer:
                 take = sorted(rng.choice(len(buf), size=batch_size, replace=False).tolist(), reverse=True)
             else:

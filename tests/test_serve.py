@@ -1,5 +1,6 @@
 """The serve stage: config rules, the HTTP API (schema and every error), batching of concurrent requests,
-the vLLM engine behind Serve, the stage run and `simplear serve`."""
+the vLLM engine behind Serve, the stage run and `simplear serve` (auth, limits and the fuzz test:
+tests/test_serve_hardening.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import base64
 import io
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import requests
 from PIL import Image
 
 from conftest import ROOT
+from serve_support import deployed, write_keys
 from simplear.config import describe_validation_error
 from simplear.serving import ServeConfig, render_page
 
@@ -49,6 +52,11 @@ def png(b64: str) -> Image.Image:
     ({"defaults": {"top_p": 1.5}}, "defaults.top_p"),
     ({"batch_size": 4}, "batch_size: unknown key"),
     ({"vllm": {"max_image_tokens": 64}}, "vllm.max_image_tokens: unknown key"),
+    ({"max_batch_size": 16, "max_concurrent_requests": 8}, "max_concurrent_requests (8) is below max_batch_size"),
+    ({"request_timeout_s": 0}, "request_timeout_s"),
+    ({"retry_after_s": 0.5}, "retry_after_s"),
+    ({"max_body_bytes": 100}, "max_body_bytes"),
+    ({"api_keys": ["k"]}, "api_keys: unknown key"),  # keys never sit in a config; a file or the env holds them
 ])
 def test_config_rules(bad, where):
     from pydantic import ValidationError
@@ -66,7 +74,8 @@ def test_defaults_bind_loopback_and_pick_vllm():
 
 def test_page_escapes_its_config():
     page = render_page(ServeConfig(sizes=["64x64"]), api_root="/x")
-    assert '"/x/v1/images/generations"' in page and "<form" in page
+    assert '"/x/v1/images/generations"' in page and "<form" in page and '"auth": false' in page
+    assert '"auth": true' in render_page(ServeConfig(), auth=True)
     assert "</script><script>" not in render_page(ServeConfig(app_name="</script><script>"))
 
 
@@ -173,17 +182,8 @@ def test_concurrent_requests_are_batched(serve_torch_app):
 @pytest.fixture(scope="module")
 def serve_vllm_app(serve_torch_app):
     """The same checkpoint on the vLLM engine, as a second app (route prefix /vllm) on the same Serve."""
-    from ray import serve
-
-    from conftest import ServedApp
-    from simplear.serving import start
-
-    cfg = serve_torch_app.config.model_copy(update={
-        "engine": "vllm", "app_name": "vllm", "route_prefix": "/vllm",
-        "vllm": {"max_num_seqs": 8, "kv_cache_gib": 0.25}})
-    start(serve_torch_app.checkpoint, cfg, cpus=0)
-    yield ServedApp(url=cfg.url, checkpoint=serve_torch_app.checkpoint, config=cfg, port=serve_torch_app.port)
-    serve.delete("vllm")
+    with deployed(serve_torch_app, "vllm", engine="vllm", vllm={"max_num_seqs": 8, "kv_cache_gib": 0.25}) as app:
+        yield app
 
 
 def test_vllm_app_serves_and_matches_the_torch_app(serve_vllm_app, serve_torch_app):
@@ -206,15 +206,18 @@ def test_vllm_app_serves_and_matches_the_torch_app(serve_vllm_app, serve_torch_a
 
 
 def test_stage_deploys_checks_and_returns(serve_torch_app, tmp_path):
-    """The serve stage run by the workflow engine (a Ray task): deploys, checks one request, records, returns."""
+    """The serve stage run by the workflow engine (a Ray task): deploys with an API key, checks one request (with
+    the key), records, returns; the key is in no file of the run."""
     import yaml
     from ray import serve
 
     from simplear.workflow.engine import run_workflow, select
     from simplear.workflow.spec import load_workflow
 
+    key = "stage-" + secrets.token_hex(16)
     config = {"checkpoint": str(serve_torch_app.checkpoint), "engine": "torch", "port": serve_torch_app.port,
-              "app_name": "stage", "route_prefix": "/stage", "sizes": ["32x32"]}
+              "app_name": "stage", "route_prefix": "/stage", "sizes": ["32x32"],
+              "api_keys_file": write_keys(tmp_path / "keys", key)}
     (tmp_path / "w.yaml").write_text(yaml.safe_dump(
         {"run_dir": "run", "stages": {"serve": {"uses": "serve", "config": config, "resources": {"cpus": 0}}}}))
     wf = load_workflow(tmp_path / "w.yaml")
@@ -225,14 +228,34 @@ def test_stage_deploys_checks_and_returns(serve_torch_app, tmp_path):
     assert manifest["metrics"]["smoke_latency_s"] > 0 and manifest["metrics"]["url"].endswith("/stage")
     stage_dir = tmp_path / "run" / "serve"
     endpoint = json.loads((stage_dir / "endpoint.json").read_text())
-    assert endpoint["url"] == f"http://127.0.0.1:{serve_torch_app.port}/stage"
+    assert endpoint["url"] == f"http://127.0.0.1:{serve_torch_app.port}/stage" and endpoint["auth"] == "bearer"
     assert endpoint["checkpoint"] == str(serve_torch_app.checkpoint)
     assert Image.open(stage_dir / "sample.png").size == (32, 32)
-    # the app outlives the stage's task, under its own route prefix, and its page calls its own API
-    r = requests.post(endpoint["api"], json={"prompt": "a blue disc"}, timeout=120)
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+    # the app outlives the stage's task, under its own route prefix, wants the key, and its page calls its own API
+    assert requests.post(endpoint["api"], json={"prompt": "a blue disc"}, timeout=120).status_code == 401
+    r = requests.post(endpoint["api"], json={"prompt": "a blue disc"}, headers={"Authorization": f"Bearer {key}"}, timeout=120)
     assert r.status_code == 200
     assert '"/stage/v1/images/generations"' in requests.get(endpoint["url"], timeout=30).text
     serve.delete("stage")
+
+
+def test_stage_refuses_to_serve_beyond_loopback_without_a_key(serve_torch_app, tmp_path, monkeypatch):
+    import yaml
+
+    from simplear.serving import API_KEYS_ENV
+    from simplear.workflow.engine import RunFailed, run_workflow, select
+    from simplear.workflow.manifest import FAILED
+    from simplear.workflow.spec import load_workflow
+
+    monkeypatch.delenv(API_KEYS_ENV, raising=False)
+    config = {"checkpoint": str(serve_torch_app.checkpoint), "engine": "torch", "host": "0.0.0.0", "app_name": "open"}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(
+        {"run_dir": "run", "stages": {"serve": {"uses": "serve", "config": config, "resources": {"cpus": 0}}}}))
+    wf = load_workflow(tmp_path / "w.yaml")
+    with pytest.raises(RunFailed, match="serve"):
+        run_workflow(wf, select(wf))
+    assert "host 0.0.0.0 is beyond loopback and no API key is configured" in (tmp_path / "run" / "serve" / FAILED).read_text()
 
 
 def test_stage_needs_its_checkpoint_stage(tmp_path):
@@ -275,8 +298,15 @@ def test_cli_serve_runs_in_the_foreground(serve_torch_app, ray_head):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_cli_serve_errors(tmp_path, capsys):
+def test_cli_serve_errors(tmp_path, capsys, monkeypatch):
     from simplear.cli import main
+    from simplear.serving import API_KEYS_ENV
+
+    monkeypatch.delenv(API_KEYS_ENV, raising=False)
+    assert main(["serve", "--model", str(tmp_path), "--engine", "torch", "--host", "0.0.0.0"]) == 2
+    assert "beyond loopback and no API key is configured" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--engine", "torch", "--api-keys-file", str(tmp_path / "nope")]) == 2
+    assert "api_keys_file" in capsys.readouterr().err
 
     assert main(["serve", "--model", str(tmp_path / "missing"), "--engine", "torch"]) == 2
     assert "checkpoint folder not found" in capsys.readouterr().err

@@ -258,7 +258,7 @@ def sft_ctx(tmp_path):
 
 
 def test_sft_init_missing_folder(sft_ctx, tmp_path):
-    from stages.sft import resolve_init
+    from simplear.t2i import resolve_init
 
     with pytest.raises(ConfigError, match=r"stages\.sft\.config\.init: '/no/such/ckpt' is neither a stage this one needs \(pretrain, shapes\)"):
         resolve_init(sft_ctx("/no/such/ckpt"), "/no/such/ckpt", "stages.sft.config")
@@ -267,7 +267,7 @@ def test_sft_init_missing_folder(sft_ctx, tmp_path):
 
 
 def test_sft_init_folder_that_is_no_checkpoint(sft_ctx, tmp_path):
-    from stages.sft import resolve_init
+    from simplear.t2i import resolve_init
 
     (tmp_path / "notackpt").mkdir()
     (tmp_path / "notackpt" / "config.json").write_text("{}")
@@ -276,7 +276,7 @@ def test_sft_init_folder_that_is_no_checkpoint(sft_ctx, tmp_path):
 
 
 def test_sft_init_stage_without_final_checkpoint(sft_ctx, tmp_path):
-    from stages.sft import resolve_init
+    from simplear.t2i import resolve_init
     from simplear.workflow.manifest import MANIFEST
 
     (tmp_path / "run" / "pretrain").mkdir(parents=True)
@@ -287,7 +287,7 @@ def test_sft_init_stage_without_final_checkpoint(sft_ctx, tmp_path):
 
 def test_sft_init_accepts_a_checkpoint_folder(sft_ctx, tmp_path, small_bundle):
     from simplear.model import save_checkpoint
-    from stages.sft import resolve_init
+    from simplear.t2i import resolve_init
 
     save_checkpoint(tmp_path / "ckpt", small_bundle.model, small_bundle.vocab, small_bundle.visual_tokenizer_config)
     assert resolve_init(sft_ctx(str(tmp_path / "ckpt")), str(tmp_path / "ckpt"), "stages.sft.config") == tmp_path / "ckpt"

@@ -1,4 +1,5 @@
-"""Two Ray Train workers (DDP over gloo on CPU): a killed run resumes to the same weights, batches and step."""
+"""Two Ray Train workers (DDP over gloo on CPU): a killed run resumes to the same weights, batches and step;
+DDP and FSDP2 give the losses of one worker; a two-node cluster places a worker on each node."""
 
 from __future__ import annotations
 
@@ -109,3 +110,52 @@ def test_two_workers_with_ddp_or_fsdp2_give_the_losses_of_one(ray_session, tmp_p
     assert len(losses["one"]) == 3
     for name in ("ddp", "fsdp"):
         assert losses[name] == pytest.approx(losses["one"], rel=1e-4), (name, losses)
+
+
+def node_recording_worker(config: dict) -> None:
+    """`fit`'s own worker, after noting which node this rank runs on."""
+    from pathlib import Path
+
+    import ray
+    import ray.train
+
+    from simplear.train.fit import loop_worker
+
+    rank = ray.train.get_context().get_world_rank()
+    Path(config["out_dir"], f"node-of-rank-{rank}").write_text(ray.get_runtime_context().get_node_id())
+    loop_worker(config)
+
+
+def test_a_two_node_cluster_runs_one_worker_on_each_node(tmp_path, monkeypatch):
+    """A cluster of its own: a head and a worker node on loopback, one CPU each, so a 1-CPU worker fits once per
+    node. DDP over gloo across the nodes trains to the end, and both workers' data positions are checkpointed."""
+    import ray
+
+    from conftest import ROOT, add_worker_node, start_ray_head
+
+    if ray.is_initialized():
+        ray.shutdown()  # from the session cluster; the next test's fixture attaches again
+    head = start_ray_head(num_cpus=1)
+    try:
+        add_worker_node(head, num_cpus=1)
+        monkeypatch.setenv("RAY_ADDRESS", head.address)
+        ray.init(address=head.address, runtime_env={"env_vars": {
+            "PYTHONPATH": str(ROOT / "tests"), "OMP_WAIT_POLICY": "PASSIVE", "RAY_ADDRESS": head.address}})
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert len(nodes) == 2
+        files = []
+        for i in range(2):  # every worker reads whole files
+            pq.write_table(shapes_table(16, 32, seed=7 + i), tmp_path / f"part-{i}.parquet")
+            files.append(DataFile(str(tmp_path / f"part-{i}.parquet"), 16))
+        t = task()
+        cfg = train_cfg(steps=3, global_batch_size=8, checkpoint_every=3, report_interval_s=0, max_failures=0)
+        fit(t, cfg, stage_dir=tmp_path / "run", resources=Resources(cpus=1, concurrency=2), files=files, columns=t.columns,
+            worker=node_recording_worker)
+    finally:
+        ray.shutdown()
+        head.stop()
+    placed = {(tmp_path / "run" / f"node-of-rank-{r}").read_text() for r in range(2)}
+    assert placed == nodes  # one worker on each node
+    end = sorted(checkpoints_dir(tmp_path / "run").glob("checkpoint-*"))[-1]
+    state = json.loads((end / TRAINER_STATE).read_text())
+    assert end.name == "checkpoint-00000003" and state["world_size"] == 2 and len(state["positions"]) == 2

@@ -1,69 +1,31 @@
-"""The vLLM engine: the CFG logits processor on its own, then one vLLM (in a Ray actor, started once)
-against the torch engine on the same checkpoint: greedy codes identical with and without CFG."""
+"""The vLLM engine: the CFG logits processor on its own (both runner interfaces), then one vLLM (in a Ray actor,
+started once) against the torch engine on the same checkpoint: the same codes, greedy and seeded, with and
+without CFG."""
 
 from __future__ import annotations
 
+import logging
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from serve_support import make_checkpoint
 from simplear.sampler import SamplingParams, TorchSampler
-from simplear.vllm_engine import EXTRA_KEY, CFGLogitsProcessor
+from simplear.vllm_cfg import EXTRA_KEY, CFGLogitsProcessor, request_spec
 
 pytest.importorskip("vllm")
 
-LO, HI, V = 10, 18, 20  # visual ids [10, 18) in a 20-id vocabulary
+LO, HI, V, STOP = 10, 18, 20, 3  # visual ids [10, 18) in a 20-id vocabulary; id 3 marks a parted pair
 
 
-def vparams(pair=None, role=None, scale=1.0, lo=LO, hi=HI):
+def vparams(p: SamplingParams, pair=None, role=None, max_tokens=4):
     from vllm import SamplingParams as VParams
 
-    spec = {"visual": [lo, hi]}
-    if pair is not None:
-        spec.update(pair=pair, role=role, scale=scale)
-    return VParams(max_tokens=4, extra_args={EXTRA_KEY: spec})
-
-
-def update(size, added=(), removed=(), moved=()):
-    from vllm.v1.sample.logits_processor import BatchUpdate
-
-    return BatchUpdate(batch_size=size, added=list(added), removed=list(removed), moved=list(moved))
-
-
-def expected_cfg(c, u, s):
-    lc, lu = F.log_softmax(c[LO:HI], -1), F.log_softmax(u[LO:HI], -1)
-    return F.log_softmax(lu + s * (lc - lu), -1)
-
-
-def test_processor_pairs_rows_and_masks_non_visual_ids():
-    proc = CFGLogitsProcessor()
-    out_c, out_u, out_x = [], [], []
-    # batch: 0 = uncond of pair a, 1 = unrelated request (no spec), 2 = plain visual-only, 3 = cond of pair a
-    proc.update_state(update(4, added=[
-        (0, vparams("a", "uncond", 3.0), [1], out_u),
-        (1, _plain(), [1], []),
-        (2, vparams(), [1], out_x),
-        (3, vparams("a", "cond", 3.0), [1], out_c),
-    ]))
-    torch.manual_seed(0)
-    logits = torch.randn(4, V) * 3
-    before = logits.clone()
-    got = proc.apply(logits.clone())
-    want = expected_cfg(before[3], before[0], 3.0)
-    assert torch.allclose(got[3, LO:HI], want, atol=1e-5) and torch.equal(got[0], got[3])  # both rows: the combination
-    assert torch.allclose(got[2, LO:HI], F.log_softmax(before[2, LO:HI], -1), atol=1e-6)  # visual-only, no CFG
-    for r in (0, 2, 3):
-        assert torch.isinf(got[r, :LO]).all() and torch.isinf(got[r, HI:]).all() and (got[r, :LO] < 0).all()
-        assert torch.isfinite(got[r, LO:HI]).all()
-    assert torch.equal(got[1], before[1])  # a request without our extra_args is left alone
-    assert proc.out_of_step == 0
-    # vLLM's allowed_token_ids would have put -inf there first: still no NaN
-    masked = before.clone()
-    masked[:, :LO] = float("-inf")
-    assert not torch.isnan(proc.apply(masked)).any()
+    return VParams(max_tokens=max_tokens, extra_args={EXTRA_KEY: request_spec(LO, HI, STOP, p, p.seed, pair, role)})
 
 
 def _plain():
@@ -72,42 +34,213 @@ def _plain():
     return VParams(max_tokens=4)
 
 
+def update(size, added=(), removed=(), moved=()):
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    return BatchUpdate(batch_size=size, added=list(added), removed=list(removed), moved=list(moved))
+
+
+def expected_token(p: SamplingParams, t: int, c: torch.Tensor, u: torch.Tensor | None = None) -> int:
+    """The torch engine's draw written out: CFG over the visual ids, temperature, then the inverse CDF of uniform t
+    of the seed's stream (float64 uniforms of a CPU generator seeded with the seed)."""
+    logp = F.log_softmax(c[LO:HI], -1)
+    if u is not None:
+        lu = F.log_softmax(u[LO:HI], -1)
+        logp = F.log_softmax(lu + p.cfg_scale * (logp - lu), -1)
+    cdf = F.softmax(logp / p.temperature, -1).double().cumsum(0)
+    uniform = torch.rand(t + 1, generator=torch.Generator().manual_seed(p.seed), dtype=torch.float64)[t]
+    return LO + int(torch.searchsorted(cdf, uniform * cdf[-1], right=True).clamp(max=HI - LO - 1))
+
+
+def assert_one_hot(row: torch.Tensor, token: int):
+    assert row[token] == 0 and torch.isinf(row).sum() == V - 1 and (row[torch.arange(V) != token] < 0).all()
+
+
+CFG_P = SamplingParams(cfg_scale=3.0, temperature=1.3, seed=7)
+PLAIN_P = SamplingParams(seed=8)
+
+
+def test_processor_draws_the_torch_engines_token_into_both_rows():
+    proc = CFGLogitsProcessor()
+    out_c, out_u, out_x = [], [], []
+    # batch: 0 = uncond of pair a, 1 = unrelated request (no spec), 2 = plain (no CFG), 3 = cond of pair a
+    proc.update_state(update(4, added=[
+        (0, vparams(CFG_P, "a", "uncond"), [1], out_u),
+        (1, _plain(), [1], []),
+        (2, vparams(PLAIN_P), [1], out_x),
+        (3, vparams(CFG_P, "a", "cond"), [1], out_c),
+    ]))
+    torch.manual_seed(0)
+    drawn = set()
+    for t in range(3):  # token t takes uniform t: the token index is the length of vLLM's output list
+        logits = torch.randn(4, V)
+        got = proc.apply(logits.clone())
+        tok = expected_token(CFG_P, t, logits[3], logits[0])
+        assert_one_hot(got[3], tok)
+        assert torch.equal(got[0], got[3])  # the unconditional row is fed the image's token
+        assert_one_hot(got[2], expected_token(PLAIN_P, t, logits[2]))
+        assert torch.equal(got[1], logits[1])  # a request without our extra_args is left alone
+        drawn.add(tok)
+        for out, row in ((out_c, 3), (out_u, 0), (out_x, 2)):
+            out.append(int(got[row].argmax()))
+    assert proc.draws.parted == set()
+    # vLLM's allowed_token_ids would have put -inf there first: still no NaN, still one-hot
+    masked = torch.randn(4, V)
+    masked[:, :LO] = float("-inf")
+    got = proc.apply(masked.clone())
+    assert not torch.isnan(got).any()
+    assert_one_hot(got[3], expected_token(CFG_P, 3, masked[3], masked[0]))
+
+
 def test_processor_follows_moves_swaps_and_removals():
     from vllm.v1.sample.logits_processor import MoveDirectionality
 
     proc = CFGLogitsProcessor()
+    torch.manual_seed(1)
     oc, ou, ob = [], [], []
-    proc.update_state(update(3, added=[(0, vparams("a", "cond", 2.0), [1], oc), (1, vparams(), [1], ob),
-                                       (2, vparams("a", "uncond", 2.0), [1], ou)]))
+    proc.update_state(update(3, added=[(0, vparams(CFG_P, "a", "cond"), [1], oc), (1, vparams(PLAIN_P), [1], ob),
+                                       (2, vparams(CFG_P, "a", "uncond"), [1], ou)]))
     proc.update_state(update(3, moved=[(0, 2, MoveDirectionality.SWAP)]))  # cond now at 2, uncond at 0
     logits = torch.randn(3, V)
     got = proc.apply(logits.clone())
-    assert torch.allclose(got[2, LO:HI], expected_cfg(logits[2], logits[0], 2.0), atol=1e-5)
+    assert_one_hot(got[2], expected_token(CFG_P, 0, logits[2], logits[0]))
+    assert torch.equal(got[0], got[2])
     proc.update_state(update(2, removed=[1], moved=[(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))  # condense
     logits = torch.randn(2, V)
     got = proc.apply(logits.clone())
-    assert torch.allclose(got[1, LO:HI], expected_cfg(logits[1], logits[0], 2.0), atol=1e-5) and torch.equal(got[0], got[1])
-    assert proc.out_of_step == 0
-    # a pair whose rows are at different lengths, or whose partner is gone, is counted as out of step
-    oc.append(12)
-    proc.apply(torch.randn(2, V))
-    assert proc.out_of_step == 1
-    proc.update_state(update(1, removed=[0]))
-    proc.apply(torch.randn(2, V))
-    assert proc.out_of_step == 2
+    assert_one_hot(got[1], expected_token(CFG_P, 0, logits[1], logits[0]))
+    assert torch.equal(got[0], got[1]) and proc.draws.parted == set()
+
+
+def test_a_parted_pair_is_stopped_at_the_step_it_parts(caplog):
+    """A preempted row leaves its partner sampled alone: that very step writes the stop id into the partner, and the
+    pair stays parted when the row comes back. A pair whose rows are at different token indices parts the same way."""
+    proc = CFGLogitsProcessor()
+    torch.manual_seed(2)
+    oc, ou, oc2, ou2 = [], [], [7, 7], [7]
+    proc.update_state(update(2, added=[(0, vparams(CFG_P, "b", "cond"), [1], oc),
+                                       (1, vparams(CFG_P, "b", "uncond"), [1], ou)]))
+    got = proc.apply(torch.randn(2, V))
+    assert torch.equal(got[0], got[1]) and got[0, LO:HI].max() == 0 and proc.draws.parted == set()
+    oc.append(int(got[0].argmax()))
+    ou.append(int(got[1].argmax()))
+    proc.update_state(update(1, removed=[1]))  # vLLM preempts the unconditional row
+    with caplog.at_level(logging.ERROR, logger="simplear.vllm_cfg"):
+        got = proc.apply(torch.randn(1, V))
+    assert_one_hot(got[0], STOP)
+    assert proc.draws.parted == {"b"}
+    assert "CFG pair b parted" in caplog.text and "cond row at token 1" in caplog.text
+    proc.update_state(update(2, added=[(1, vparams(CFG_P, "b", "uncond"), [1], ou)]))  # resumed, in step again
+    got = proc.apply(torch.randn(2, V))
+    assert_one_hot(got[0], STOP) and assert_one_hot(got[1], STOP)
+    # rows at different token indices (2 and 1) in one step: parted at once, and the plain pair b still stopped
+    proc.update_state(update(4, added=[(2, vparams(CFG_P, "c", "cond"), [1], oc2),
+                                       (3, vparams(CFG_P, "c", "uncond"), [1], ou2)]))
+    got = proc.apply(torch.randn(4, V))
+    for r in range(4):
+        assert_one_hot(got[r], STOP)
+    assert proc.draws.parted == {"b", "c"}
+
+
+def _v2_request_state(slots: int):
+    """What the V2 runner hands processors (`LogitsProcRequestState.from_request_state` reads these fields); the real
+    `RequestState` needs pinned memory, which a CPU-only torch lacks."""
+    lens = lambda: SimpleNamespace(np=np.zeros(slots, dtype=np.int32))  # noqa: E731
+    return SimpleNamespace(device=torch.device("cpu"), max_num_reqs=slots, vocab_size=V, all_token_ids=None,
+                           prompt_len=lens(), prefill_len=lens(), total_len=None)
+
+
+def _v2_step(req_states, slots: list[int], seq_lens: list[int]):
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
+
+    idx = torch.tensor(slots, dtype=torch.int32)
+    return LogitsContext(expanded_idx_mapping=idx, idx_mapping=idx, idx_mapping_np=np.array(slots, dtype=np.int32),
+                         expanded_local_pos=torch.zeros(len(slots), dtype=torch.int32),
+                         input_ids=torch.zeros(len(slots), dtype=torch.int32),
+                         pos=torch.tensor(seq_lens, dtype=torch.int64) - 1,
+                         seq_lens_upper_bound_np=np.array(seq_lens, dtype=np.int32))
+
+
+def _v2_add(proc, req_states, slot, params, prompt_len, prefill_len=None):
+    """As the V2 runner admits a request: its request state, then each processor's `add_request`."""
+    req_states.prompt_len.np[slot] = prompt_len
+    req_states.prefill_len.np[slot] = prefill_len if prefill_len is not None else prompt_len
+    return proc.add_request(slot, params)
+
+
+def test_v2_processor_is_a_v2_logits_processor_drawing_by_slot():
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor, build_custom_logits_processors
+
+    from simplear.vllm_cfg import logits_processor_class, logits_processor_class_v2
+
+    cls = logits_processor_class_v2()
+    assert issubclass(cls, LogitsProcessor)
+    rs = _v2_request_state(6)
+    [proc] = build_custom_logits_processors(None, rs, False, [cls])  # vLLM's own loader: it rejects anything else
+    with pytest.raises(ValueError, match="not a subclass"):
+        build_custom_logits_processors(None, rs, False, [logits_processor_class()])
+    assert _v2_add(proc, rs, 4, vparams(CFG_P, "a", "cond"), 9)  # prompts of different lengths: the pair's
+    assert _v2_add(proc, rs, 1, vparams(CFG_P, "a", "uncond"), 2)  # token index comes from each row's own
+    assert _v2_add(proc, rs, 0, vparams(PLAIN_P), 5)
+    assert not _v2_add(proc, rs, 2, _plain(), 3)  # not ours: vLLM need not call apply for it
+    torch.manual_seed(0)
+    slots = [1, 2, 4, 0]  # batch order: uncond, unrelated, cond, plain
+    for t in (0, 2):
+        logits = torch.randn(4, V)
+        got = proc.apply(logits.clone(), _v2_step(rs, slots, [2 + t, 3 + t, 9 + t, 5 + t]))
+        assert_one_hot(got[2], expected_token(CFG_P, t, logits[2], logits[0]))
+        assert torch.equal(got[0], got[2])
+        assert_one_hot(got[3], expected_token(PLAIN_P, t, logits[3]))
+        assert torch.equal(got[1], logits[1])
+    # both rows preempted and resumed together, into other slots, with their 2 output tokens re-prefilled: in step,
+    # at token 2 (flat logits: the token is LO + floor(8 u), and seed 7's uniforms 0 and 2 give different ones)
+    assert _v2_add(proc, rs, 3, vparams(CFG_P, "a", "cond"), 9, prefill_len=11)
+    assert _v2_add(proc, rs, 5, vparams(CFG_P, "a", "uncond"), 2, prefill_len=4)
+    logits = torch.zeros(2, V)
+    got = proc.apply(logits.clone(), _v2_step(rs, [5, 3], [4, 11]))
+    assert expected_token(CFG_P, 2, logits[1], logits[0]) != expected_token(CFG_P, 0, logits[1], logits[0])
+    assert_one_hot(got[1], expected_token(CFG_P, 2, logits[1], logits[0]))
+    assert torch.equal(got[0], got[1]) and proc.draws.parted == set()
+
+
+def test_v2_processor_stops_a_pair_whose_partner_is_not_sampled():
+    from simplear.vllm_cfg import logits_processor_class_v2
+
+    rs = _v2_request_state(4)
+    proc = logits_processor_class_v2()(None, rs)
+    torch.manual_seed(3)
+    _v2_add(proc, rs, 0, vparams(CFG_P, "a", "cond"), 9)
+    _v2_add(proc, rs, 1, vparams(CFG_P, "a", "uncond"), 2, prefill_len=6)  # re-prefilling after a preemption
+    logits = torch.randn(2, V)
+    got = proc.apply(logits.clone(), _v2_step(rs, [0, 1], [13, 4]))  # cond samples token 4; uncond is at 4 of 6
+    assert_one_hot(got[0], STOP)
+    assert torch.equal(got[1], logits[1])  # a row still prefilling: vLLM drops its token, left alone
+    assert proc.draws.parted == {"a"}
+    with pytest.raises(RuntimeError, match="speculative"):
+        proc.apply(torch.randn(3, V), _v2_step(rs, [0, 1], [14, 6]))
 
 
 @pytest.mark.parametrize("spec, message", [
     ({"visual": [5]}, "visual"),
     ({"visual": [8, 3]}, "visual"),
-    ({"visual": [0, 4], "pair": "x", "role": "both"}, "role"),
+    ({"stop": LO + 1}, "stop"),
+    ({"pair": "x", "role": "both", "sampling": {"cfg_scale": 2.0}}, "role"),
+    ({"pair": "x", "role": "cond", "sampling": {"cfg_scale": 1.0}}, "pair"),
+    ({"sampling": {"cfg_scale": 2.0}}, "pair"),
+    ({"sampling": {"temperature": -1.0}}, "temperature"),
+    ({"sampling": {"top_q": 0.5}}, "sampling"),
     ("nope", "must be a dict"),
 ])
 def test_processor_rejects_bad_extra_args(spec, message):
     from vllm import SamplingParams as VParams
 
-    with pytest.raises(ValueError, match=message):
-        CFGLogitsProcessor.validate_params(VParams(extra_args={EXTRA_KEY: spec}))
+    from simplear.vllm_cfg import logits_processor_class_v2
+
+    if isinstance(spec, dict):
+        spec = {**request_spec(LO, HI, STOP, PLAIN_P, 0), **spec}
+    for cls in (CFGLogitsProcessor, logits_processor_class_v2()):
+        with pytest.raises(ValueError, match=message):
+            cls.validate_params(VParams(extra_args={EXTRA_KEY: spec}))
 
 
 # -- one vLLM engine against the torch engine -------------------------------------------------------
@@ -169,14 +302,19 @@ def test_greedy_codes_equal_torch_with_cfg(vllm_engine, torch_sampler):
     assert not torch.equal(want[:1], plain)  # guidance did change the picks: the comparison above means something
 
 
-def test_seeded_sampling_is_repeatable_and_independent_of_the_batch(vllm_engine):
-    p = SamplingParams(cfg_scale=2.0, temperature=1.0, top_k=16, top_p=0.9, seed=123)
-    together = vllm_engine("generate_codes", PROMPTS, GRID, p)
-    alone = vllm_engine("generate_codes", PROMPTS[2:3], GRID, p)
-    assert torch.equal(together[2:3], alone)
-    assert together.min() >= 0 and together.max() < 64
-    other = vllm_engine("generate_codes", PROMPTS[2:3], GRID, SamplingParams(cfg_scale=2.0, temperature=1.0, seed=124))
-    assert not torch.equal(other, alone)
+def test_seeded_codes_equal_torch(vllm_engine, torch_sampler):
+    """The processor draws from the torch engine's per-request streams: sampled codes, with and without CFG, with
+    temperature, top-k and top-p, are the torch engine's for the same seeds (fp32), pair by pair."""
+    params = [SamplingParams(cfg_scale=2.0, temperature=1.0, top_k=16, top_p=0.9, seed=123),
+              SamplingParams(cfg_scale=1.0, temperature=1.3, seed=5),
+              SamplingParams(cfg_scale=3.0, temperature=1.0, top_p=0.8, seed=7, negative_prompt="a green square"),
+              SamplingParams(cfg_scale=1.5, temperature=0.7, top_k=5, seed=123)]
+    got = vllm_engine("generate_codes", PROMPTS, GRID, params)
+    want = torch_sampler.generate_codes(PROMPTS, GRID, params)
+    assert torch.equal(got, want)
+    greedy = torch_sampler.generate_codes(PROMPTS, GRID, [SamplingParams(cfg_scale=p.cfg_scale, temperature=0)
+                                                          for p in params])
+    assert (want != greedy).float().mean() > 0.5  # far from the greedy picks: the equality is one of draws
 
 
 def test_engine_rejects_grids_it_was_not_built_for(vllm_engine):
@@ -202,3 +340,29 @@ def test_chunks_respect_the_step_limits():
         assert sum(math.ceil((len(ids) + 20) / 16) for ids, _ in rows) <= 12
     with pytest.raises(ValueError, match="KV blocks"):
         eng._chunks([_Job(0, [([0] * 10, None)])], N=1000)
+
+
+def test_a_parted_image_raises_at_its_token():
+    """What the processor leaves in vLLM's outputs when a pair parts (the stop id, then nothing) fails the call, naming
+    the image and the token; so do rows that differ."""
+    from simplear.vllm_engine import VLLMOptions, VLLMSampler
+    from simplear.vocab import Vocabulary
+
+    eng = VLLMSampler.__new__(VLLMSampler)
+    eng.options, eng.vocab = VLLMOptions(max_num_seqs=4), Vocabulary("tiny", codebook_size=8)
+    eng.max_text_tokens, eng.max_image_tokens, eng.max_batched_tokens, eng.block_size, eng.num_blocks = 16, 4, 64, 16, 0
+    vo, pad = eng.vocab.visual_offset, eng.vocab.pad_id
+
+    def serve(rows):
+        out = lambda ids: SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids)])  # noqa: E731
+        eng.llm = SimpleNamespace(generate=lambda prompts, params, use_tqdm: [out(ids) for ids in rows])
+
+    cfg = SamplingParams(cfg_scale=2.0, seed=1)
+    serve([[vo + 1, vo + 2, vo + 3, vo + 4], [vo + 1, vo + 2, vo + 3, vo + 4]])
+    assert eng.generate_codes(["a"], (2, 2), cfg).flatten().tolist() == [1, 2, 3, 4]
+    serve([[vo + 1, pad], [vo + 1, pad]])
+    with pytest.raises(RuntimeError, match="image 0: .* at token 1 of 4"):
+        eng.generate_codes(["a"], (2, 2), cfg)
+    serve([[vo + 1, vo + 2, vo + 3, vo + 4], [vo + 1, vo + 2, vo + 5, vo + 4]])
+    with pytest.raises(RuntimeError, match="at token 2 of 4"):
+        eng.generate_codes(["a"], (2, 2), cfg)

@@ -1,19 +1,32 @@
-"""The serve app's web page in headless Chromium (Debian's chromium + chromium-driver, driven by selenium):
+"""The serve app's web page in headless Chromium (Debian's chromium + chromium-driver, driven by selenium), against
+an app that wants an API key: without the key the page shows the 401; with it typed into the page's field,
 type a prompt, submit, see the images; a bad request shows the server's message."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from serve_support import deployed, write_keys
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
                                 reason="needs Debian's chromium and chromium-driver (scripts/install.sh installs them)")
+
+
+KEY = "sk-page-" + secrets.token_hex(16)
+
+
+@pytest.fixture(scope="module")
+def keyed_app(serve_torch_app, tmp_path_factory):
+    with deployed(serve_torch_app, "page", api_keys_file=write_keys(tmp_path_factory.mktemp("keys") / "keys", KEY)) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +49,12 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_page_shows_images_after_a_prompt_is_submitted(serve_torch_app, browser):
+def test_page_shows_images_after_a_prompt_is_submitted(keyed_app, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    browser.get(serve_torch_app.url + "/")
+    browser.get(keyed_app.url + "/")
     assert "SimpleAR" in browser.title
     assert [o.text for o in Select(browser.find_element(By.ID, "size")).options] == ["32x32", "64x64"]
     browser.find_element(By.ID, "prompt").send_keys("a red circle on a blue background")
@@ -50,6 +63,13 @@ def test_page_shows_images_after_a_prompt_is_submitted(serve_torch_app, browser)
     n.send_keys("2")
     Select(browser.find_element(By.ID, "size")).select_by_visible_text("64x64")
     browser.find_element(By.ID, "seed").send_keys("5")
+    # no key yet: the server's 401 is shown
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 60).until(EC.text_to_be_present_in_element((By.ID, "status"), "Error"))
+    assert "401 missing API key" in browser.find_element(By.ID, "status").text
+    key = browser.find_element(By.ID, "api_key")
+    assert key.is_displayed() and key.get_attribute("type") == "password"
+    key.send_keys(KEY)
     browser.find_element(By.ID, "generate").click()
 
     def loaded_images(driver):

@@ -299,7 +299,7 @@ def download_all(ctx, plan: dict, settings: dict, dataset: str, extra_cols: list
         runtime_env=task_env(CV_IO_MAX_IMAGE_PIXELS=str(settings["max_decode_pixels"])),
     )
     ctx.log.info("%s: %d shards, %d to download, %d at a time", ctx.name, plan["shards"], len(todo), ctx.resources.concurrency)
-    progress = ProgressLine(ctx.name, len(todo), ctx.progress_interval_s, unit="shards")
+    progress = ProgressLine(ctx.name, len(todo), ctx.progress_interval_s, unit="shards", run=str(ctx.run_dir))
     attempts: Counter = Counter()
     failed: dict[int, str] = {}
     in_flight: dict = {}

@@ -6,15 +6,22 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-
+from simplear.serving.auth import BearerAuth, key_digest, load_api_keys
 from simplear.serving.config import RequestError, ServeConfig, error_body, parse_request
+from simplear.serving.limits import Admission, BodyTooLarge, deployment_limits, read_body
+from simplear.serving.metrics import ServeMetrics
 from simplear.serving.page import render_page
+
+# Serve's replica logger: its records go to the replica's log file (logs/serve/) and stderr with the request id
+# attached (the client's X-Request-Id, or one Serve's proxy made and returns in the response's X-Request-ID).
+log = logging.getLogger("ray.serve")
 
 
 def read_checkpoint_meta(path: Path) -> dict:
@@ -63,6 +70,13 @@ class _Job:
     params: list  # simplear.sampler.SamplingParams, one per image
 
 
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+           code: str | None = None, headers: dict | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(error_body(message, param, kind, code), status_code=status, headers=headers)
+
+
 def _png_b64(img) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -70,15 +84,20 @@ def _png_b64(img) -> str:
 
 
 class ImageServer:
-    """The Serve deployment (wrapped by `serve.deployment` in `build_app`): routing by path, batching, the page."""
+    """The Serve deployment (wrapped by `serve.deployment` in `build_app`): routing by path, the key check, the
+    bounded queue and the timeout, batching, the page."""
 
-    def __init__(self, checkpoint: str, config: dict):
+    def __init__(self, checkpoint: str, config: dict, key_digests: list[str]):
         from ray import serve
 
         self.cfg = ServeConfig.model_validate(config)
         self.checkpoint = Path(checkpoint)
         self.engine = build_engine(self.checkpoint, self.cfg)
-        self.stats = {"requests": 0, "images": 0, "batches": 0, "max_batch_requests": 0}
+        self.auth = BearerAuth(key_digests)
+        self.metrics = ServeMetrics(self.cfg.app_name, serve.get_replica_context().replica_id.unique_id)
+        self.admission = Admission(self.cfg.max_concurrent_requests, self.metrics.queue_depth.set)
+        self.stats = {"requests": 0, "images": 0, "batches": 0, "max_batch_requests": 0, "rejected_busy": 0,
+                      "timed_out": 0}
         # Batching is set up per replica so that its size and wait come from the config.
         self._batched = serve.batch(max_batch_size=self.cfg.max_batch_size,
                                     batch_wait_timeout_s=self.cfg.batch_wait_timeout_s)(self._run_batch)
@@ -99,22 +118,57 @@ class ImageServer:
             msg = f"{request.method} {path} is not allowed" if status == 405 else f"no route {path}"
             return JSONResponse(error_body(msg, kind="not_found" if status == 404 else "method_not_allowed"), status_code=status)
         if route == "page":
-            return HTMLResponse(render_page(self.cfg, api_root=root.rstrip("/")))
+            return HTMLResponse(render_page(self.cfg, api_root=root.rstrip("/"), auth=self.auth.required))
         if route == "health":
             return JSONResponse(self.health())
+        return await self._generation(request)
+
+    async def _generation(self, request):
+        """401, 413, 400, 429, 504 or the images, in that order: a request is admitted to the queue only once it
+        is known to be allowed and well formed, so the queue holds nothing but work."""
+        from starlette.responses import JSONResponse
+
+        refusal = self.auth.refusal(request.headers.get("authorization"))
+        if refusal:
+            log.info("generation: 401 %s", refusal)
+            return _error(401, refusal, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         try:
-            req, (w, h) = parse_request(await request.body(), self.cfg)
+            req, size = parse_request(await read_body(request, self.cfg.max_body_bytes), self.cfg)
+            job = self._job(req, size)
+        except BodyTooLarge:
+            return _error(413, f"the request body is larger than {self.cfg.max_body_bytes} bytes", code="request_too_large")
         except RequestError as e:
-            return JSONResponse(error_body(str(e), e.param), status_code=400)
-        try:
-            job = self._job(req, (w, h))
+            return _error(400, str(e), e.param)
         except ValueError as e:
-            return JSONResponse(error_body(str(e)), status_code=400)
+            return _error(400, str(e))
+        if not self.admission.enter():
+            self.stats["rejected_busy"] += 1
+            log.info("generation: 429, %d requests queued", self.admission.depth)
+            return _error(429, f"the server is busy ({self.admission.depth} requests queued); retry after "
+                               f"{self.cfg.retry_after_s} s", kind="rate_limit_error", code="rate_limit_exceeded",
+                          headers={"Retry-After": str(self.cfg.retry_after_s)})
         self.stats["requests"] += 1
+        t0 = time.perf_counter()
+        status, images = 500, []
         try:
-            images = await self._batched(job)
+            images = await asyncio.wait_for(self._batched(job), self.cfg.request_timeout_s)
+            status = 200
+        except asyncio.CancelledError:  # the client went away and Serve cancelled the request
+            status = 499
+            raise
+        except TimeoutError:
+            status = 504
+            self.stats["timed_out"] += 1
+            return _error(504, f"no answer within request_timeout_s = {self.cfg.request_timeout_s} s (waiting for a "
+                               "batch and generating); retry, or ask for fewer images", kind="server_error", code="timeout")
         except Exception as e:  # noqa: BLE001 - the clients of the batch get a message, the replica stays up
-            return JSONResponse(error_body(f"{type(e).__name__}: {e}", kind="server_error"), status_code=500)
+            log.exception("generation: the engine failed")
+            return _error(500, f"{type(e).__name__}: {e}", kind="server_error")
+        finally:
+            self.admission.leave()
+            seconds = time.perf_counter() - t0
+            self.metrics.answered(status, seconds, len(images))
+            log.info("generation: %d, %d image(s) %dx%d in %.2f s", status, len(images), *job.size, seconds)
         data = [{"b64_json": b64, "seed": p.seed} for b64, p in zip(images, job.params)]
         return JSONResponse({"created": int(time.time()), "data": data})
 
@@ -127,6 +181,10 @@ class ImageServer:
             "defaults": self.cfg.defaults.model_dump(),
             "max_n": self.cfg.max_n,
             "max_prompt_chars": self.cfg.max_prompt_chars,
+            "auth": self.auth.required,
+            "limits": {"max_concurrent_requests": self.cfg.max_concurrent_requests,
+                       "request_timeout_s": self.cfg.request_timeout_s, "max_body_bytes": self.cfg.max_body_bytes},
+            "queue_depth": self.admission.depth,
             "stats": dict(self.stats),
         }
 
@@ -168,9 +226,9 @@ class ImageServer:
         return out
 
 
-def build_app(checkpoint: str | Path, cfg: ServeConfig, cpus: float = 1.0, gpus: float = 0.0,
+def build_app(checkpoint: str | Path, cfg: ServeConfig, api_keys: list[str], cpus: float = 1.0, gpus: float = 0.0,
               replicas: int = 1, env: dict[str, str] | None = None):
-    """The bound Serve application (pass it to `serve.run`)."""
+    """The bound Serve application (pass it to `serve.run`); no `api_keys`: an open API."""
     from ray import serve
 
     actor_options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
@@ -181,19 +239,23 @@ def build_app(checkpoint: str | Path, cfg: ServeConfig, cpus: float = 1.0, gpus:
         name="ImageServer",
         num_replicas=replicas,
         ray_actor_options=actor_options,
-        max_ongoing_requests=max(2 * cfg.max_batch_size, 8),
         health_check_period_s=10,
         graceful_shutdown_timeout_s=5,
+        **deployment_limits(cfg),
     )
-    return deployment.bind(str(checkpoint), cfg.model_dump(mode="json"))
+    return deployment.bind(str(checkpoint), cfg.model_dump(mode="json"), [key_digest(k) for k in api_keys])
 
 
 def start(checkpoint: str | Path, cfg: ServeConfig, blocking: bool = False, **app_kwargs):
-    """Start Serve's proxy on cfg.host:cfg.port (if Serve is not up yet) and run the app; returns its handle."""
+    """Start Serve's proxy on cfg.host:cfg.port (if Serve is not up yet) and run the app; returns its handle.
+    The keys are loaded here, whoever calls, so that no path can deploy beyond loopback without one."""
     from ray import serve
 
+    keys = load_api_keys(cfg)
+    logging.getLogger(__name__).info("app %s: %s", cfg.app_name,
+                                     f"{len(keys)} API key(s)" if keys else "no API key: the API is open (loopback only)")
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    return serve.run(build_app(checkpoint, cfg, **app_kwargs), name=cfg.app_name, route_prefix=cfg.route_prefix,
+    return serve.run(build_app(checkpoint, cfg, keys, **app_kwargs), name=cfg.app_name, route_prefix=cfg.route_prefix,
                      blocking=blocking)
 
 
@@ -203,7 +265,3 @@ def resolve_checkpoint(cfg: ServeConfig, run_dir: Path, needs: list[str] | None 
     if needs is not None and cfg.from_stage not in needs:
         raise ValueError(f"from_stage {cfg.from_stage!r} is not in the stage's needs {needs}: add it or set checkpoint")
     return Path(run_dir) / cfg.from_stage / "final"
-
-
-# -- the page ---------------------------------------------------------------------------------------
-

@@ -31,7 +31,8 @@ class ServeConfig(StrictModel):
     engine: Literal["vllm", "torch"] = "vllm"
     sjd_window: int | None = Field(None, ge=1)  # torch engine: speculative Jacobi decoding with this many drafts
     device: str = "auto"  # torch engine: "auto" = cuda when the replica has a GPU, else cpu
-    host: str = "127.0.0.1"  # where the HTTP proxy listens; 0.0.0.0 exposes it
+    host: str = "127.0.0.1"  # where the HTTP proxy listens; 0.0.0.0 exposes it (and then needs an API key)
+    api_keys_file: str | None = None  # one API key per line, read at start (keys also come from $SIMPLEAR_API_KEYS)
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = "simplear"
     route_prefix: str = "/"
@@ -41,6 +42,10 @@ class ServeConfig(StrictModel):
     max_text_tokens: int = Field(MAX_TEXT_TOKENS, ge=1)  # caption tokens the model sees (longer ones are cut), as trained
     max_batch_size: int = Field(16, ge=1)  # requests gathered into one engine call
     batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_concurrent_requests: int = Field(64, ge=1)  # per replica, generating or waiting for a batch; the next gets 429
+    retry_after_s: int = Field(2, ge=1)  # the Retry-After header of a 429
+    request_timeout_s: float = Field(300, gt=0)  # an admitted request not answered by then (wait + generation) gets 504
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # a longer request body gets 413
     defaults: GenerationDefaults = GenerationDefaults()
     vllm: VLLMOptions = VLLMOptions()
     smoke_prompt: str | None = "a red circle on a blue background"  # the stage's check request; None: no check
@@ -65,6 +70,9 @@ class ServeConfig(StrictModel):
     def _engine_options(self):
         if self.sjd_window is not None and self.engine != "torch":
             raise ValueError("sjd_window (speculative Jacobi decoding) needs engine: torch")
+        if self.max_concurrent_requests < self.max_batch_size:
+            raise ValueError(f"max_concurrent_requests ({self.max_concurrent_requests}) is below max_batch_size "
+                             f"({self.max_batch_size}): a batch could never fill")
         return self
 
     def parsed_sizes(self) -> list[tuple[int, int]]:
@@ -126,6 +134,8 @@ def parse_request(body: bytes, cfg: ServeConfig) -> tuple[ImageRequest, tuple[in
         obj = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"malformed JSON body: {e}") from None
+    except RecursionError:
+        raise RequestError("malformed JSON body: nested too deeply") from None
     if not isinstance(obj, dict):
         raise RequestError(f"the body must be a JSON object, got {type(obj).__name__}")
     try:
@@ -139,8 +149,13 @@ def parse_request(body: bytes, cfg: ServeConfig) -> tuple[ImageRequest, tuple[in
     if not req.prompt.strip():
         raise RequestError("prompt must not be empty", "prompt")
     for name in ("prompt", "negative_prompt"):
-        if len(getattr(req, name)) > cfg.max_prompt_chars:
+        text = getattr(req, name)
+        if len(text) > cfg.max_prompt_chars:
             raise RequestError(f"{name} is longer than {cfg.max_prompt_chars} characters", name)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape: the tokenizer would fail the whole batch
+            raise RequestError(f"{name} is not valid Unicode (a lone surrogate)", name) from None
     if req.n > cfg.max_n:
         raise RequestError(f"n must be at most {cfg.max_n}, got {req.n}", "n")
     size = req.size or cfg.sizes[0]
@@ -150,10 +165,5 @@ def parse_request(body: bytes, cfg: ServeConfig) -> tuple[ImageRequest, tuple[in
     return req, (w, h)
 
 
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
-
-
-# -- the engine -------------------------------------------------------------------------------------
-
-
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -13,6 +13,7 @@ PAGE = """<!doctype html>
  form { display: grid; grid-template-columns: repeat(4, 1fr); gap: .5rem 1rem; align-items: end; }
  label { display: flex; flex-direction: column; font-size: .85rem; gap: .2rem; }
  #prompt-label { grid-column: 1 / -1; }
+ [hidden] { display: none !important; }
  textarea { font: inherit; min-height: 3.5rem; }
  button { grid-column: 1 / -1; padding: .6rem; font-size: 1rem; cursor: pointer; }
  #status { min-height: 1.5rem; margin: 1rem 0; }
@@ -34,6 +35,7 @@ PAGE = """<!doctype html>
  <label>Top-k <input id="top_k" type="number" min="1" placeholder="off"></label>
  <label>Top-p <input id="top_p" type="number" step="0.01" min="0" max="1" placeholder="off"></label>
  <label>Negative prompt <input id="negative_prompt" type="text" placeholder="(empty)"></label>
+ <label id="key-label" hidden>API key <input id="api_key" type="password" autocomplete="off" placeholder="sent as Bearer"></label>
  <button id="generate" type="submit">Generate</button>
 </form>
 <div id="status" role="status"></div>
@@ -47,6 +49,7 @@ $("prompt").maxLength = CONFIG.max_prompt_chars;
 for (const s of CONFIG.sizes) { const o = document.createElement("option"); o.value = o.textContent = s; $("size").appendChild(o); }
 $("guidance_scale").value = CONFIG.defaults.guidance_scale;
 $("temperature").value = CONFIG.defaults.temperature;
+$("key-label").hidden = !CONFIG.auth;
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const body = { prompt: $("prompt").value, n: Number($("n").value), size: $("size").value };
@@ -57,9 +60,13 @@ $("form").addEventListener("submit", async (event) => {
   status.className = ""; status.textContent = "Generating…"; $("generate").disabled = true;
   const t0 = performance.now();
   try {
-    const r = await fetch(CONFIG.api, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
-    const j = await r.json();
-    if (!r.ok) throw new Error(j.error ? j.error.message : r.statusText);
+    const headers = { "Content-Type": "application/json" };
+    if ($("api_key").value) headers.Authorization = "Bearer " + $("api_key").value;  // kept in the field only
+    const r = await fetch(CONFIG.api, { method: "POST", headers, body: JSON.stringify(body) });
+    const text = await r.text();
+    let j = null;
+    try { j = JSON.parse(text); } catch (e) { /* not ours: e.g. a proxy's plain-text error */ }
+    if (!r.ok) throw new Error(r.status + " " + (j && j.error ? j.error.message : text || r.statusText));
     $("images").replaceChildren(...j.data.map((d) => {
       const fig = document.createElement("figure"), img = new Image(), cap = document.createElement("figcaption");
       img.src = "data:image/png;base64," + d.b64_json; img.alt = body.prompt; img.className = "result";
@@ -75,8 +82,10 @@ $("form").addEventListener("submit", async (event) => {
 """
 
 
-def render_page(cfg: ServeConfig, api_root: str = "") -> str:
+def render_page(cfg: ServeConfig, api_root: str = "", auth: bool = False) -> str:
+    """`auth`: the API wants a key, so the page shows a field for it."""
     config = {
+        "auth": auth,
         "api": f"{api_root}/v1/images/generations",
         "engine": cfg.engine if not cfg.sjd_window else f"torch + speculative Jacobi decoding (window {cfg.sjd_window})",
         "sizes": cfg.sizes,
@@ -86,8 +95,3 @@ def render_page(cfg: ServeConfig, api_root: str = "") -> str:
     }
     # "</" cannot end the script element early once escaped
     return PAGE.replace("__CONFIG__", json.dumps(config).replace("</", "<\\/"))
-
-
-# -- the stage --------------------------------------------------------------------------------------
-
-

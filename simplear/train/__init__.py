@@ -1,5 +1,7 @@
-"""The training loop of the project: pretrain and SFT are this loop plus their hooks; GRPO runs trl's
-trainer in the same Ray Train setup (`fit(worker=...)`) and shares the checkpoint layout, metrics and samples.
+"""The training layer of the project: pretrain and SFT are this loop plus their hooks; GRPO runs trl's
+trainer as another worker of the same `fit` (`simplear.grpo`) and shares everything around the loop:
+the session (worker logging, report cadence, checkpoint reporting), the checkpoint layout and final
+export (`run_training`), the metrics rows and summary, and the figures.
 
 A stage hands `fit()` a `TrainTask` (the hooks: build the model, turn data rows into micro-batches,
 compute the loss, save a checkpoint, finish with samples), a `TrainConfig` and its Parquet files with
@@ -27,11 +29,12 @@ from __future__ import annotations
 
 from simplear.train.config import (FINAL, LEGACY_CHECKPOINTS, LOSS_CURVE, METRICS, OPTIMIZER, SAMPLES, TENSORBOARD,
                                    TRAIN_OPERATIONAL, TRAINER_STATE, TrainConfig, lr_at)
-from simplear.train.fit import checkpoints_dir, export_final, fit, scaling_config
+from simplear.train.figures import Panel, plot_curves, plot_loss_curve
+from simplear.train.fit import TrainingRun, checkpoints_dir, export_final, fit, run_training, scaling_config
 from simplear.train.loop import train_loop
-from simplear.train.metrics import plot_loss_curve, read_metrics, summarize
-from simplear.train.sessions import LocalSession, RaySession, ray_report
+from simplear.train.metrics import MetricsWriter, read_metrics, summarize
+from simplear.train.sessions import LocalSession, RaySession, ReportClock, ray_report, report_checkpoint, setup_worker_logging
 from simplear.train.task import Bundle, TrainTask
 
 
-__all__ = ["Bundle", "FINAL", "LEGACY_CHECKPOINTS", "LOSS_CURVE", "LocalSession", "METRICS", "OPTIMIZER", "RaySession", "SAMPLES", "TENSORBOARD", "TRAINER_STATE", "TRAIN_OPERATIONAL", "TrainConfig", "TrainTask", "checkpoints_dir", "export_final", "fit", "lr_at", "plot_loss_curve", "ray_report", "read_metrics", "scaling_config", "summarize", "train_loop"]
+__all__ = ["Bundle", "FINAL", "LEGACY_CHECKPOINTS", "LOSS_CURVE", "LocalSession", "METRICS", "MetricsWriter", "OPTIMIZER", "Panel", "RaySession", "ReportClock", "SAMPLES", "TENSORBOARD", "TRAINER_STATE", "TRAIN_OPERATIONAL", "TrainConfig", "TrainTask", "TrainingRun", "checkpoints_dir", "export_final", "fit", "lr_at", "plot_curves", "plot_loss_curve", "ray_report", "read_metrics", "report_checkpoint", "run_training", "scaling_config", "setup_worker_logging", "summarize", "train_loop"]

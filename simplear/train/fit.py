@@ -1,4 +1,5 @@
-"""`fit`: `train_loop` on Ray Train (`TorchTrainer`), checkpoints in the stage folder, the final export."""
+"""`fit`: a training worker on Ray Train (`TorchTrainer`), checkpoints in the stage folder, the final export;
+`run_training`: what every training stage does around it."""
 
 from __future__ import annotations
 
@@ -6,24 +7,25 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from simplear.train.config import LEGACY_CHECKPOINTS, OPTIMIZER, TRAINER_STATE, TrainConfig
+from simplear.train.config import FINAL, LEGACY_CHECKPOINTS, OPTIMIZER, TRAINER_STATE, TrainConfig
 from simplear.train.loop import train_loop
-from simplear.train.sessions import RaySession
+from simplear.train.metrics import read_metrics
+from simplear.train.sessions import RaySession, setup_worker_logging
 from simplear.train.task import TrainTask
 from simplear.train_data import DataFile
 
 log = logging.getLogger("simplear.train")
 
 
-def _ray_worker(config: dict) -> None:
+def loop_worker(config: dict) -> None:
+    """`fit`'s default worker: the shared loop over this worker's share of the files."""
     import ray.data
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("simplear").setLevel(logging.INFO)
+    setup_worker_logging()
     ray.data.DataContext.get_current().enable_progress_bars = False
     session = RaySession([DataFile(**f) for f in config["files"]], config["columns"])
     train_loop(config["task"], TrainConfig.model_validate(config["train"]), session, config["out_dir"], config.get("run_info"))
@@ -58,7 +60,7 @@ def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: Path, resources, files:
                  stage_dir.name, LEGACY_CHECKPOINTS, runs.name)
 
     trainer = TorchTrainer(
-        worker or _ray_worker,
+        worker or loop_worker,
         train_loop_config={"task": task, "train": cfg.model_dump(mode="json"), "out_dir": str(stage_dir), "run_info": run_info or {},
                            "files": [asdict(f) for f in files], "columns": list(columns)},
         scaling_config=scaling_config(resources, cfg),
@@ -77,10 +79,34 @@ def checkpoints_dir(stage_dir: Path) -> Path:
     return Path(stage_dir) / Path(stage_dir).name
 
 
-def export_final(checkpoint_dir: Path, final_dir: Path) -> dict:
-    """Copy a training checkpoint without its optimizer state to `final_dir` (atomically); returns its trainer state."""
+def export_final(checkpoint_dir: Path, final_dir: Path, exclude: tuple[str, ...] = ()) -> dict:
+    """Copy a training checkpoint without its optimizer state (and the `exclude` patterns: a trainer's own resume
+    files) to `final_dir`, atomically; returns its trainer state."""
     from simplear.workflow.manifest import atomic_path
 
     with atomic_path(final_dir) as tmp:
-        shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns(OPTIMIZER))
+        shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns(OPTIMIZER, *exclude))
     return json.loads((final_dir / TRAINER_STATE).read_text())
+
+
+@dataclass
+class TrainingRun:
+    state: dict  # the final checkpoint's trainer state
+    rows: list[dict]  # metrics.jsonl, one row per logged step
+    metrics: dict  # what every training stage reports: steps, resumes, seconds
+
+
+def run_training(ctx, task, cfg: TrainConfig, *, files: list[DataFile] = (), columns: list[str] = (), worker=None,
+                 exclude: tuple[str, ...] = ()) -> TrainingRun:
+    """`fit` for a stage, then its last checkpoint as final/; a run that ends short of `steps` is an error."""
+    t0 = time.time()
+    result = fit(task, cfg, stage_dir=ctx.stage_dir, resources=ctx.resources, files=files, columns=columns,
+                 run_info={"stage": ctx.name}, worker=worker)
+    if result.checkpoint is None:
+        raise RuntimeError(f"{ctx.name}: Ray Train finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = export_final(Path(d), ctx.stage_dir / FINAL, exclude)
+    if state["step"] != cfg.steps:
+        raise RuntimeError(f"{ctx.name}: the last checkpoint is at step {state['step']}, not {cfg.steps}")
+    metrics = {"steps": state["step"], "resumed_at": state.get("resumed_at", []), "train_seconds": round(time.time() - t0, 1)}
+    return TrainingRun(state, read_metrics(ctx.stage_dir), metrics)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 from simplear.train.config import OPTIMIZER, TRAINER_STATE, TrainConfig, lr_at
 from simplear.train.metrics import MetricsWriter
 from simplear.train.parallel import all_reduce, autocast_for, full_state, gather_all, no_sync, param_groups, unsharded, wrap_model
+from simplear.train.sessions import ReportClock, report_checkpoint
 from simplear.train.task import TrainTask
 from simplear.train_data import Position
 
@@ -59,7 +59,8 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, out_dir: str | Path, 
     rows = session.worker_rows(cfg.seed, cfg.shuffle_buffer)
     batches = task.micro_batches(rows, position, micro_bs, bundle)
     metrics: dict[str, Any] = {}
-    t_run = t_report = time.perf_counter()
+    clock = ReportClock(cfg.report_interval_s, rank)
+    t_run = time.perf_counter()
 
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -81,10 +82,9 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, out_dir: str | Path, 
         optimizer.zero_grad(set_to_none=True)
         step += 1
         sums["_grad_norm"] = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        # rank 0's clock decides when to report, so that every worker reports on the same steps
-        sums["_report"] = float(rank == 0 and time.perf_counter() - t_report >= cfg.report_interval_s)
+        sums["_report"] = clock.vote()
         totals = all_reduce(sums, device)  # also waits for the device, so the step time is real
-        report = totals.pop("_report") > 0
+        report = clock.decide(totals.pop("_report"))
         dt = time.perf_counter() - t0
         metrics = {"step": step, "lr": lr, "grad_norm": totals.pop("_grad_norm") / world, "step_s": round(dt, 4),
                    "epoch": position.epoch}
@@ -99,11 +99,9 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, out_dir: str | Path, 
             state = {"step": step, "positions": gather_all(rows.position().to_json(), world), "resumed_at": resumes,
                      "world_size": world, **(run_info or {})}
             _checkpoint(task, bundle, wrapped, optimizer, cfg, session, metrics, state)
+            clock.reset()
         elif report:
             session.report(metrics)
-        else:
-            continue
-        t_report = time.perf_counter()
 
     if writer:
         writer.close()
@@ -147,13 +145,10 @@ def _checkpoint(task, bundle, wrapped, optimizer, cfg, session, metrics, state) 
 
     full = full_state(wrapped, cfg, session.world_size)
     optim_state = get_optimizer_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    name = f"checkpoint-{state['step']:08d}"
-    if session.rank != 0:
-        session.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="simplear-ckpt-") as tmp:
-        d = Path(tmp) / name
+
+    def write(d: Path) -> None:
         task.save(bundle, unsharded(bundle, full), d, extra={"trainer_state": state, "train": cfg.model_dump(mode="json")})
         torch.save(optim_state, d / OPTIMIZER)
         (d / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-        session.report(metrics, d, name)
+
+    report_checkpoint(session, metrics, f"checkpoint-{state['step']:08d}", write)

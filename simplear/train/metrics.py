@@ -1,4 +1,4 @@
-"""What a run logs and draws: metrics.jsonl and TensorBoard, their summary and the loss curve."""
+"""What a run logs: metrics.jsonl and TensorBoard, read back and summarised (the figures: `simplear.train.figures`)."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ class MetricsWriter:
 
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        stage = self.path.parent.name
-        gauge(stage, "train_step", metrics["step"])
+        stage, run = self.path.parent.name, str(self.path.parent.parent)  # <run_dir>/<stage>/metrics.jsonl
+        gauge(stage, "train_step", metrics["step"], run)
         if isinstance(metrics.get("loss"), (int, float)):
-            gauge(stage, "train_loss", metrics["loss"])
+            gauge(stage, "train_loss", metrics["loss"], run)
         for k, v in metrics.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"train/{k}", v, metrics["step"])
@@ -52,47 +52,23 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Start/end figures of the run: the first logged step (the model as it came in) and the mean of the
-    last tenth of the logged steps (1 to 10 of them, to smooth the batch noise)."""
+LOSS_KEYS = ("loss", "image_loss", "text_loss")
+
+
+def summarize(rows: list[dict], keys: tuple[str, ...] = LOSS_KEYS, smooth_start: bool = False) -> dict:
+    """Start/end figures of the run. The end is the mean of the last tenth of the logged steps (1 to 10 of
+    them, to smooth the batch noise); the start is the first logged step (a loss: the model as it came in),
+    or with `smooth_start` the mean of as many first steps (a group reward is as noisy at the start as at the end)."""
     if not rows:
         return {}
     k = max(1, min(10, len(rows) // 10))
     out: dict[str, Any] = {"logged_steps": len(rows), "last_step": rows[-1]["step"]}
-    for key in ("loss", "image_loss", "text_loss"):
+    for key in keys:
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         if values:
-            out[f"{key}_start"] = round(values[0], 4)
-            out[f"{key}_end"] = round(statistics.fmean(values[-k:]), 4)
+            out[f"{key}_start"] = round(statistics.fmean(values[:k]) if smooth_start else values[0], 5)
+            out[f"{key}_end"] = round(statistics.fmean(values[-k:]), 5)
     speeds = [r["tokens_per_s"] for r in rows[1:] if "tokens_per_s" in r] or [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     if speeds:
         out["tokens_per_s"] = round(statistics.median(speeds), 1)
     return out
-
-
-def plot_loss_curve(rows: list[dict], path: Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    for key, label in (("loss", "loss (trained tokens)"), ("image_loss", "image-token loss"), ("text_loss", "text-token loss")):
-        if any(key in r for r in rows):
-            ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=label, linewidth=1)
-    ax.set_ylabel("cross-entropy")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
-    ax_lr.plot(steps, [r.get("lr", float("nan")) for r in rows], color="gray", linewidth=1)
-    ax_lr.set_ylabel("lr")
-    ax_lr.set_xlabel("step")
-    ax_lr.grid(alpha=0.3)
-    fig.tight_layout()
-    from simplear.workflow.manifest import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)

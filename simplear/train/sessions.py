@@ -1,11 +1,15 @@
-"""What the loop needs from its surroundings: a Ray Train worker (`RaySession`) or one plain process (`LocalSession`)."""
+"""What a training worker needs from its surroundings: a Ray Train worker (`RaySession`) or one plain process
+(`LocalSession`), and what every worker does alike — its logging, when to report, how a checkpoint is reported."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
+import tempfile
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from simplear.train_data import DataFile, WorkerRows
 
@@ -13,7 +17,7 @@ from simplear.train_data import DataFile, WorkerRows
 class RaySession:
     """Inside a Ray Train worker: its rows of the data files, the latest checkpoint, reports."""
 
-    def __init__(self, files: list[DataFile], columns: list[str]):
+    def __init__(self, files: list[DataFile] = (), columns: list[str] = ()):
         import ray.train
         import ray.train.torch
 
@@ -21,7 +25,7 @@ class RaySession:
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.files, self.columns = files, columns
+        self.files, self.columns = list(files), list(columns)
 
     def worker_rows(self, seed: int, shuffle_buffer: int) -> WorkerRows:
         return WorkerRows(self.files, self.columns, self.rank, self.world_size, seed, shuffle_buffer)
@@ -89,3 +93,52 @@ class LocalSession:
                 shutil.copytree(checkpoint_dir, tmp)
             for old in self.checkpoints()[: -self.keep] if self.keep else []:
                 shutil.rmtree(old)
+
+
+def setup_worker_logging() -> None:
+    """A Ray worker process has no handler of its own: the project's INFO lines go to the worker's log."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("simplear").setLevel(logging.INFO)
+
+
+class ReportClock:
+    """When to send metrics to Ray Train: at most every `interval_s`, by rank 0's clock, because every worker must
+    call `ray.train.report` on the same steps. `vote()` can ride on a collective the caller runs anyway (the loop's
+    all-reduce); `due()` runs its own broadcast (the GRPO callback has none)."""
+
+    def __init__(self, interval_s: float, rank: int):
+        self.interval_s, self.rank = interval_s, rank
+        self.reset()
+
+    def reset(self) -> None:
+        self.last = time.perf_counter()
+
+    def vote(self) -> float:
+        return float(self.rank == 0 and time.perf_counter() - self.last >= self.interval_s)
+
+    def decide(self, votes: float) -> bool:
+        if votes > 0:
+            self.reset()
+        return votes > 0
+
+    def due(self, device) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        vote = torch.tensor([self.vote()], device=device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(vote, src=0)
+        return self.decide(vote.item())
+
+
+def report_checkpoint(session, metrics: dict, name: str, write: Callable[[Path], None]) -> None:
+    """Every worker reports (Ray Train waits for all of them); rank 0 writes the folder with `write(dir)`, in a
+    temporary place Ray Train copies into the run, so the stage folder only ever holds committed checkpoints."""
+    if session.rank != 0:
+        session.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="simplear-ckpt-") as tmp:
+        d = Path(tmp) / name
+        write(d)
+        session.report(metrics, d, name)

@@ -1,5 +1,5 @@
-"""Per-stage figures on Ray's metrics endpoint (Prometheus, the dashboard's Metrics page), tagged by stage,
-and a progress line in the logs every few seconds where no terminal shows progress bars."""
+"""Per-stage figures on Ray's metrics endpoint (Prometheus, the dashboard's Metrics page), tagged by stage and
+run (the run folder: two workflows on one cluster, or a rerun beside an earlier run, count apart), and a progress line in the logs every few seconds where no terminal shows progress bars."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _metric(kind: str, name: str, description: str):
     from ray.util import metrics
 
     cls = {"counter": metrics.Counter, "gauge": metrics.Gauge}[kind]
-    return cls(name, description=description, tag_keys=("stage",))
+    return cls(name, description=description, tag_keys=("stage", "run"))
 
 
 def _on_ray() -> bool:
@@ -24,26 +24,27 @@ def _on_ray() -> bool:
     return ray.is_initialized()
 
 
-def count_rows(stage: str, done: int, rejected: int) -> None:
+def count_rows(stage: str, done: int, rejected: int, run: str = "") -> None:
     if not _on_ray():
         return
-    _metric("counter", "simplear_rows_done", "input rows a data stage has finished (kept or rejected)").inc(done, {"stage": stage})
+    tags = {"stage": stage, "run": run}
+    _metric("counter", "simplear_rows_done", "input rows a data stage has finished (kept or rejected)").inc(done, tags)
     if rejected:
-        _metric("counter", "simplear_rows_rejected", "input rows a data stage rejected, with a reason").inc(rejected, {"stage": stage})
+        _metric("counter", "simplear_rows_rejected", "input rows a data stage rejected, with a reason").inc(rejected, tags)
 
 
-def gauge(stage: str, name: str, value: float) -> None:
+def gauge(stage: str, name: str, value: float, run: str = "") -> None:
     """`rows_per_s`, `train_step`, `train_loss`: exported as `simplear_<name>`."""
     if not _on_ray():
         return
-    _metric("gauge", f"simplear_{name}", f"{name} of the stage").set(float(value), {"stage": stage})
+    _metric("gauge", f"simplear_{name}", f"{name} of the stage").set(float(value), {"stage": stage, "run": run})
 
 
 class ProgressLine:
     """`stage: 1,200 / 5,000 rows (24%), 310 rows/s` at most every `interval_s` seconds, and once at the end."""
 
-    def __init__(self, stage: str, total: int, interval_s: float, unit: str = "rows"):
-        self.stage, self.total, self.interval_s, self.unit = stage, total, interval_s, unit
+    def __init__(self, stage: str, total: int, interval_s: float, unit: str = "rows", run: str = ""):
+        self.stage, self.total, self.interval_s, self.unit, self.run = stage, total, interval_s, unit, run
         self.done = 0
         self.t0 = self.last = time.time()
 
@@ -55,4 +56,4 @@ class ProgressLine:
             rate = self.done / max(now - self.t0, 1e-9)
             share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
             log.info("%s: %d / %d %s%s, %.1f %s/s", self.stage, self.done, self.total, self.unit, share, rate, self.unit)
-            gauge(self.stage, f"{self.unit}_per_s", rate)
+            gauge(self.stage, f"{self.unit}_per_s", rate, self.run)
