@@ -236,7 +236,31 @@ class ColorMatchReward:
         return [self.score_one(img, p) for img, p in zip(imgs, prompts)]
 
 
-# -- building and combining --------------------------------------------------------------------
+# -- shape_match -------------------------------------------------------------------------------
+
+
+def shape_of_mask(mask) -> str | None:
+    """The demo shape that, drawn in the (H, W) bool mask's bounding box as the demo set draws it, overlaps the
+    mask best (IoU); None under 4 pixels."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from simplear.demo_captions import SHAPES, paint_shape
+
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 4:
+        return None
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
+    best, best_iou = None, -1.0
+    for shape in SHAPES:
+        template = Image.new("L", (mask.shape[1], mask.shape[0]), 0)
+        paint_shape(ImageDraw.Draw(template), shape, cx, cy, r, 255)
+        t = np.asarray(template) > 0
+        iou = (t & mask).sum() / max(1, (t | mask).sum())
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best
 
 
 class ShapeMatchReward:
@@ -252,26 +276,7 @@ class ShapeMatchReward:
         self.colours = ColorMatchReward(ColorMatchRewardConfig(max_distance=self.config.max_distance))
 
     def seen_shape(self, image_3HW: torch.Tensor, colour: str) -> str | None:
-        import numpy as np
-        from PIL import Image, ImageDraw
-
-        from simplear.demo_captions import SHAPES, paint_shape
-
-        mask = (self.colours.assign(image_3HW) == self.colours.colour_names.index(colour)).numpy()
-        ys, xs = np.nonzero(mask)
-        if len(xs) < 4:
-            return None
-        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
-        best, best_iou = None, -1.0
-        for shape in SHAPES:
-            template = Image.new("L", (mask.shape[1], mask.shape[0]), 0)
-            paint_shape(ImageDraw.Draw(template), shape, cx, cy, r, 255)
-            t = np.asarray(template) > 0
-            iou = (t & mask).sum() / max(1, (t | mask).sum())
-            if iou > best_iou:
-                best, best_iou = shape, iou
-        return best
+        return shape_of_mask((self.colours.assign(image_3HW) == self.colours.colour_names.index(colour)).numpy())
 
     def __call__(self, images, prompts: Sequence[str]) -> list[float | None]:
         from simplear.demo_captions import parse_caption
@@ -281,6 +286,9 @@ class ShapeMatchReward:
             parsed = parse_caption(prompt)
             out.append(None if parsed is None else float(self.seen_shape(image, parsed[0]) == parsed[1]))
         return out
+
+
+# -- building and combining --------------------------------------------------------------------
 
 
 def build_reward(config) -> Reward:
