@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from simplear.datasets import DemoShapesParams
-from simplear.demo_captions import PALETTE, SHAPES, caption_for, draw, parse_caption
+from simplear.demo_captions import PALETTE, SHAPES, caption_for, draw, held_out_combinations, parse_caption
 
 BROKEN_KINDS = ("truncated", "not_an_image", "zero_byte", "huge_header", "missing")
 
@@ -59,10 +59,14 @@ def generate(folder: str | Path, params: DemoShapesParams) -> Path:
     rng = random.Random(params.seed)
     colours = list(PALETTE)
     weights = params.short_edge_weights or [1.0] * len(params.short_edges)
+    held_out = set(held_out_combinations(params.held_out, params.seed))
     rows: list[dict] = []
     for i in range(params.count):
         fg, bg = rng.sample(colours, 2)
         shape = rng.choice(SHAPES)
+        while (fg, shape, bg) in held_out:  # drawn again (with no held-out set, the draws are those of before)
+            fg, bg = rng.sample(colours, 2)
+            shape = rng.choice(SHAPES)
         short = rng.choices(params.short_edges, weights)[0]
         long = round(short * rng.choice(params.aspect_ratios))
         width, height = (long, short) if rng.random() < 0.5 else (short, long)

@@ -99,6 +99,8 @@ class DemoShapesParams(StrictModel):
     zero_byte: int = Field(2, ge=0)
     huge_header: int = Field(2, ge=0, description="PNGs whose header claims 200,000 x 200,000 pixels")
     missing: int = Field(4, ge=0, description="URLs with no file behind them (HTTP 404)")
+    held_out: int = Field(0, ge=0, le=225, description="colour-shape-colour combinations never drawn into the set "
+                          "(`simplear.demo_captions.held_out_combinations`): the eval stage's held-out prompts")
 
     @model_validator(mode="after")
     def _weights_match(self):

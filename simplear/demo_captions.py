@@ -43,6 +43,18 @@ def parse_caption(caption: str) -> tuple[str, str, str] | None:
     return m["fg"], m["shape"], m["bg"]
 
 
+def all_combinations() -> list[tuple[str, str, str]]:
+    """Every (foreground colour, shape, background colour) the demo can draw: 10 x 9 x 5 = 450."""
+    return [(fg, shape, bg) for fg in PALETTE for shape in SHAPES for bg in PALETTE if bg != fg]
+
+
+def held_out_combinations(count: int, seed: int) -> list[tuple[str, str, str]]:
+    """`count` combinations the demo set never draws (a function of the set's seed), so that an evaluation on
+    them asks for pictures no model was trained on; every colour and shape still appears in training."""
+    rng = random.Random(f"held-out/{seed}")
+    return sorted(rng.sample(all_combinations(), count))
+
+
 def paint_shape(canvas, shape: str, cx: float, cy: float, r: float, fill) -> None:
     """Draw `shape` (centre cx, cy; half-size r: its bounding box is 2r x 2r) on a PIL ImageDraw."""
     box = [cx - r, cy - r, cx + r, cy + r]

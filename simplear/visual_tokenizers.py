@@ -161,9 +161,12 @@ class CosmosTokenizer:
         return img.float().clamp(-1, 1)
 
 
-def load_visual_tokenizer(config: VisualTokenizerConfig | dict) -> VisualTokenizer:
+def load_visual_tokenizer(config: VisualTokenizerConfig | dict, device=None) -> VisualTokenizer:
+    """`device`: where a worker decodes (Cosmos runs there; the pixel tokenizer is plain tensor code on any)."""
     if not isinstance(config, VisualTokenizerConfig):
         config = VisualTokenizerConfig.model_validate(config)
+    if device is not None and config.kind == "cosmos":
+        config = config.model_copy(update={"device": str(device)})
     if config.kind == "pixel-fsq":
         return PixelFSQTokenizer(config)
     return CosmosTokenizer(config)

@@ -124,11 +124,11 @@ def evaluate_checkpoint(task: GRPOTask, cfg: TrainConfig, checkpoint_dir: Path, 
     """The evaluation of a run whose training had finished (killed while evaluating): from its last checkpoint."""
     import torch
 
-    from simplear.grpo.rollout import visual_tokenizer_on
     from simplear.model import load_checkpoint
     from simplear.train.parallel import autocast_for
+    from simplear.visual_tokenizers import load_visual_tokenizer
 
     ck = load_checkpoint(checkpoint_dir, device=device, dtype=torch.float32)
-    evaluate_before_after(task, ck.model, ck.vocab, visual_tokenizer_on(ck.visual_tokenizer_config, device),
+    evaluate_before_after(task, ck.model, ck.vocab, load_visual_tokenizer(ck.visual_tokenizer_config, device),
                           ck.visual_tokenizer_config, WeightedRewards.from_configs(task.rewards), out_dir, device,
                           autocast_for(cfg, device, world_size=1))

@@ -86,11 +86,3 @@ def trl_reward_functions(rewards: WeightedRewards) -> list:
 
     return [make(n, r) for n, r in zip(rewards.names, rewards.rewards)]
 
-
-def visual_tokenizer_on(vt_config, device):
-    """The decoder on the worker's device (Cosmos runs there; the pixel tokenizer is plain tensor code)."""
-    from simplear.visual_tokenizers import load_visual_tokenizer
-
-    if vt_config.kind == "cosmos":
-        vt_config = vt_config.model_copy(update={"device": str(device)})
-    return load_visual_tokenizer(vt_config)

@@ -14,10 +14,11 @@ from typing import Any
 from simplear.grpo.config import GRPOTask
 from simplear.grpo.eval import evaluate_before_after, evaluate_checkpoint
 from simplear.grpo.reporting import hf_resume_view, report_callback
-from simplear.grpo.rollout import trainer_class, trl_reward_functions, visual_tokenizer_on
+from simplear.grpo.rollout import trainer_class, trl_reward_functions
 from simplear.rewards import WeightedRewards
 from simplear.train import TRAINER_STATE, RaySession, TrainConfig, setup_worker_logging
 from simplear.train.parallel import use_bf16
+from simplear.visual_tokenizers import load_visual_tokenizer
 
 log = logging.getLogger("simplear.grpo")
 
@@ -95,7 +96,7 @@ def build_trainer(task: GRPOTask, cfg: TrainConfig, output_dir: str, *, world_si
         processing_class=ck.vocab.text_tokenizer,
         callbacks=list(callbacks),
         vocab=ck.vocab,
-        visual_tokenizer=visual_tokenizer_on(ck.visual_tokenizer_config, device),
+        visual_tokenizer=load_visual_tokenizer(ck.visual_tokenizer_config, device),
         grid=task.grid,
         sampling=task.sampling,
         sampling_seed=cfg.seed,

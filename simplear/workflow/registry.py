@@ -29,6 +29,7 @@ BUILTIN_STAGE_MODULES: dict[str, str] = {
     "sft": "stages.sft",
     "grpo": "stages.grpo",
     "serve": "stages.serve",
+    "eval": "stages.eval",
 }
 
 

@@ -1,0 +1,86 @@
+"""The eval stage's settings: which checkpoints, which prompt sets (each with its scorers), how images are drawn."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from simplear.config import StrictModel
+from simplear.scorers import ScorerConfig
+from simplear.vllm_engine import VLLMOptions
+
+
+class CheckpointSpec(StrictModel):
+    """A checkpoint to evaluate: a needed training stage's final/ (its training resolution by default) or a folder."""
+
+    stage: str | None = None
+    path: str | None = None  # relative to workflow.yaml
+    name: str | None = None  # in the report and the folders; default: the stage's name or the folder's
+    size: int | tuple[int, int] | None = Field(None, description="pixels (square, or [height, width]); default: the "
+                                               "training stage's image size (a folder needs it)")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.stage is None) == (self.path is None):
+            raise ValueError("a checkpoint is either `stage` (a needed training stage) or `path` (a folder)")
+        if self.path is not None and self.size is None:
+            raise ValueError(f"checkpoint {self.path}: a folder needs `size`")
+        return self
+
+
+class PromptSetSpec(StrictModel):
+    """Prompts and the scorers that judge their images. Layouts are the public scorers': GenEval's
+    `<5-digit prompt>/samples/<4-digit image>.png` + `metadata.jsonl` for every set, and for `dpg` also
+    one 2x2 grid per prompt, `<prompt name>.png`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    source: Literal["demo_held_out", "geneval", "dpg", "list", "file"]
+    dataset: str | None = None  # demo_held_out: the generated data set whose `held_out` combinations are asked for
+    path: str | None = None  # geneval: evaluation_metadata.jsonl; dpg: its prompts/ folder (one <name>.txt a prompt); file: .txt
+    items: list[str] | None = None  # list
+    max_prompts: int | None = Field(None, ge=1, description="the first prompts only (a quick look at a big set)")
+    scorers: list[ScorerConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _needs(self):
+        need = {"demo_held_out": "dataset", "geneval": "path", "dpg": "path", "file": "path", "list": "items"}[self.source]
+        if not getattr(self, need):
+            raise ValueError(f"prompt set {self.name!r}: source {self.source!r} needs `{need}`")
+        return self
+
+
+class EvalSampling(StrictModel):
+    cfg_scale: float = Field(4.0, ge=0)
+    temperature: float = Field(1.0, ge=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    negative_prompt: str = ""
+
+
+class EvalStageConfig(StrictModel):
+    checkpoints: list[CheckpointSpec] | None = None  # default: the final/ of every needed stage that has one
+    prompt_sets: list[PromptSetSpec] = Field(min_length=1)
+    samples_per_prompt: int = Field(4, ge=1, description="images per prompt (GenEval and DPG-Bench use 4)")
+    seed: int = Field(0, description="image j of prompt i gets seed + i * samples_per_prompt + j, for every checkpoint")
+    sampling: EvalSampling = EvalSampling()
+    batch_size: int = Field(32, ge=1, description="images per engine call")
+    engine: Literal["torch", "vllm"] = "torch"
+    vllm: VLLMOptions = VLLMOptions()
+    device: str = "auto"  # torch engine and scorers: cuda when the task has a GPU
+    grid_prompts: int = Field(8, ge=0, description="prompts of each set shown as image grids in the report")
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [s.name for s in self.prompt_sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"prompt_sets: names must be unique, got {names}")
+        if any(s.source == "dpg" for s in self.prompt_sets) and self.samples_per_prompt != 4:
+            raise ValueError("samples_per_prompt: a dpg set is scored on a 2x2 grid, so it needs 4")
+        return self
+
+
+# keys that change speed or memory, never an image or a score (a batch's composition does not change a request's
+# draws: each request has its own uniforms)
+EVAL_OPERATIONAL = ("batch_size", "device", "vllm.max_num_seqs", "vllm.kv_cache_gib", "vllm.gpu_memory_utilization",
+                    "vllm.enforce_eager", "vllm.in_process")

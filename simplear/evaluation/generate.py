@@ -1,0 +1,143 @@
+"""Images of a prompt set from one checkpoint, in GenEval's layout, resumable per prompt and reusable across runs.
+
+    images/<checkpoint>/<set>/key.json                what these images are (checkpoint, size, sampling, seeds, prompts)
+    images/<checkpoint>/<set>/<00000>/samples/<0000>.png
+    images/<checkpoint>/<set>/<00000>/metadata.jsonl  written last: the prompt is done
+    images/<checkpoint>/<set>/grids/<name>.png        a dpg set: the 2x2 grid DPG-Bench scores
+
+A rerun of the stage (e.g. because GRPO trained again) finds its earlier images in `.previous/`
+(where the engine moved them) and takes back, by rename, every (checkpoint, set) whose key is
+unchanged, so only the checkpoints that changed are drawn again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from simplear.evaluation.config import EvalSampling
+from simplear.evaluation.prompts import EvalItem
+from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json
+from simplear.workflow.previous import PREVIOUS
+
+log = logging.getLogger("simplear.eval")
+
+IMAGES = "images"
+KEY = "key.json"
+DONE = "metadata.jsonl"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    path: Path
+    grid: tuple[int, int]  # codes per column and row
+    downsample: int  # pixels per code side
+    key: str  # what the weights are: the training stage's fingerprint, or the folder's weights files
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.grid[0] * self.downsample, self.grid[1] * self.downsample
+
+
+def image_seed(seed: int, item: EvalItem, j: int, per_prompt: int) -> int:
+    return seed + item.index * per_prompt + j
+
+
+def set_key(ck: Checkpoint, items: list[EvalItem], sampling: EvalSampling, seed: int, per_prompt: int, engine: str) -> dict:
+    prompts = hashlib.sha256(json.dumps([[i.index, i.prompt] for i in items]).encode()).hexdigest()
+    return {"checkpoint": ck.key, "grid": list(ck.grid), "sampling": sampling.model_dump(mode="json"), "seed": seed,
+            "samples_per_prompt": per_prompt, "prompts": prompts, "engine": engine}
+
+
+def set_dir(stage_dir: Path, ck: Checkpoint, set_name: str) -> Path:
+    return stage_dir / IMAGES / ck.name / set_name
+
+
+def take_back(stage_dir: Path, ck: Checkpoint, set_name: str, key: dict) -> bool:
+    """Move an earlier run's images of this (checkpoint, set) back in place when their key is this one."""
+    here = set_dir(stage_dir, ck, set_name)
+    if here.exists():
+        return False
+    earlier = sorted((stage_dir / PREVIOUS).glob(f"*/{IMAGES}/{ck.name}/{set_name}/{KEY}"), key=lambda p: p.stat().st_mtime,
+                     reverse=True)
+    for found in earlier:
+        if read_json(found) == key:
+            here.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(found.parent, here)
+            done = sum(1 for _ in here.glob(f"*/{DONE}"))
+            log.info("%s/%s: took back %d prompts' images from %s (same checkpoint, sampling and seeds)", ck.name, set_name,
+                     done, found.parent.relative_to(stage_dir))
+            return True
+    return False
+
+
+def done_indices(folder: Path) -> set[int]:
+    return {int(p.parent.name) for p in folder.glob(f"*/{DONE}") if p.parent.name.isdigit()}
+
+
+def generate_set(engine, visual_tokenizer, ck: Checkpoint, items: list[EvalItem], folder: Path, key: dict,
+                 sampling: EvalSampling, seed: int, per_prompt: int, batch_size: int, grids: bool) -> int:
+    """Draw the prompts not done yet; returns how many were drawn now."""
+    from simplear.sampler import SamplingParams
+
+    if read_json(folder / KEY) not in (None, key):  # the same fingerprint with other images cannot happen; be loud
+        raise RuntimeError(f"{folder}: holds images of another key ({folder / KEY}); move it away to draw again")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / KEY, key)
+    done = done_indices(folder)
+    todo = [it for it in items if it.index not in done]
+    prompts_per_call = max(1, batch_size // per_prompt)
+    for b in range(0, len(todo), prompts_per_call):
+        chunk = todo[b: b + prompts_per_call]
+        requests = [(it, j) for it in chunk for j in range(per_prompt)]
+        params = [SamplingParams(cfg_scale=sampling.cfg_scale, temperature=sampling.temperature, top_k=sampling.top_k,
+                                 top_p=sampling.top_p, negative_prompt=sampling.negative_prompt,
+                                 seed=image_seed(seed, it, j, per_prompt)) for it, j in requests]
+        codes = engine.generate_codes([it.prompt for it, _ in requests], ck.grid, params)
+        images = to_pil(visual_tokenizer.decode(codes))
+        for n, it in enumerate(chunk):
+            write_prompt(folder, it, images[n * per_prompt: (n + 1) * per_prompt], grids)
+        log.info("%s/%s: %d / %d prompts drawn", ck.name, folder.name, len(done) + b + len(chunk), len(items))
+    return len(todo)
+
+
+def to_pil(images_B3HW) -> list:
+    from PIL import Image
+
+    arr = ((images_B3HW.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def write_prompt(folder: Path, item: EvalItem, images: list, grid: bool) -> None:
+    d = folder / f"{item.index:05d}"
+    (d / "samples").mkdir(parents=True, exist_ok=True)
+    for j, img in enumerate(images):
+        with atomic_path(d / "samples" / f"{j:04d}.png") as tmp:
+            img.save(tmp, format="PNG")
+    if grid:  # DPG-Bench scores one 2x2 grid per prompt, named after the prompt's file
+        with atomic_path(folder / "grids" / f"{item.metadata.get('item_id', f'{item.index:05d}')}.png") as tmp:
+            grid_of(images, 2).save(tmp, format="PNG")
+    with atomic_path(d / DONE) as tmp:
+        Path(tmp).write_text(json.dumps({**item.metadata, "prompt": item.prompt}) + "\n")
+
+
+def grid_of(images: list, columns: int):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, img in enumerate(images):
+        sheet.paste(img, ((i % columns) * w, (i // columns) * h))
+    return sheet
+
+
+def read_images(folder: Path, item: EvalItem, per_prompt: int) -> list:
+    from PIL import Image
+
+    return [Image.open(folder / f"{item.index:05d}" / "samples" / f"{j:04d}.png").convert("RGB") for j in range(per_prompt)]

@@ -1,0 +1,84 @@
+"""One report across checkpoints: report.json (every figure) and report.html (the table, per-category bars, and
+the same prompts and seeds as image grids side by side, pretrain -> SFT -> GRPO)."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from simplear.workflow.manifest import atomic_path, atomic_write_json
+
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.se { color: #777; font-size: 85%; }
+.bar { display: inline-block; height: 10px; background: #4a7bd0; vertical-align: middle; }
+.grid td { text-align: center; vertical-align: top; }
+.grid img { image-rendering: pixelated; width: 96px; height: 96px; margin: 1px; }
+.note { color: #555; max-width: 60em; }
+"""
+
+
+def write_report(out_dir: Path, report: dict) -> None:
+    """`report`: {"checkpoints": [{name, path, size}], "sets": {set: {"scores": {scorer: {checkpoint: aggregate}},
+    "grids": [{"prompt", "images": {checkpoint: [relative paths]}}]}}, "notes": [...]}; aggregates hold
+    "overall" and optionally "categories", each {"mean", "se", "n"}."""
+    atomic_write_json(out_dir / REPORT_JSON, report)
+    with atomic_path(out_dir / REPORT_HTML) as tmp:
+        Path(tmp).write_text(render_html(report), encoding="utf-8")
+
+
+def _figure(agg: dict | None) -> str:
+    if not agg or agg.get("mean") is None:
+        return "–"
+    se = f" <span class='se'>± {agg['se']:.3f}</span>" if agg.get("se") is not None else ""
+    return f"{agg['mean']:.3f}{se} <span class='se'>(n={agg.get('n', 0)})</span>"
+
+
+def render_html(report: dict) -> str:
+    names = [c["name"] for c in report["checkpoints"]]
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>SimpleAR evaluation</title><style>{_STYLE}</style>"
+             "</head><body><h1>Evaluation</h1>"]
+    parts += [f"<p class='note'>{e(n)}</p>" for n in report.get("notes", [])]
+    parts.append("<table id='checkpoints'><tr><th>checkpoint</th><th>folder</th><th>size</th></tr>")
+    parts += [f"<tr><td>{e(c['name'])}</td><td>{e(str(c['path']))}</td><td>{e('x'.join(map(str, c['size'])))}</td></tr>"
+              for c in report["checkpoints"]]
+    parts.append("</table>")
+    for set_name, s in report["sets"].items():
+        parts.append(f"<h2>{e(set_name)}</h2><table class='scores'><tr><th>score</th>"
+                     + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>")
+        for scorer, by_ck in s["scores"].items():
+            parts.append(f"<tr><td>{e(scorer)}</td>" + "".join(f"<td>{_figure((by_ck.get(n) or {}).get('overall'))}</td>"
+                                                               for n in names) + "</tr>")
+        parts.append("</table>")
+        for scorer, by_ck in s["scores"].items():
+            cats = sorted({c for agg in by_ck.values() for c in (agg or {}).get("categories", {})})
+            if not cats:
+                continue
+            parts.append(f"<h3>{e(scorer)} by category</h3><table class='categories'><tr><th>category</th>"
+                         + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>")
+            for cat in cats:
+                cells = []
+                for n in names:
+                    agg = ((by_ck.get(n) or {}).get("categories") or {}).get(cat)
+                    width = int(round(100 * max(0.0, min(1.0, agg["mean"])))) if agg and agg.get("mean") is not None else 0
+                    cells.append(f"<td><span class='bar' style='width:{width}px'></span> {_figure(agg)}</td>")
+                parts.append(f"<tr><td>{e(cat)}</td>{''.join(cells)}</tr>")
+            parts.append("</table>")
+        if s.get("grids"):
+            parts.append("<h3>Same prompts, same seeds</h3><table class='grid'><tr><th>prompt</th>"
+                         + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>")
+            for row in s["grids"]:
+                cells = "".join("<td>" + "".join(f"<img src='{e(p)}' alt='{e(n)}'>" for p in row["images"].get(n, [])) + "</td>"
+                                for n in names)
+                parts.append(f"<tr><td>{e(row['prompt'])}</td>{cells}</tr>")
+            parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+

@@ -1,0 +1,170 @@
+"""The eval stage's body: every checkpoint draws every prompt set (same seeds for all), every set's scorers
+judge the images, and one report compares the checkpoints side by side."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from simplear.config import ConfigError
+from simplear.evaluation.config import CheckpointSpec, EvalStageConfig
+from simplear.evaluation.generate import (IMAGES, Checkpoint, generate_set, read_images, set_dir, set_key, take_back)
+from simplear.evaluation.prompts import load_items
+from simplear.evaluation.report import REPORT_HTML, REPORT_JSON, write_report
+from simplear.workflow.manifest import atomic_write_json, read_json
+
+log = logging.getLogger("simplear.eval")
+
+NOTES = ["Same prompts and seeds for every checkpoint: image j of prompt i has seed + i x samples_per_prompt + j.",
+         "geneval: GenEval's rules with a transformers Mask2Former and open_clip, not the official mmdet scorer "
+         "(agreement with it was not measured here); dpg: DPG-Bench's questions answered by a Qwen2-VL judge, "
+         "not the official mPLUG judge."]
+
+
+def resolve_checkpoints(ctx, cfg: EvalStageConfig, where: str) -> list[Checkpoint]:
+    from simplear.train import FINAL
+    from simplear.visual_tokenizers import VisualTokenizerConfig
+    from simplear.vocab import META_FILE
+
+    specs = cfg.checkpoints
+    if specs is None:
+        specs = [CheckpointSpec(stage=n) for n in ctx.needs
+                 if any(o["path"].startswith(f"{FINAL}/") for o in ctx.input_manifest(n)["outputs"])]
+        if not specs:
+            raise ConfigError(f"{where}.checkpoints: none given and no needed stage has a {FINAL}/ checkpoint")
+    out = []
+    for i, spec in enumerate(specs):
+        if spec.stage is not None:
+            if spec.stage not in ctx.needs:
+                raise ConfigError(f"{where}.checkpoints[{i}].stage: {spec.stage!r} is not among the stage's needs {ctx.needs}")
+            manifest = ctx.input_manifest(spec.stage)
+            path, key = ctx.input_dir(spec.stage) / FINAL, f"stage:{manifest['fingerprint']}"
+            trained_grid = manifest.get("metrics", {}).get("grid")
+        else:
+            path = Path(spec.path) if Path(spec.path).is_absolute() else ctx.workflow_path.parent / spec.path
+            trained_grid = None
+            key = "folder:" + _weights_digest(path, f"{where}.checkpoints[{i}].path")
+        meta = read_json(path / META_FILE)
+        if meta is None:
+            raise ConfigError(f"{where}.checkpoints[{i}]: {path} is not a SimpleAR checkpoint (no {META_FILE})")
+        d = VisualTokenizerConfig.model_validate(meta["visual_tokenizer"]).downsample
+        if spec.size is not None:
+            h, w = (spec.size, spec.size) if isinstance(spec.size, int) else spec.size
+            if h % d or w % d:
+                raise ConfigError(f"{where}.checkpoints[{i}].size: {h}x{w} is not a multiple of the tokenizer's {d} px")
+            grid = (h // d, w // d)
+        elif trained_grid:
+            grid = tuple(trained_grid)
+        else:
+            raise ConfigError(f"{where}.checkpoints[{i}]: stage {spec.stage!r} recorded no training grid; give `size`")
+        out.append(Checkpoint(name=spec.name or spec.stage or path.name, path=path, grid=grid, downsample=d, key=key))
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}.checkpoints: names must be unique, got {names} (set `name`)")
+    return out
+
+
+def _weights_digest(path: Path, where: str) -> str:
+    if not path.is_dir():
+        raise ConfigError(f"{where}: {path} not found")
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def open_engine(cfg: EvalStageConfig, ck: Checkpoint, device):
+    """(engine with `generate_codes`, visual tokenizer) for one checkpoint."""
+    import torch
+
+    from simplear.model import load_checkpoint
+    from simplear.visual_tokenizers import load_visual_tokenizer
+
+    loaded = load_checkpoint(ck.path, device=device, dtype=torch.float32)
+    vt = load_visual_tokenizer(loaded.visual_tokenizer_config, device)
+    if cfg.engine == "vllm":
+        from simplear.vllm_engine import VLLMSampler
+
+        del loaded
+        return VLLMSampler(ck.path, vt, cfg.vllm, max_image_tokens=ck.grid[0] * ck.grid[1]), vt
+    from simplear.sampler import TorchSampler
+
+    loaded.model.eval()
+    return TorchSampler(loaded.model, loaded.vocab, device=device), vt
+
+
+def score_set(scorer, scorer_config: dict, folder: Path, items, per_prompt: int) -> dict:
+    """Per-image results and the aggregate of one scorer on one (checkpoint, set); kept beside the images."""
+    path = folder / "scores" / f"{scorer.name}.json"
+    key = {"scorer": scorer_config, "images": read_json(folder / "key.json")}
+    cached = read_json(path)
+    if cached and cached.get("key") == key:
+        return cached
+    results = []
+    for item in items:
+        results += [{"index": item.index, "sample": j, **r}
+                    for j, r in enumerate(scorer.score(read_images(folder, item, per_prompt), [item] * per_prompt))]
+    out = {"key": key, "results": results, "aggregate": scorer.aggregate(results)}
+    atomic_write_json(path, out)
+    scorer.write_results(folder, results)
+    return out
+
+
+def run_eval_stage(ctx):
+    from simplear.devices import resolve_device
+    from simplear.scorers import build_scorer
+    from simplear.workflow.context import StageResult
+
+    cfg: EvalStageConfig = ctx.config
+    where = f"stages.{ctx.name}.config"
+    checkpoints = resolve_checkpoints(ctx, cfg, where)
+    sets = {s.name: (s, load_items(ctx, s, f"{where}.prompt_sets[{i}]")) for i, s in enumerate(cfg.prompt_sets)}
+    device = resolve_device(cfg.device)
+    drawn = {}
+    for ck in checkpoints:
+        keys = {name: set_key(ck, items, cfg.sampling, cfg.seed, cfg.samples_per_prompt, cfg.engine)
+                for name, (_, items) in sets.items()}
+        for name in sets:
+            take_back(ctx.stage_dir, ck, name, keys[name])
+        engine = None
+        for name, (spec, items) in sets.items():
+            folder = set_dir(ctx.stage_dir, ck, name)
+            if len(list(folder.glob("*/metadata.jsonl"))) == len(items) and read_json(folder / "key.json") == keys[name]:
+                continue
+            if engine is None:
+                engine, vt = open_engine(cfg, ck, device)
+            drawn[f"{ck.name}/{name}"] = generate_set(engine, vt, ck, items, folder, keys[name], cfg.sampling, cfg.seed,
+                                                      cfg.samples_per_prompt, cfg.batch_size, grids=spec.source == "dpg")
+        del engine
+        gc.collect()
+
+    report = {"checkpoints": [{"name": c.name, "path": str(c.path), "size": list(c.size)} for c in checkpoints],
+              "samples_per_prompt": cfg.samples_per_prompt, "seed": cfg.seed, "sampling": cfg.sampling.model_dump(mode="json"),
+              "engine": cfg.engine, "sets": {}, "notes": NOTES}
+    metrics: dict = {"drawn_prompts": drawn}
+    for name, (spec, items) in sets.items():
+        entry = {"prompts": len(items), "scores": {}, "grids": []}
+        for sc_cfg in spec.scorers:
+            scorer = build_scorer(sc_cfg, device=device)
+            by_ck = {}
+            for ck in checkpoints:
+                scored = score_set(scorer, sc_cfg.model_dump(mode="json"), set_dir(ctx.stage_dir, ck, name), items,
+                                   cfg.samples_per_prompt)
+                by_ck[ck.name] = scored["aggregate"]
+                overall = scored["aggregate"].get("overall") or {}
+                metrics[f"{name}_{scorer.name}_{ck.name}"] = overall.get("mean")
+            entry["scores"][scorer.name] = by_ck
+            del scorer
+            gc.collect()
+        for item in items[: cfg.grid_prompts]:
+            entry["grids"].append({"prompt": item.prompt, "images": {
+                ck.name: [f"{IMAGES}/{ck.name}/{name}/{item.index:05d}/samples/{j:04d}.png" for j in range(cfg.samples_per_prompt)]
+                for ck in checkpoints}})
+        report["sets"][name] = entry
+    write_report(ctx.stage_dir, report)
+    ctx.log.info("%s: %s", ctx.name, json.dumps(metrics))
+    return StageResult(metrics=metrics, outputs=None, artifacts=[REPORT_HTML, REPORT_JSON])

@@ -1,0 +1,156 @@
+"""The eval stage: held-out demo prompts, GenEval's and DPG-Bench's layouts, resume per prompt, images taken
+back after a rerun when their checkpoint did not change, one report across checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from simplear.config import ConfigError
+from simplear.workflow.spec import Resources
+
+from test_training import task
+
+
+def save_stage_checkpoint(run: Path, stage: str, seed: int, grid=(4, 4)) -> None:
+    """A needed training stage as the engine leaves it: final/ and a manifest with its fingerprint and grid."""
+    from simplear.model import save_checkpoint
+    from simplear.workflow.manifest import MANIFEST
+
+    torch.manual_seed(seed)
+    b = task().build(torch.device("cpu"), None)
+    save_checkpoint(run / stage / "final", b.model, b.vocab, b.visual_tokenizer_config)
+    outputs = [{"path": f"final/{p.name}"} for p in (run / stage / "final").iterdir()]
+    (run / stage / MANIFEST).write_text(json.dumps({"fingerprint": f"fp-{stage}-{seed}", "outputs": outputs,
+                                                    "metrics": {"grid": list(grid)}}))
+
+
+def demo_dataset(tmp_path: Path, held_out: int = 6) -> Path:
+    path = tmp_path / "demo_shapes.yaml"
+    path.write_text(f"name: demo_shapes\nsource: generated\ngenerator: demo_shapes\nparams: {{count: 10, held_out: {held_out}}}\n")
+    return path
+
+
+def make_ctx(tmp_path: Path, config: dict, needs=("pretrain", "sft")):
+    from stages.eval import EvalStageConfig  # noqa: F401  (registers the kind)
+    from simplear.evaluation.config import EvalStageConfig as Cfg
+    from simplear.workflow import StageContext
+
+    return StageContext(name="eval", kind="eval", config=Cfg.model_validate(config), resources=Resources(),
+                        stage_dir=tmp_path / "run" / "eval", run_dir=tmp_path / "run", needs=list(needs), fingerprint="x",
+                        dataset_files={"demo_shapes": demo_dataset(tmp_path)}, workflow_path=tmp_path / "workflow.yaml",
+                        profile="")
+
+
+SETS = [{"name": "held_out", "source": "demo_held_out", "dataset": "demo_shapes", "scorers": [{"kind": "shapes"}]}]
+
+
+def test_the_demo_set_never_draws_its_held_out_combinations(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines.demo_shapes import generate
+    from simplear.datasets import DemoShapesParams
+    from simplear.demo_captions import caption_for, held_out_combinations
+
+    held = held_out_combinations(60, seed=0)
+    assert len(set(held)) == 60 and held == held_out_combinations(60, seed=0) != held_out_combinations(60, seed=1)
+    captions = set(pq.read_table(generate(tmp_path / "a", DemoShapesParams(count=400, held_out=60)))["caption"].to_pylist())
+    assert not captions & {caption_for(*c) for c in held}
+    # without a held-out set, the draws are those of a set made before the parameter existed
+    plain = pq.read_table(generate(tmp_path / "b", DemoShapesParams(count=50)))["caption"].to_pylist()
+    again = pq.read_table(generate(tmp_path / "c", DemoShapesParams(count=50, held_out=0)))["caption"].to_pylist()
+    assert plain == again
+
+
+def test_prompt_sets_read_geneval_and_dpg_files(tmp_path):
+    from simplear.evaluation.config import PromptSetSpec
+    from simplear.evaluation.prompts import load_items
+
+    ctx = make_ctx(tmp_path, {"prompt_sets": SETS})
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    meta.write_text(json.dumps({"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"})
+                    + "\n\n" + json.dumps({"tag": "counting", "include": [{"class": "cat", "count": 2}], "prompt": "two cats"}) + "\n")
+    items = load_items(ctx, PromptSetSpec(name="g", source="geneval", path=str(meta), scorers=[{"kind": "shapes"}]), "w")
+    assert [(i.index, i.prompt, i.metadata["tag"]) for i in items] == [(0, "a photo of a dog", "single_object"), (1, "two cats", "counting")]
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "b_item.txt").write_text("a red bus\n")
+    (tmp_path / "prompts" / "a_item.txt").write_text("two birds on a wire")
+    items = load_items(ctx, PromptSetSpec(name="d", source="dpg", path=str(tmp_path / "prompts"), scorers=[{"kind": "shapes"}]), "w")
+    assert [(i.prompt, i.metadata["item_id"]) for i in items] == [("two birds on a wire", "a_item"), ("a red bus", "b_item")]
+    meta.write_text('{"prompt": "no tag"}\n')
+    with pytest.raises(ConfigError, match="line 1 lacks GenEval's"):
+        load_items(ctx, PromptSetSpec(name="g", source="geneval", path=str(meta), scorers=[{"kind": "shapes"}]), "w")
+    with pytest.raises(ConfigError, match="holds no combinations out"):
+        ctx.dataset_files["demo_shapes"] = demo_dataset(tmp_path, held_out=0)
+        load_items(ctx, PromptSetSpec(**SETS[0]), "w")
+
+
+def test_eval_draws_scores_resumes_and_takes_back_unchanged_checkpoints(tmp_path):
+    from simplear.evaluation.stage import run_eval_stage
+    from simplear.workflow.previous import move_aside
+
+    run = tmp_path / "run"
+    save_stage_checkpoint(run, "pretrain", seed=1)
+    save_stage_checkpoint(run, "sft", seed=2)
+    config = {"prompt_sets": SETS, "samples_per_prompt": 2, "batch_size": 4, "sampling": {"cfg_scale": 2.0}, "grid_prompts": 3}
+    ctx = make_ctx(tmp_path, config)
+    result = run_eval_stage(ctx)
+    images = ctx.stage_dir / "images"
+    for ck in ("pretrain", "sft"):  # GenEval's layout: 6 held-out prompts x 2 samples
+        folders = sorted((images / ck / "held_out").glob("0000?"))
+        assert [f.name for f in folders] == [f"{i:05d}" for i in range(6)]
+        assert all(sorted(p.name for p in (f / "samples").iterdir()) == ["0000.png", "0001.png"] for f in folders)
+        assert json.loads((folders[0] / "metadata.jsonl").read_text())["prompt"].endswith("background")
+    # the same seeds for both checkpoints, different weights: different images
+    a = (images / "pretrain" / "held_out" / "00000" / "samples" / "0000.png").read_bytes()
+    b = (images / "sft" / "held_out" / "00000" / "samples" / "0000.png").read_bytes()
+    assert a != b
+    report = json.loads((ctx.stage_dir / "report.json").read_text())
+    assert [c["name"] for c in report["checkpoints"]] == ["pretrain", "sft"]
+    assert set(report["sets"]["held_out"]["scores"]) == {"shapes"}
+    assert len(report["sets"]["held_out"]["grids"]) == 3 and "report.html" in result.artifacts
+    assert result.metrics["drawn_prompts"] == {"pretrain/held_out": 6, "sft/held_out": 6}
+
+    # a killed run: two prompts of sft lost their done marker; the rerun draws only those, the same images
+    for i in (1, 4):
+        (images / "sft" / "held_out" / f"{i:05d}" / "metadata.jsonl").unlink()
+    again = run_eval_stage(ctx)
+    assert again.metrics["drawn_prompts"] == {"sft/held_out": 2}
+    assert (images / "sft" / "held_out" / "00000" / "samples" / "0000.png").read_bytes() == b
+
+    # SFT trained again (new fingerprint): the engine moves the outputs aside; pretrain's images come back, sft's are drawn
+    move_aside(ctx.stage_dir, "old", "inputs changed")
+    save_stage_checkpoint(run, "sft", seed=3)
+    third = run_eval_stage(ctx)
+    assert third.metrics["drawn_prompts"] == {"sft/held_out": 6}
+    assert (images / "pretrain" / "held_out" / "00000" / "samples" / "0000.png").read_bytes() == a
+    assert (images / "sft" / "held_out" / "00000" / "samples" / "0000.png").read_bytes() != b
+
+
+def test_checkpoint_rules(tmp_path):
+    from pydantic import ValidationError
+
+    from simplear.evaluation.config import EvalStageConfig
+    from simplear.evaluation.stage import resolve_checkpoints
+
+    with pytest.raises(ValidationError, match="either `stage`"):
+        EvalStageConfig.model_validate({"prompt_sets": SETS, "checkpoints": [{"stage": "a", "path": "b"}]})
+    with pytest.raises(ValidationError, match="a folder needs `size`"):
+        EvalStageConfig.model_validate({"prompt_sets": SETS, "checkpoints": [{"path": "b"}]})
+    with pytest.raises(ValidationError, match="2x2 grid"):
+        EvalStageConfig.model_validate({"prompt_sets": [{"name": "d", "source": "dpg", "path": "p", "scorers": [{"kind": "shapes"}]}],
+                                        "samples_per_prompt": 2})
+    run = tmp_path / "run"
+    save_stage_checkpoint(run, "pretrain", seed=1)
+    ctx = make_ctx(tmp_path, {"prompt_sets": SETS, "checkpoints": [{"stage": "grpo"}]}, needs=["pretrain"])
+    with pytest.raises(ConfigError, match=r"checkpoints\[0\]\.stage: 'grpo' is not among the stage's needs"):
+        resolve_checkpoints(ctx, ctx.config, "w")
+    ctx = make_ctx(tmp_path, {"prompt_sets": SETS, "checkpoints": [{"stage": "pretrain", "size": 36}]}, needs=["pretrain"])
+    with pytest.raises(ConfigError, match="36x36 is not a multiple of the tokenizer's 8 px"):
+        resolve_checkpoints(ctx, ctx.config, "w")
+    ctx = make_ctx(tmp_path, {"prompt_sets": SETS, "checkpoints": [{"stage": "pretrain", "size": 48, "name": "p48"}]},
+                   needs=["pretrain"])
+    assert [(c.name, c.grid) for c in resolve_checkpoints(ctx, ctx.config, "w")] == [("p48", (6, 6))]
