@@ -60,13 +60,18 @@ def generate(folder: str | Path, params: DemoShapesParams) -> Path:
     colours = list(PALETTE)
     weights = params.short_edge_weights or [1.0] * len(params.short_edges)
     held_out = set(held_out_combinations(params.held_out, params.seed))
-    rows: list[dict] = []
-    for i in range(params.count):
-        fg, bg = rng.sample(colours, 2)
-        shape = rng.choice(SHAPES)
-        while (fg, shape, bg) in held_out:  # drawn again (with no held-out set, the draws are those of before)
+
+    def pick() -> tuple[str, str, str]:
+        """A combination not held out (drawn again if it is; with no held-out set the draws are those of before)."""
+        while True:
             fg, bg = rng.sample(colours, 2)
             shape = rng.choice(SHAPES)
+            if (fg, shape, bg) not in held_out:
+                return fg, shape, bg
+
+    rows: list[dict] = []
+    for i in range(params.count):
+        fg, shape, bg = pick()
         short = rng.choices(params.short_edges, weights)[0]
         long = round(short * rng.choice(params.aspect_ratios))
         width, height = (long, short) if rng.random() < 0.5 else (short, long)
@@ -78,9 +83,8 @@ def generate(folder: str | Path, params: DemoShapesParams) -> Path:
 
     broken_counts = {k: getattr(params, k) for k in BROKEN_KINDS}
     for kind, n in broken_counts.items():
-        for j in range(n):
-            fg, bg = rng.sample(colours, 2)
-            shape = rng.choice(SHAPES)
+        for j in range(n):  # (a truncated image decodes partly and may be kept: no held-out caption either)
+            fg, shape, bg = pick()
             name = f"{kind}_{j:03d}"
             if kind == "truncated":
                 buf = io.BytesIO()

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from simplear.config import StrictModel
 from simplear.devices import resolve_device
+from simplear.tiny import TINY_CLIP, TINY_CLIP_NAME
 
 # -- configs -----------------------------------------------------------------------------------
 
@@ -33,7 +34,7 @@ from simplear.devices import resolve_device
 class ClipRewardConfig(StrictModel):
     kind: Literal["clip"] = "clip"
     weight: float = 1.0
-    model: str = "ViT-H-14"  # an open_clip architecture name, or "local-dir:/path" (open_clip_config.json + weights)
+    model: str = "ViT-H-14"  # an open_clip architecture name, "local-dir:/path" (open_clip_config.json + weights), or simplear-tiny-clip
     pretrained: str | None = "laion2b_s32b_b79k"  # an open_clip tag, a local weights file, or None (random: tests)
     model_config_file: str | None = None  # JSON architecture registered with open_clip.add_model_config (tiny models)
     checkpoint: str | None = None  # a state dict loaded over the model (fine-tuned CLIPs)
@@ -92,6 +93,22 @@ def as_image_list(images) -> list[torch.Tensor]:
 # -- clip / hps --------------------------------------------------------------------------------
 
 
+def _tiny_clip():
+    """The built-in tiny CLIP (`simplear.tiny.TINY_CLIP`), its random weights the same in every process."""
+    import json
+    import tempfile
+
+    import open_clip
+
+    with tempfile.TemporaryDirectory(prefix="simplear-clip-") as d:  # open_clip registers configs from files
+        path = Path(d) / f"{TINY_CLIP_NAME}.json"
+        path.write_text(json.dumps(TINY_CLIP))
+        open_clip.add_model_config(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return open_clip.create_model(TINY_CLIP_NAME, pretrained=None, device="cpu")
+
+
 class ClipReward:
     """Cosine of normalised open_clip embeddings of the image and of the caption itself."""
 
@@ -106,7 +123,10 @@ class ClipReward:
                 raise FileNotFoundError(f"open_clip model config not found: {path}")
             open_clip.add_model_config(path)
         self.device = resolve_device(config.device)
-        model = open_clip.create_model(config.model, pretrained=config.pretrained, device="cpu")
+        if config.model == TINY_CLIP_NAME:
+            model = _tiny_clip()
+        else:
+            model = open_clip.create_model(config.model, pretrained=config.pretrained, device="cpu")
         if config.checkpoint:
             if not Path(config.checkpoint).is_file():
                 raise FileNotFoundError(f"{self.name} reward checkpoint not found: {config.checkpoint}")

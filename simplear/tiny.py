@@ -23,6 +23,15 @@ TINY_QWEN2 = dict(
     initializer_range=0.02,
 )
 
+# A tiny random open_clip model, seeded: the demo's clip_score is a plumbing check (the stage runs and reports),
+# never a quality figure. `model: simplear-tiny-clip` with `pretrained: null` selects it.
+TINY_CLIP_NAME = "simplear-tiny-clip"
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
 PAD, EOS, UNK = "<|pad|>", "<|endoftext|>", "<|unk|>"
 
 COLOURS = (

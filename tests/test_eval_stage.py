@@ -30,7 +30,8 @@ def save_stage_checkpoint(run: Path, stage: str, seed: int, grid=(4, 4)) -> None
 
 def demo_dataset(tmp_path: Path, held_out: int = 6) -> Path:
     path = tmp_path / "demo_shapes.yaml"
-    path.write_text(f"name: demo_shapes\nsource: generated\ngenerator: demo_shapes\nparams: {{count: 10, held_out: {held_out}}}\n")
+    path.write_text(f"name: demo_shapes\nsource: generated\ngenerator: demo_shapes\ndescription: test\nlicense: CC0-1.0\n"
+                    f"params: {{count: 10, held_out: {held_out}}}\n")
     return path
 
 
@@ -74,12 +75,14 @@ def test_prompt_sets_read_geneval_and_dpg_files(tmp_path):
     meta.write_text(json.dumps({"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"})
                     + "\n\n" + json.dumps({"tag": "counting", "include": [{"class": "cat", "count": 2}], "prompt": "two cats"}) + "\n")
     items = load_items(ctx, PromptSetSpec(name="g", source="geneval", path=str(meta), scorers=[{"kind": "shapes"}]), "w")
-    assert [(i.index, i.prompt, i.metadata["tag"]) for i in items] == [(0, "a photo of a dog", "single_object"), (1, "two cats", "counting")]
-    (tmp_path / "prompts").mkdir()
-    (tmp_path / "prompts" / "b_item.txt").write_text("a red bus\n")
-    (tmp_path / "prompts" / "a_item.txt").write_text("two birds on a wire")
-    items = load_items(ctx, PromptSetSpec(name="d", source="dpg", path=str(tmp_path / "prompts"), scorers=[{"kind": "shapes"}]), "w")
-    assert [(i.prompt, i.metadata["item_id"]) for i in items] == [("two birds on a wire", "a_item"), ("a red bus", "b_item")]
+    assert [(i.prompt, i.metadata["tag"]) for i in items] == [("a photo of a dog", "single_object"), ("two cats", "counting")]
+    csv = tmp_path / "dpg_bench.csv"
+    csv.write_text("item_id,text,keywords,proposition_id,dependency,category_broad,category_detailed,tuple,question_natural_language\n"
+                   "bus1,a red bus,bus,1,0,entity,whole,entity - whole (bus),Is there a bus?\n"
+                   "bus1,a red bus,bus,2,1,attribute,color,attribute - color (bus red),Is the bus red?\n"
+                   "bird2,two birds,bird,1,0,entity,whole,entity - whole (bird),Are there birds?\n")
+    items = load_items(ctx, PromptSetSpec(name="d", source="dpg", path=str(csv), scorers=[{"kind": "shapes"}]), "w")
+    assert [(i.prompt, i.id, len(i.metadata["questions"])) for i in items] == [("a red bus", "bus1", 2), ("two birds", "bird2", 1)]
     meta.write_text('{"prompt": "no tag"}\n')
     with pytest.raises(ConfigError, match="line 1 lacks GenEval's"):
         load_items(ctx, PromptSetSpec(name="g", source="geneval", path=str(meta), scorers=[{"kind": "shapes"}]), "w")

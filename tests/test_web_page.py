@@ -93,3 +93,33 @@ def test_page_shows_images_after_a_prompt_is_submitted(keyed_app, browser):
     status = browser.find_element(By.ID, "status")
     assert "top_p" in status.text and status.get_attribute("class") == "error"
     assert len(browser.find_elements(By.CSS_SELECTOR, "#images img.result")) == 2
+
+
+def test_eval_report_shows_its_table_bars_and_images(browser, tmp_path):
+    """The eval stage's report.html (simplear.evaluation.report) as a person opens it: from the disk, no server."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from simplear.evaluation.report import write_report
+
+    paths = {}
+    for ck, colour in (("pretrain", (200, 30, 30)), ("grpo", (30, 30, 200))):
+        rel = f"images/{ck}/held_out/00000/samples/0000.png"
+        (tmp_path / rel).parent.mkdir(parents=True)
+        Image.new("RGB", (16, 16), colour).save(tmp_path / rel)
+        paths[ck] = [rel]
+    agg = lambda m: {"overall": {"mean": m, "se": 0.05, "count": 180},  # noqa: E731
+                     "categories": {"circle": {"mean": m / 2, "se": 0.1, "count": 36}}}
+    write_report(tmp_path, {"checkpoints": [{"name": "pretrain", "path": "/x/pretrain/final", "size": [64, 64]},
+                                            {"name": "grpo", "path": "/x/grpo/final", "size": [96, 96]}],
+                            "sets": {"held_out": {"scores": {"shapes": {"pretrain": agg(0.25), "grpo": agg(0.5)}},
+                                                  "grids": [{"prompt": "a red circle on a blue background", "images": paths}]}},
+                            "notes": ["a note"]})
+    browser.get((tmp_path / "report.html").as_uri())
+    table = browser.find_element(By.CSS_SELECTOR, "table.scores")
+    assert "shapes" in table.text and "0.250" in table.text and "0.500" in table.text and "n=180" in table.text
+    bars = browser.find_elements(By.CSS_SELECTOR, "table.categories .bar")
+    assert [b.size["width"] for b in bars] == [12, 25]  # half of 0.25 and of 0.5, at 100 px for 1
+    imgs = browser.find_elements(By.CSS_SELECTOR, "table.grid img")
+    assert len(imgs) == 2 and all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) == 16
+                                  for i in imgs)

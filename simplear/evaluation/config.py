@@ -32,12 +32,12 @@ class CheckpointSpec(StrictModel):
 class PromptSetSpec(StrictModel):
     """Prompts and the scorers that judge their images. Layouts are the public scorers': GenEval's
     `<5-digit prompt>/samples/<4-digit image>.png` + `metadata.jsonl` for every set, and for `dpg` also
-    one 2x2 grid per prompt, `<prompt name>.png`."""
+    one 2x2 grid per prompt, `grids/<item_id>.png`."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     source: Literal["demo_held_out", "geneval", "dpg", "list", "file"]
     dataset: str | None = None  # demo_held_out: the generated data set whose `held_out` combinations are asked for
-    path: str | None = None  # geneval: evaluation_metadata.jsonl; dpg: its prompts/ folder (one <name>.txt a prompt); file: .txt
+    path: str | None = None  # geneval: evaluation_metadata.jsonl; dpg: dpg_bench.csv; file: .txt (one prompt a line)
     items: list[str] | None = None  # list
     max_prompts: int | None = Field(None, ge=1, description="the first prompts only (a quick look at a big set)")
     scorers: list[ScorerConfig] = Field(min_length=1)
@@ -82,5 +82,5 @@ class EvalStageConfig(StrictModel):
 
 # keys that change speed or memory, never an image or a score (a batch's composition does not change a request's
 # draws: each request has its own uniforms)
-EVAL_OPERATIONAL = ("batch_size", "device", "vllm.max_num_seqs", "vllm.kv_cache_gib", "vllm.gpu_memory_utilization",
+EVAL_OPERATIONAL = ("batch_size", "vllm.max_num_seqs", "vllm.kv_cache_gib", "vllm.gpu_memory_utilization",
                     "vllm.enforce_eager", "vllm.in_process")

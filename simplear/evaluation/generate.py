@@ -3,7 +3,7 @@
     images/<checkpoint>/<set>/key.json                what these images are (checkpoint, size, sampling, seeds, prompts)
     images/<checkpoint>/<set>/<00000>/samples/<0000>.png
     images/<checkpoint>/<set>/<00000>/metadata.jsonl  written last: the prompt is done
-    images/<checkpoint>/<set>/grids/<name>.png        a dpg set: the 2x2 grid DPG-Bench scores
+    images/<checkpoint>/<set>/grids/<item_id>.png     a dpg set: the 2x2 grid DPG-Bench scores
 
 A rerun of the stage (e.g. because GRPO trained again) finds its earlier images in `.previous/`
 (where the engine moved them) and takes back, by rename, every (checkpoint, set) whose key is
@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simplear.evaluation.config import EvalSampling
-from simplear.evaluation.prompts import EvalItem
+from simplear.scorers import EvalItem
+from simplear.scorers.dpg import make_grid
+from simplear.visual_tokenizers import tensor_to_pil
 from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json
 from simplear.workflow.previous import PREVIOUS
 
@@ -44,12 +46,12 @@ class Checkpoint:
         return self.grid[0] * self.downsample, self.grid[1] * self.downsample
 
 
-def image_seed(seed: int, item: EvalItem, j: int, per_prompt: int) -> int:
-    return seed + item.index * per_prompt + j
+def image_seed(seed: int, index: int, j: int, per_prompt: int) -> int:
+    return seed + index * per_prompt + j
 
 
 def set_key(ck: Checkpoint, items: list[EvalItem], sampling: EvalSampling, seed: int, per_prompt: int, engine: str) -> dict:
-    prompts = hashlib.sha256(json.dumps([[i.index, i.prompt] for i in items]).encode()).hexdigest()
+    prompts = hashlib.sha256(json.dumps([i.prompt for i in items]).encode()).hexdigest()
     return {"checkpoint": ck.key, "grid": list(ck.grid), "sampling": sampling.model_dump(mode="json"), "seed": seed,
             "samples_per_prompt": per_prompt, "prompts": prompts, "engine": engine}
 
@@ -90,54 +92,47 @@ def generate_set(engine, visual_tokenizer, ck: Checkpoint, items: list[EvalItem]
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / KEY, key)
     done = done_indices(folder)
-    todo = [it for it in items if it.index not in done]
+    todo = [(i, it) for i, it in enumerate(items) if i not in done]
     prompts_per_call = max(1, batch_size // per_prompt)
     for b in range(0, len(todo), prompts_per_call):
         chunk = todo[b: b + prompts_per_call]
-        requests = [(it, j) for it in chunk for j in range(per_prompt)]
+        requests = [(i, it, j) for i, it in chunk for j in range(per_prompt)]
         params = [SamplingParams(cfg_scale=sampling.cfg_scale, temperature=sampling.temperature, top_k=sampling.top_k,
                                  top_p=sampling.top_p, negative_prompt=sampling.negative_prompt,
-                                 seed=image_seed(seed, it, j, per_prompt)) for it, j in requests]
-        codes = engine.generate_codes([it.prompt for it, _ in requests], ck.grid, params)
-        images = to_pil(visual_tokenizer.decode(codes))
-        for n, it in enumerate(chunk):
-            write_prompt(folder, it, images[n * per_prompt: (n + 1) * per_prompt], grids)
+                                 seed=image_seed(seed, i, j, per_prompt)) for i, _, j in requests]
+        codes = engine.generate_codes([it.prompt for _, it, _ in requests], ck.grid, params)
+        images = [tensor_to_pil(t) for t in visual_tokenizer.decode(codes)]
+        for n, (i, it) in enumerate(chunk):
+            write_prompt(folder, i, it, images[n * per_prompt: (n + 1) * per_prompt], grids)
         log.info("%s/%s: %d / %d prompts drawn", ck.name, folder.name, len(done) + b + len(chunk), len(items))
     return len(todo)
 
 
-def to_pil(images_B3HW) -> list:
-    from PIL import Image
-
-    arr = ((images_B3HW.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-def write_prompt(folder: Path, item: EvalItem, images: list, grid: bool) -> None:
-    d = folder / f"{item.index:05d}"
+def write_prompt(folder: Path, index: int, item: EvalItem, images: list, grid: bool) -> None:
+    d = folder / f"{index:05d}"
     (d / "samples").mkdir(parents=True, exist_ok=True)
     for j, img in enumerate(images):
         with atomic_path(d / "samples" / f"{j:04d}.png") as tmp:
             img.save(tmp, format="PNG")
     if grid:  # DPG-Bench scores one 2x2 grid per prompt, named after the prompt's file
-        with atomic_path(folder / "grids" / f"{item.metadata.get('item_id', f'{item.index:05d}')}.png") as tmp:
-            grid_of(images, 2).save(tmp, format="PNG")
-    with atomic_path(d / DONE) as tmp:
-        Path(tmp).write_text(json.dumps({**item.metadata, "prompt": item.prompt}) + "\n")
+        with atomic_path(folder / "grids" / f"{item.id}.png") as tmp:
+            make_grid(images).save(tmp, format="PNG")
+    with atomic_path(d / DONE) as tmp:  # GenEval's metadata line (DPG's questions are in its csv)
+        meta = {k: v for k, v in item.metadata.items() if k != "questions"}
+        Path(tmp).write_text(json.dumps({**meta, "prompt": item.prompt}) + "\n")
 
 
-def grid_of(images: list, columns: int):
+def scoring_inputs(folder: Path, items: list[EvalItem], per_prompt: int, grids: bool) -> tuple[list, list[EvalItem]]:
+    """(images, one item each) as the set's scorers read them: every sample named as in GenEval's layout, or
+    (a dpg set) each prompt's 2x2 grid named by its item id."""
     from PIL import Image
 
-    w, h = images[0].size
-    rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    for i, img in enumerate(images):
-        sheet.paste(img, ((i % columns) * w, (i // columns) * h))
-    return sheet
-
-
-def read_images(folder: Path, item: EvalItem, per_prompt: int) -> list:
-    from PIL import Image
-
-    return [Image.open(folder / f"{item.index:05d}" / "samples" / f"{j:04d}.png").convert("RGB") for j in range(per_prompt)]
+    if grids:
+        return [Image.open(folder / "grids" / f"{it.id}.png").convert("RGB") for it in items], list(items)
+    images, per_image = [], []
+    for i, it in enumerate(items):
+        for j in range(per_prompt):
+            name = f"{i:05d}/samples/{j:04d}.png"
+            images.append(Image.open(folder / name).convert("RGB"))
+            per_image.append(EvalItem(prompt=it.prompt, id=name, metadata=it.metadata))
+    return images, per_image

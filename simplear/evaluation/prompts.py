@@ -1,24 +1,18 @@
-"""A prompt set's items: the prompt and what its scorers need (GenEval's metadata line, DPG-Bench's item id)."""
+"""A prompt set's items, one per prompt: the prompt and what its scorers need (GenEval's metadata line,
+DPG-Bench's item id and questions). A prompt's position in the set names its folder (`<position:05d>/`)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from simplear.config import ConfigError
 from simplear.evaluation.config import PromptSetSpec
-
-
-@dataclass(frozen=True)
-class EvalItem:
-    index: int  # the prompt's folder: <index:05d>/
-    prompt: str
-    metadata: dict = field(default_factory=dict)  # GenEval: its metadata line (tag, include, ...); DPG: {"item_id"}
+from simplear.scorers import EvalItem
 
 
 def load_items(ctx, spec: PromptSetSpec, where: str) -> list[EvalItem]:
-    """The set's items, in the order of their file (GenEval's indices are line numbers)."""
+    """The set's items, in the order of their file (GenEval's prompt folders are its line numbers)."""
     if spec.source == "list":
         prompts = [(p, {}) for p in spec.items]
     elif spec.source == "demo_held_out":
@@ -34,7 +28,7 @@ def load_items(ctx, spec: PromptSetSpec, where: str) -> list[EvalItem]:
         prompts = prompts[: spec.max_prompts]
     if not prompts:
         raise ConfigError(f"{where}: prompt set {spec.name!r} has no prompts")
-    return [EvalItem(i, p, meta) for i, (p, meta) in enumerate(prompts)]
+    return [p if isinstance(p, EvalItem) else EvalItem(prompt=p[0], metadata=p[1]) for p in prompts]
 
 
 def _demo_held_out(ctx, spec: PromptSetSpec, where: str) -> list[tuple[str, dict]]:
@@ -66,12 +60,14 @@ def _geneval(path: Path, where: str) -> list[tuple[str, dict]]:
     return out
 
 
-def _dpg(path: Path, where: str) -> list[tuple[str, dict]]:
-    """DPG-Bench's prompts/ folder: one `<item_id>.txt` a prompt (the id names the grid it is scored on)."""
-    if not path.is_dir():
-        raise ConfigError(f"{where}.path: {path} is not DPG-Bench's prompts/ folder")
-    files = sorted(path.glob("*.txt"))
-    return [(f.read_text(encoding="utf-8").strip(), {"item_id": f.stem}) for f in files if f.read_text(encoding="utf-8").strip()]
+def _dpg(path: Path, where: str) -> list[EvalItem]:
+    """DPG-Bench's dpg_bench.csv: its prompts (`text`) with their questions; the item id names the grid."""
+    from simplear.scorers.dpg import load_items as dpg_items
+
+    try:
+        return dpg_items(path)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{where}.path: {e}") from None
 
 
 def _text_file(path: Path, where: str) -> list[tuple[str, dict]]:

@@ -27,7 +27,7 @@ th:first-child, td:first-child { text-align: left; }
 def write_report(out_dir: Path, report: dict) -> None:
     """`report`: {"checkpoints": [{name, path, size}], "sets": {set: {"scores": {scorer: {checkpoint: aggregate}},
     "grids": [{"prompt", "images": {checkpoint: [relative paths]}}]}}, "notes": [...]}; aggregates hold
-    "overall" and optionally "categories", each {"mean", "se", "n"}."""
+    "overall" and optionally "categories", each {"mean", "se", "count"} (`simplear.scorers`)."""
     atomic_write_json(out_dir / REPORT_JSON, report)
     with atomic_path(out_dir / REPORT_HTML) as tmp:
         Path(tmp).write_text(render_html(report), encoding="utf-8")
@@ -37,7 +37,7 @@ def _figure(agg: dict | None) -> str:
     if not agg or agg.get("mean") is None:
         return "–"
     se = f" <span class='se'>± {agg['se']:.3f}</span>" if agg.get("se") is not None else ""
-    return f"{agg['mean']:.3f}{se} <span class='se'>(n={agg.get('n', 0)})</span>"
+    return f"{agg['mean']:.3f}{se} <span class='se'>(n={agg.get('count', 0)})</span>"
 
 
 def render_html(report: dict) -> str:

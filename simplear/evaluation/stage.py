@@ -11,7 +11,7 @@ from pathlib import Path
 
 from simplear.config import ConfigError
 from simplear.evaluation.config import CheckpointSpec, EvalStageConfig
-from simplear.evaluation.generate import (IMAGES, Checkpoint, generate_set, read_images, set_dir, set_key, take_back)
+from simplear.evaluation.generate import IMAGES, Checkpoint, generate_set, scoring_inputs, set_dir, set_key, take_back
 from simplear.evaluation.prompts import load_items
 from simplear.evaluation.report import REPORT_HTML, REPORT_JSON, write_report
 from simplear.workflow.manifest import atomic_write_json, read_json
@@ -97,21 +97,22 @@ def open_engine(cfg: EvalStageConfig, ck: Checkpoint, device):
     return TorchSampler(loaded.model, loaded.vocab, device=device), vt
 
 
-def score_set(scorer, scorer_config: dict, folder: Path, items, per_prompt: int) -> dict:
-    """Per-image results and the aggregate of one scorer on one (checkpoint, set); kept beside the images."""
-    path = folder / "scores" / f"{scorer.name}.json"
+def score_set(scorer, scorer_config: dict, folder: Path, items, per_prompt: int, grids: bool, batch: int = 64) -> dict:
+    """The aggregate of one scorer on one (checkpoint, set); its records (GenEval's results.jsonl, ...) and the
+    aggregate are kept under the set's `scores/`, so an unchanged scorer on unchanged images is not run again."""
     key = {"scorer": scorer_config, "images": read_json(folder / "key.json")}
+    path = folder / "scores" / scorer.name / "aggregate.json"
     cached = read_json(path)
     if cached and cached.get("key") == key:
-        return cached
+        return cached["aggregate"]
+    images, per_image = scoring_inputs(folder, items, per_prompt, grids)
     results = []
-    for item in items:
-        results += [{"index": item.index, "sample": j, **r}
-                    for j, r in enumerate(scorer.score(read_images(folder, item, per_prompt), [item] * per_prompt))]
-    out = {"key": key, "results": results, "aggregate": scorer.aggregate(results)}
-    atomic_write_json(path, out)
-    scorer.write_results(folder, results)
-    return out
+    for b in range(0, len(images), batch):
+        results += scorer.score(images[b: b + batch], per_image[b: b + batch])
+    scorer.write(results, path.parent)
+    aggregate = scorer.aggregate(results)
+    atomic_write_json(path, {"key": key, "aggregate": aggregate})
+    return aggregate
 
 
 def run_eval_stage(ctx):
@@ -149,20 +150,18 @@ def run_eval_stage(ctx):
     for name, (spec, items) in sets.items():
         entry = {"prompts": len(items), "scores": {}, "grids": []}
         for sc_cfg in spec.scorers:
-            scorer = build_scorer(sc_cfg, device=device)
+            scorer = build_scorer(sc_cfg)
             by_ck = {}
             for ck in checkpoints:
-                scored = score_set(scorer, sc_cfg.model_dump(mode="json"), set_dir(ctx.stage_dir, ck, name), items,
-                                   cfg.samples_per_prompt)
-                by_ck[ck.name] = scored["aggregate"]
-                overall = scored["aggregate"].get("overall") or {}
-                metrics[f"{name}_{scorer.name}_{ck.name}"] = overall.get("mean")
+                by_ck[ck.name] = score_set(scorer, sc_cfg.model_dump(mode="json"), set_dir(ctx.stage_dir, ck, name), items,
+                                           cfg.samples_per_prompt, grids=spec.source == "dpg")
+                metrics[f"{name}_{scorer.name}_{ck.name}"] = (by_ck[ck.name].get("overall") or {}).get("mean")
             entry["scores"][scorer.name] = by_ck
             del scorer
             gc.collect()
-        for item in items[: cfg.grid_prompts]:
+        for i, item in enumerate(items[: cfg.grid_prompts]):
             entry["grids"].append({"prompt": item.prompt, "images": {
-                ck.name: [f"{IMAGES}/{ck.name}/{name}/{item.index:05d}/samples/{j:04d}.png" for j in range(cfg.samples_per_prompt)]
+                ck.name: [f"{IMAGES}/{ck.name}/{name}/{i:05d}/samples/{j:04d}.png" for j in range(cfg.samples_per_prompt)]
                 for ck in checkpoints}})
         report["sets"][name] = entry
     write_report(ctx.stage_dir, report)
