@@ -11,8 +11,8 @@ drafts after the rejected one are renewed by the Jacobi iteration: a draw from t
 uniform draw over the visual ids (`"uniform"`). Every step decides at least one token per image.
 
 The whole step runs on the device, for all images at once: verification is a cumulative product over the window,
-draws are inverse CDFs of the target rows, and the only value read back per step is whether an image is still
-unfinished. p is the torch engine's own distribution (`DrawSettings.final_logprobs`: CFG over the visual ids,
+draws are inverse CDFs of the target rows, and the only value read back per step is whether some image is done;
+a finished image leaves the batch (its rows leave the cache), so the others' forwards stop paying for it. p is the torch engine's own distribution (`DrawSettings.final_logprobs`: CFG over the visual ids,
 temperature; `DrawSettings.truncated`: top-k/top-p, sorted only when some image truncates).
 
 Randomness: every uniform of an image comes from its request's stream (`request_uniforms(seed)`), in a fixed layout
@@ -134,21 +134,37 @@ class JacobiSampler:
         drafts, q_src = draws(P, amax, torch.zeros((B, W), dtype=torch.long, device=dev), u_all[:, 1: 1 + W],
                               torch.ones((B, W), dtype=torch.bool, device=dev))
         prev = P  # the distributions the drafts were drawn from, indexed by q_src
-        for step in range(N - 1):
-            active = count < N
-            if not bool(active.any()):
-                break
+        order = torch.arange(B, device=dev)  # the call's index of each image still in the batch
+        out_codes, out_steps = torch.empty((B, N), dtype=torch.long, device=dev), torch.empty_like(steps)
+        for step in range(N):  # a step decides at least one token of each image: the last pass only collects
+            done = count >= N
+            if bool(done.any()):  # the one read per step: finished images leave, and forwards stop paying for them
+                out_codes[order[done]], out_steps[order[done]] = codes[done, :N], steps[done]
+                keep = (~done).nonzero().squeeze(1)
+                if not len(keep):
+                    break
+                kept = keep.tolist()
+                uncond_rows = [len(params) + j for j, i in enumerate(d.guided) if not bool(done[i])]
+                rows.select(torch.tensor(kept + uncond_rows, device=dev))
+                params = [params[i] for i in kept]
+                d = DrawSettings.of(params, K, dev)
+                sampled = not all(p.is_greedy for p in params)
+                follow = torch.tensor(list(range(len(kept))) + d.guided, device=dev)
+                ar = torch.arange(len(kept), device=dev)
+                order, codes, count, head, drafts, q_src, steps, u_all = (
+                    x[keep] for x in (order, codes, count, head, drafts, q_src, steps, u_all))
+                prev = prev[keep] if sampled else None
             u = u_all[:, 1 + W + step * block: 1 + W + (step + 1) * block]
             feed = torch.cat([head[:, None], drafts], 1) + vo
             final, amax, P = targets(rows.forward(feed[follow]))  # position i: after fed token i; it verifies drafts[i]
-            steps += active
+            steps += 1
             m = (N - count).clamp(max=W)  # drafts inside the image
             ok = drafts == amax[:, :W]
             if sampled:
                 p_x = P[:, :W].gather(-1, drafts[..., None]).squeeze(-1)
                 q_x = torch.where(q_src >= 0, prev[ar[:, None], q_src.clamp(min=0), drafts], 1.0 / K)
                 ok = torch.where(d.greedy[:, None], ok, u[:, :W] * q_x < p_x)
-            n = ((ok & (win < m[:, None])).long().cumprod(1).sum(1)) * active  # accepted drafts
+            n = (ok & (win < m[:, None])).long().cumprod(1).sum(1)  # accepted drafts
             # the replacement of the first rejected draft, or the token after the window when all were kept
             head = amax[ar, n]
             if sampled:
@@ -162,10 +178,10 @@ class JacobiSampler:
             pos = count[:, None] + win
             codes.scatter_(1, pos, torch.where(win < n[:, None], drafts, codes.gather(1, pos)))
             codes.scatter_(1, (count + n)[:, None], head[:, None])
-            rows.keep(torch.where(active, n + 1, 0)[follow])  # the fed head and the accepted drafts
+            rows.keep((n + 1)[follow])  # the fed head and the accepted drafts
             # next window: renewed drafts from this forward's rows n+1..m, then new slots from row m (the furthest)
             src = torch.minimum(n[:, None] + 1 + win, m[:, None])
             drafts, q_src = draws(P, amax, src, u[:, W + 1:], n[:, None] + 1 + win > m[:, None])
             prev = P
-            count = torch.where(active, count + n + 1, count).clamp(max=N)
-        return codes[:, :N], steps
+            count = (count + n + 1).clamp(max=N)
+        return out_codes, out_steps

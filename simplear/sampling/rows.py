@@ -133,6 +133,13 @@ class KVRows:
         for layer in self.cache.layers:
             layer.cumulative_length.copy_(self.first)
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows, in this order: a finished image leaves the batch, and forwards stop paying for it."""
+        assert self.graph is None, "a captured graph holds the rows it was recorded with"
+        self.ids, self.start, self.length = self.ids[rows], self.start[rows], self.length[rows]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+
     def capture(self) -> None:
         """Record the one-token forward as a CUDA graph (after `prefill`, which allocates the cache): each step then
         copies its token, mask and positions into the graph's inputs and replays the whole body and the head."""
