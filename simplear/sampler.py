@@ -44,6 +44,8 @@ class TorchSampler:
         if model.config._attn_implementation != "sdpa":
             raise ValueError(f"the torch engine builds SDPA attention masks: load the model with attn_implementation='sdpa' "
                              f"(got {model.config._attn_implementation!r})")
+        if any(t != "full_attention" for t in getattr(model.config, "layer_types", None) or ()):
+            raise ValueError(f"the torch engine's KV cache has full-attention layers only, got {model.config.layer_types}")
         rows = model.get_output_embeddings().weight.shape[0]
         if rows < vocab.size:
             raise ValueError(f"model has {rows} output rows, vocabulary needs {vocab.size}")

@@ -163,6 +163,9 @@ def test_engine_options_are_checked(model, vocab):
     eager = build_model("tiny", vocab, num_hidden_layers=1, attn_implementation="eager")
     with pytest.raises(ValueError, match="sdpa"):
         TorchSampler(eager, vocab)
+    sliding = build_model("tiny", vocab, num_hidden_layers=1, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    with pytest.raises(ValueError, match="full-attention"):
+        TorchSampler(sliding, vocab)
 
 
 def test_greedy_top_k_top_p(sampler, model, vocab):

@@ -1,10 +1,11 @@
 """The model's rows on a preallocated KV cache: prompts, then what each row accepts, with no host round trip per step.
 
 Every engine step is a forward of T new tokens per row (1 for plain decoding, the window for speculative Jacobi
-decoding) on a transformers `StaticCache` sized for the whole image, so nothing grows or is copied as an image is
-decoded, and the attention mask, the positions and the cache's write slot are device tensors computed from two per-row
-vectors (where a row starts, how many slots it holds): no step reads anything back to the host, and on CUDA the
-one-token step is recorded once as a CUDA graph and replayed (`capture`).
+decoding) on transformers' static cache layers (`StaticLayer`) sized for the whole image, so nothing grows or is
+copied as an image is decoded, and the attention mask, the positions and the cache's write slot are device tensors
+computed from two per-row vectors (where a row starts, how many slots it holds): no step reads anything back to the
+host, and on CUDA the one-token step is recorded once as a CUDA graph and replayed (`capture`). Uncaptured, attention
+covers only the slots in use (on CPU at 1,024 tokens, half the keys/values GQA copies per step).
 
 Slots are shared: a forward writes every row's T tokens at the same slots (the cache's write slot), after the longest
 row. A row that keeps fewer than T of them (rejected drafts) or lags the longest has its kept keys and values moved
@@ -15,6 +16,18 @@ Keys carry their position (RoPE of the row's own position ids), so a moved key i
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import Cache, StaticLayer
+
+
+class _InUseLayer(StaticLayer):
+    """transformers' static cache layer handing attention only its first `in_use` slots: with the full length, every
+    step would also copy (GQA's repeat_kv) and score the slots no row has reached yet."""
+
+    in_use = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        return keys[:, :, : self.in_use], values[:, :, : self.in_use]
 
 
 class VisualHead:
@@ -50,8 +63,6 @@ class KVRows:
 
     def __init__(self, model, head: VisualHead, prompts: list[list[int]], pad_id: int, capacity: int, use_cache: bool = True):
         assert model.config._attn_implementation == "sdpa", "the masks are SDPA's (TorchSampler checks)"
-        from transformers import StaticCache
-
         self.body, self.head = model.base_model, head
         dev = head.w_KH.device
         R, L = len(prompts), max(len(p) for p in prompts)
@@ -64,7 +75,7 @@ class KVRows:
         self.length = torch.full((R,), L, device=dev)
         self.first: int | torch.Tensor = L  # where the next forward writes: after the longest row (an int while rows are level)
         self.fed = 0  # tokens per row the last forward wrote
-        self.cache = StaticCache(config=model.config, max_cache_len=S) if use_cache else None
+        self.cache = Cache(layers=[_InUseLayer(S) for _ in range(model.config.num_hidden_layers)]) if use_cache else None
         self.graph = None
 
     def _visible(self, first, T: int, kv: int, lengths: torch.Tensor) -> torch.Tensor:
@@ -82,12 +93,20 @@ class KVRows:
                         use_cache=self.cache is not None)
         return self.head(out.last_hidden_state[:, -scored:])
 
+    def _in_use(self, end) -> int:
+        """Slots a forward writing up to `end` attends to: those up to its own while the rows are level (`end` is a host
+        int then), else all (after a per-row rollback, and in a captured graph, whose shapes are fixed)."""
+        kv = end if isinstance(end, int) and self.graph is None else self.ids.shape[1]
+        if self.cache is not None:
+            for layer in self.cache.layers:
+                layer.in_use = kv
+        return kv
+
     def prefill(self) -> torch.Tensor:
         """Logits (R, K) at the last prompt position."""
         L = self.first
-        kv = self.ids.shape[1] if self.cache is not None else L
         pos = (self.slots[:L] - self.start[:, None]).clamp(min=0)
-        return self._run(self.ids[:, :L], self._visible(0, L, kv, self.start), pos, 1)[:, 0]
+        return self._run(self.ids[:, :L], self._visible(0, L, self._in_use(L), self.start), pos, 1)[:, 0]
 
     def forward(self, new_ids_RT: torch.Tensor) -> torch.Tensor:
         """Logits (R, T, K) after each of T new tokens per row; they count as the rows' once `keep` says so."""
@@ -98,7 +117,7 @@ class KVRows:
             pos = (self.slots[:n] - self.start[:, None]).clamp(min=0)
             return self._run(self.ids[:, :n], self._visible(0, n, n, self.start), pos, T)
         pos = (self.length - self.start)[:, None] + torch.arange(T, device=self.slots.device)
-        mask = self._visible(self.first, T, self.ids.shape[1], self.length)
+        mask = self._visible(self.first, T, self._in_use(self.first + T), self.length)
         if self.graph is None:
             return self._run(new_ids_RT, mask, pos, T)
         for buf, x in zip(self.graph_inputs, (new_ids_RT, mask, pos)):
@@ -145,6 +164,8 @@ class KVRows:
         copies its token, mask and positions into the graph's inputs and replays the whole body and the head."""
         R, S = self.ids.shape
         dev = self.slots.device
+        self.graph = torch.cuda.CUDAGraph()
+        self._in_use(None)  # with a graph, every slot: its shapes are fixed
         self.graph_inputs = (torch.zeros((R, 1), dtype=torch.long, device=dev),
                              torch.zeros((R, 1, 1, S), dtype=torch.bool, device=dev),
                              torch.zeros((R, 1), dtype=torch.long, device=dev))
@@ -155,6 +176,5 @@ class KVRows:
         torch.cuda.current_stream(dev).wait_stream(side)
         for layer in self.cache.layers:
             layer.cumulative_length.sub_(1)  # the warm-up's slot is written again by the first real step
-        self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.graph_output = self._run(*self.graph_inputs, 1)
