@@ -56,7 +56,8 @@ def train_shapes(out: Path, steps: int, images: int) -> Path:
     pq.write_table(helpers.shapes_table(images, SIZE, seed=0), out / "data.parquet")
     task = T2ITask(sequence=SequenceSpec(), caption="original", samples=None, grid=(SIZE // 8, SIZE // 8), seed=0,
                    model_init="tiny", visual_tokenizer=VisualTokenizerConfig(**helpers.VT))
-    cfg = TrainConfig(steps=steps, global_batch_size=32, lr=1e-3, warmup_steps=min(20, steps), checkpoint_every=steps, log_every=50)
+    cfg = TrainConfig(steps=steps, global_batch_size=32, lr=1e-3, warmup_steps=min(20, steps), checkpoint_every=steps,
+                      log_every=50)
     session = LocalSession([out / "data.parquet"], task.columns, out / "checkpoints")
     t0 = time.time()
     metrics = train_loop(task, cfg, session, out)
@@ -95,7 +96,8 @@ def compare(name: str, model, vocab, prompts: list[str], grid, batches: list[int
         (_, stats), wall_s, cpu_s = timed(lambda: sjd.generate_codes(ps, grid, params, return_stats=True))
         row = {"model": name, "batch": B, "tokens": N, "entropy_nats": -logps.mean().item(),
                "plain": {"steps": N, "wall_s": wall_p, "cpu_s": cpu_p},
-               "sjd": {"steps_per_image": stats.mean_steps, "steps_batch": max(stats.steps), "wall_s": wall_s, "cpu_s": cpu_s},
+               "sjd": {"steps_per_image": stats.mean_steps, "steps_batch": max(stats.steps), "wall_s": wall_s,
+                       "cpu_s": cpu_s},
                "compression": stats.compression, "speedup_wall": wall_p / wall_s, "speedup_cpu": cpu_p / cpu_s,
                "load_avg_1min": os.getloadavg()[0]}
         rows.append(row)
@@ -140,7 +142,8 @@ def main(argv=None) -> dict:
         from simplear.train import FINAL
 
         out = Path(args.work_dir) / f"sjd-shapes-{SIZE}px-{args.train_steps}"
-        final = out / FINAL if (out / FINAL / "simplear.json").is_file() else train_shapes(out, args.train_steps, args.train_images)
+        trained = (out / FINAL / "simplear.json").is_file()
+        final = out / FINAL if trained else train_shapes(out, args.train_steps, args.train_images)
         ck = load_checkpoint(final)
         results["trained"] = {"checkpoint": str(final), "metrics": json.loads((out / "train_metrics.json").read_text())}
         results["runs"] += compare(f"trained {SIZE} px, {args.train_steps} steps", ck.model.eval(), ck.vocab, prompts,

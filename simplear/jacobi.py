@@ -12,8 +12,9 @@ uniform draw over the visual ids (`"uniform"`). Every step decides at least one 
 
 The whole step runs on the device, for all images at once: verification is a cumulative product over the window,
 draws are inverse CDFs of the target rows, and the only value read back per step is whether some image is done;
-a finished image leaves the batch (its rows leave the cache), so the others' forwards stop paying for it. p is the torch engine's own distribution (`DrawSettings.final_logprobs`: CFG over the visual ids,
-temperature; `DrawSettings.truncated`: top-k/top-p, sorted only when some image truncates).
+a finished image leaves the batch (its rows leave the cache), so the others' forwards stop paying for it. p is the
+torch engine's own distribution (`DrawSettings.final_logprobs`: CFG over the visual ids, temperature;
+`DrawSettings.truncated`: top-k/top-p, sorted only when some image truncates).
 
 Randomness: every uniform of an image comes from its request's stream (`request_uniforms(seed)`), in a fixed layout
 so that a step needs no count of what the last one used: uniform 0 draws the first token exactly as the torch engine

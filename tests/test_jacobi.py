@@ -144,7 +144,8 @@ def test_sampled_sjd_draws_from_the_target_distribution(draft_init, top_k):
 
     def dist(prefix_codes):
         with torch.no_grad():
-            logp = [F.log_softmax(model(torch.tensor([r + [vo + c for c in prefix_codes]])).logits[0, -1, vo:vo + K], -1) for r in rows]
+            logp = [F.log_softmax(model(torch.tensor([r + [vo + c for c in prefix_codes]])).logits[0, -1, vo:vo + K], -1)
+                    for r in rows]
         probs = F.softmax(logp[1] + 2.0 * (logp[0] - logp[1]), -1).double()
         if top_k is not None:
             probs = torch.where(probs >= probs.topk(top_k).values[-1], probs, 0.0)

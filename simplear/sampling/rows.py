@@ -61,7 +61,8 @@ class KVRows:
 
     `use_cache=False` (the benchmark's baseline) keeps no cache and runs every slot again at each forward."""
 
-    def __init__(self, model, head: VisualHead, prompts: list[list[int]], pad_id: int, capacity: int, use_cache: bool = True):
+    def __init__(self, model, head: VisualHead, prompts: list[list[int]], pad_id: int, capacity: int,
+                 use_cache: bool = True):
         assert model.config._attn_implementation == "sdpa", "the masks are SDPA's (TorchSampler checks)"
         self.body, self.head = model.base_model, head
         dev = head.w_KH.device
@@ -73,7 +74,7 @@ class KVRows:
         self.slots = torch.arange(S, device=dev)
         self.start = torch.tensor([L - len(p) for p in prompts], device=dev)
         self.length = torch.full((R,), L, device=dev)
-        self.first: int | torch.Tensor = L  # where the next forward writes: after the longest row (an int while rows are level)
+        self.first: int | torch.Tensor = L  # the next forward's first slot: after the longest row (an int while level)
         self.fed = 0  # tokens per row the last forward wrote
         self.cache = Cache(layers=[_InUseLayer(S) for _ in range(model.config.num_hidden_layers)]) if use_cache else None
         self.graph = None
