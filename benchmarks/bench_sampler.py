@@ -3,8 +3,10 @@
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_sampler.py [--tokens 256 1024] [--batch 1]
 
 Tiny Qwen2 (simplear.tiny.TINY_QWEN2, random weights), tiny text tokenizer, Cosmos-sized codebook
-(64,000) unless --codebook says otherwise. All variants do the same work per step (same number
-of tokens); their codes agree until float noise flips a draw, which the script reports. A short
+(64,000) unless --codebook says otherwise. All variants are the engine's own loop (the same rows,
+visual head and draw); they differ only in the cache (none: the prefix runs again) and in how the
+CFG rows are split, and do the same work per step (same number of tokens); their codes agree
+until float noise flips a draw, which the script reports. A short
 warm-up, then --repeats timed rounds with the variants interleaved; the best of each is kept,
 in wall time and in process CPU time (all threads), the latter steadier on a shared machine.
 """

@@ -1,11 +1,10 @@
-"""Serving engines and speculative Jacobi decoding, on a trained checkpoint; ratios come from one run.
+"""Serving engines on a trained checkpoint; ratios come from one run.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_serving.py [--model CKPT] [--json out.json]
 
-1. vLLM (CFG in a logits processor) vs the torch engine (KV cache, batched CFG): images/s at batch 1
-   and 16, seeded sampling with CFG, codes + decode to images.
-2. SJD vs plain decoding in the torch engine at batch 1: model forwards ("steps") per image and
-   wall-clock per image, for both draft initialisations (the last distribution, the paper's uniform).
+vLLM (CFG in a logits processor) vs the torch engine (KV cache, batched CFG): images/s at batch 1
+and 16, seeded sampling with CFG, codes + decode to images. (Speculative Jacobi decoding against
+plain decoding: benchmarks/bench_sjd.py.)
 
 The checkpoint: --model, else the demo's GRPO checkpoint (runs/demo/grpo/final) if it exists, else a
 tiny Qwen2 trained here for --train-steps on the demo's shapes (64 px, pixel-fsq L=10: 1,000 codes,
@@ -104,14 +103,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--cfg", type=float, default=1.5)
-    ap.add_argument("--window", type=int, default=16, help="SJD drafts per step")
-    ap.add_argument("--sjd-images", type=int, default=8, help="images (batch 1 each) for the SJD comparison")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args(argv)
 
-    from simplear.jacobi import JacobiSampler
     from simplear.model import load_checkpoint
     from simplear.sampler import TorchSampler
 
@@ -138,46 +134,6 @@ def main(argv=None) -> dict:
 
     def params(n, seed0=0, **kw):
         return [SamplingParams(cfg_scale=args.cfg, seed=seed0 + i, **kw) for i in range(n)]
-
-    # -- SJD vs plain decoding (torch engine, batch 1) --------------------------------------------
-    samplers = {"plain": torch_sampler, "sjd": JacobiSampler(torch_sampler, args.window),
-                "sjd_uniform_init": JacobiSampler(torch_sampler, args.window, draft_init="uniform")}
-    prompts = (PROMPTS * args.sjd_images)[: args.sjd_images]
-    steps: dict[str, list[int]] = {k: [] for k in samplers}
-
-    def one_by_one(name, s):
-        per = []
-        for i, p in enumerate(prompts):
-            s.generate_codes([p], grid, params(1, seed0=100 + i))
-            per.append(s.last_stats.steps[0] if name != "plain" else N)
-        steps[name] = per
-        return per
-
-    for s in samplers.values():
-        s.generate_codes(prompts[:1], grid, params(1))  # warm-up
-    load = os.getloadavg()[0]
-    wall, cpu, _ = timed(one_by_one, args.repeats, samplers)
-    sjd = {}
-    for k in samplers:
-        sjd[k] = {"mean_steps": sum(steps[k]) / len(steps[k]), "s_per_image": wall[k] / len(prompts),
-                  "cpu_s_per_image": cpu[k] / len(prompts)}
-    for k in ("sjd", "sjd_uniform_init"):
-        sjd[k]["step_compression"] = N / sjd[k]["mean_steps"]
-        sjd[k]["wall_speedup"] = wall["plain"] / wall[k]
-        sjd[k]["cpu_speedup"] = cpu["plain"] / cpu[k]
-    # greedy decoding: SJD's codes must be the plain ones
-    g = [SamplingParams(cfg_scale=args.cfg, temperature=0)]
-    greedy_same = all(torch.equal(samplers["sjd"].generate_codes([p], grid, g), torch_sampler.generate_codes([p], grid, g))
-                      for p in prompts[:2])
-    results["sjd"] = {"window": args.window, "images": len(prompts), "load_avg_1min": load, "greedy_codes_equal": greedy_same, **sjd}
-    print(f"\nSJD, torch engine, batch 1, window {args.window}, {len(prompts)} images, {N} tokens each (load {load:.1f})")
-    print("| decoding | steps per image | s per image (CPU s) | step compression | wall-clock speed-up |")
-    print("|---|---:|---:|---:|---:|")
-    for k, label in [("plain", "plain"), ("sjd", "SJD, drafts from the last distribution"), ("sjd_uniform_init", "SJD, uniform drafts (paper)")]:
-        r = sjd[k]
-        extra = f"| {r['step_compression']:.2f}x | {r['wall_speedup']:.2f}x ({r['cpu_speedup']:.2f}x CPU) |" if k != "plain" else "| 1x | 1x |"
-        print(f"| {label} | {r['mean_steps']:.1f} | {r['s_per_image']:.3f} ({r['cpu_s_per_image']:.3f}) {extra}")
-    print(f"greedy SJD codes == greedy plain codes: {greedy_same}", flush=True)
 
     # -- engines: torch vs vLLM -------------------------------------------------------------------
     engines = {"torch": torch_sampler}

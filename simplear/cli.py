@@ -139,14 +139,13 @@ def cmd_generate(args) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    import torch
-
+    from simplear.devices import resolve_device, resolve_serving_dtype
     from simplear.model import load_checkpoint
     from simplear.sampler import SamplingParams, TorchSampler
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device or "auto")
     try:
-        ckpt = load_checkpoint(args.model, device=device)
+        ckpt = load_checkpoint(args.model, device=device, dtype=resolve_serving_dtype(args.dtype, device))
         params = SamplingParams(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 seed=args.seed, negative_prompt=args.negative_prompt)
     except (FileNotFoundError, ValueError) as e:
@@ -287,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of CFG (default: empty)")
     p.add_argument("-n", "--num-images", type=int, default=1)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="weights; auto: bfloat16 on a GPU, else the checkpoint's")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (Ray Serve): POST /v1/images/generations and a web page")

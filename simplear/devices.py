@@ -1,4 +1,5 @@
-"""One rule for `device: auto` in every config: CUDA when this process sees a GPU, else the CPU."""
+"""One rule for `device: auto` in every config (CUDA when this process sees a GPU, else the CPU), and one for the
+weights' `dtype: auto` when serving."""
 
 from __future__ import annotations
 
@@ -9,3 +10,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def resolve_serving_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """`dtype: auto` serves in bf16 on a GPU (half the weight reads per step; no log-prob is kept, so no precision is
+    owed to training) and keeps the checkpoint's dtype elsewhere; None: the checkpoint's. GRPO loads in fp32 itself."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

@@ -1,34 +1,35 @@
 """Speculative Jacobi decoding (SJD, Teng et al. 2024; SimpleAR's Table 6) for the torch engine, on the KV cache.
 
-Each step runs the last decided token plus a window of W draft tokens through the model in one
-forward (on the KV cache of the accepted prefix), giving the target distribution p at every
-window position. Drafts are verified left to right: draft x with draft distribution q is kept with
-probability min(1, p(x)/q(x)); the first rejected one is replaced by a draw from (p - q)+
-(renormalised) and the step ends. The cache is cropped back to the accepted tokens, and the drafts
-after the rejected one are renewed by the Jacobi iteration: a draw from the p this very forward
-gave them (q := p). New window slots get a draw from the distribution of the furthest position
-the last forward reached (`draft_init="last"`: neighbouring visual tokens are alike, so such drafts
-are often right), or, as in the paper, a uniform draw over the visual ids (`"uniform"`). Every step
-decides at least one token.
+Each step runs, for every image of the batch, the last decided token plus a window of W draft tokens through the
+model in one forward (on the static KV cache of the accepted prefix), giving the target distribution p at every
+window position. Drafts are verified left to right: draft x with draft distribution q is kept with probability
+min(1, p(x)/q(x)); the first rejected one is replaced by a draw from (p - q)+ (renormalised) and the image's step
+ends. Each image keeps its own accepted tokens (`KVRows.keep`: the rejected tail leaves its cache rows), and the
+drafts after the rejected one are renewed by the Jacobi iteration: a draw from the p this very forward gave them
+(q := p). New window slots get a draw from the distribution of the furthest position the last forward reached
+(`draft_init="last"`: neighbouring visual tokens are alike, so such drafts are often right), or, as in the paper, a
+uniform draw over the visual ids (`"uniform"`). Every step decides at least one token per image.
 
-Randomness: every uniform of an image comes from its request's stream (`request_stream(seed)`, the
-torch engine's), in the order SJD needs them, and a draw from a target p is the torch engine's own
-(`DrawSettings.draw`, inverse CDF). Hence the same seed gives the torch engine's codes exactly where
-decoding is deterministic given the stream: greedy (temperature 0, or top_k=1) accepts a draft iff
-it is the argmax, so greedy SJD gives exactly the codes of greedy plain decoding; and the first
-token of every image is the torch engine's (the same uniform 0, the same draw). Beyond that, sampled
-SJD draws the same distribution but not the same image: the torch engine's token t is F_t^-1(u_t),
-while SJD's token at t is a draft kept with probability min(1, p/q) (a function of the draft and of
-another uniform) or a residual draw, which equals F_t^-1(u_t) only by chance. Exact equality would
-need accepting a draft iff it equals F_t^-1(u_t), i.e. plain Jacobi iteration with frozen noise,
-which gives up the min(1, p/q) acceptance that lets SJD accept drafts under random sampling.
+The whole step runs on the device, for all images at once: verification is a cumulative product over the window,
+draws are inverse CDFs of the target rows, and the only value read back per step is whether some image is done;
+a finished image leaves the batch (its rows leave the cache), so the others' forwards stop paying for it. p is the
+torch engine's own distribution (`DrawSettings.final_logprobs`: CFG over the visual ids, temperature;
+`DrawSettings.truncated`: top-k/top-p, sorted only when some image truncates).
 
-The reference implementation has no KV cache and re-runs the whole sequence every iteration, so
-fewer steps brought no speed; here a step costs one forward of W + 1 tokens on the cache, so fewer
-steps mean less time. p is the torch engine's own distribution (`guided_logprobs`: CFG over the
-visual ids, temperature; `truncated_probs`: top-k/top-p), computed for all positions of a step at
-once. Images are decoded one at a time (each with its CFG row pair): images of a batch accept
-different numbers of tokens per step, and SJD is a latency tool.
+Randomness: every uniform of an image comes from its request's stream (`request_uniforms(seed)`), in a fixed layout
+so that a step needs no count of what the last one used: uniform 0 draws the first token exactly as the torch engine
+does (`DrawSettings.draw`), uniforms 1..W the first drafts, then each step takes the next 2W + 1: W to verify the
+window, 1 for the replacement (or next) token, W for the next drafts. So the same seed gives the same image whatever
+else is in the batch, and the first token of every image is the torch engine's. Greedy decoding (temperature 0, or
+top_k=1) accepts a draft iff it is the argmax, so greedy SJD gives exactly the codes of greedy plain decoding. Beyond
+that, sampled SJD draws the torch engine's distribution but not its image: a draft kept with probability
+min(1, p/q) is not the inverse CDF of the torch engine's uniform t, and equality would need plain Jacobi iteration
+with frozen noise, which gives up the acceptance that lets SJD accept drafts under random sampling.
+
+The reference implementation has no KV cache and re-runs the whole sequence every iteration, so fewer steps brought
+no speed; here a step costs one forward of W + 1 tokens per row on the cache. Whether that pays depends on how often
+drafts are right (the model's entropy) and on what W + 1 scored positions cost next to one (the LM head): see
+benchmarks/README.md. Serving keeps it off unless `sjd_window` is set.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from simplear.sampler import (DrawSettings, SamplingParams, TorchSampler, _inverse_cdf, _Stream, request_stream,
-                             resolve_seed, truncated_probs)
+from simplear.sampler import SamplingParams, TorchSampler
+from simplear.sampling.draw import DrawSettings, inverse_cdf, request_uniforms, resolve_seed
+from simplear.sampling.rows import KVRows, VisualHead
 
 
 @dataclass
@@ -58,16 +60,16 @@ class JacobiStats:
 
 class JacobiSampler:
     """`generate_codes` / `generate_images` like `TorchSampler`, decoded by SJD with a window of `window` drafts
-    (new ones drawn as `draft_init` says)."""
+    (new ones drawn as `draft_init` says); the images of a call are decoded together."""
 
     def __init__(self, sampler: TorchSampler, window: int = 16, draft_init: str = "last"):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         if draft_init not in ("last", "uniform"):
             raise ValueError(f"draft_init must be 'last' or 'uniform', got {draft_init!r}")
-        self.draft_init = draft_init
         if not sampler.use_kv_cache:
             raise ValueError("speculative Jacobi decoding runs on the KV cache: give a TorchSampler with use_kv_cache=True")
+        self.draft_init = draft_init
         self.sampler = sampler
         self.window = window
         self.vocab = sampler.vocab
@@ -88,94 +90,99 @@ class JacobiSampler:
         model.eval()
         try:
             with torch.inference_mode():
-                results = [self._decode(prompt, h * w, p) for prompt, p in zip(prompts, params)]
+                codes, steps = self._decode(prompts, h * w, params)
         finally:
             model.train(was_training)
-        codes = torch.tensor([r[0] for r in results], dtype=torch.long).view(len(prompts), h, w)
-        self.last_stats = JacobiStats(steps=[r[1] for r in results], tokens=h * w)
+        self.last_stats = JacobiStats(steps=steps.tolist(), tokens=h * w)
+        codes = codes.view(len(prompts), h, w).cpu()
         return (codes, self.last_stats) if return_stats else codes
 
-    def _decode(self, prompt: str, N: int, p: SamplingParams) -> tuple[list[int], int]:
-        s, vocab = self.sampler, self.vocab
-        dev, K, vo = s.device, vocab.codebook_size, vocab.visual_offset
-        rows = [vocab.prompt_ids(prompt, s.max_text_tokens)]
-        if p.cfg_scale != 1.0:
-            rows.append(vocab.prompt_ids(p.negative_prompt, s.max_text_tokens))
-        R = len(rows)
-        stream = _Stream(rows, vocab.pad_id, dev, True, s.model.config)
-        body = s.model.base_model
-        head_w = s.model.get_output_embeddings().weight[vo: vo + K]
-        on_dev, d = DrawSettings.of([p], K, dev), DrawSettings.of([p], K, torch.device("cpu"))
-        gen = request_stream(resolve_seed(p))
-        greedy = p.is_greedy
+    def _decode(self, prompts: list[str], N: int, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+        s, vocab, W = self.sampler, self.vocab, self.window
+        dev, K, vo, B = s.device, vocab.codebook_size, vocab.visual_offset, len(prompts)
+        d = DrawSettings.of(params, K, dev)
+        sampled = not all(p.is_greedy for p in params)  # else no image needs the float64 distributions
+        block = 2 * W + 1  # uniforms per step: verification, replacement, next drafts
+        u_all = torch.stack([request_uniforms(resolve_seed(p), 1 + W + (N - 1) * block) for p in params]).to(dev)
+        rows = KVRows(s.model, VisualHead(s.model, vocab), s.prompt_rows(prompts, params, d), vocab.pad_id,
+                      capacity=N + W + 1)  # a row holds at most N tokens, then a forward's W + 1 at its end
+        follow = torch.tensor(list(range(B)) + d.guided, device=dev)  # row r feeds the tokens of image follow[r]
+        ar, win = torch.arange(B, device=dev), torch.arange(W, device=dev)
+        codes = torch.zeros((B, N + W + 1), dtype=torch.long, device=dev)  # slack: writes past the end land there
 
-        def uniform() -> torch.Tensor:
-            return torch.rand(1, generator=gen, dtype=torch.float64)
+        def targets(logits):
+            """Final log-probs (B, T, K), argmaxes (B, T) and, when some image samples, the distributions (B, T, K)."""
+            final = d.final_logprobs(logits)
+            return final, final.argmax(-1), d.truncated(final) if sampled else None
 
-        def targets(hidden_RTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            """(T, K) final log-probs and, unless greedy, the float64 distribution sampling draws from; on CPU."""
-            final = on_dev.final_logprobs(hidden_RTH @ head_w.T)[0].cpu()
-            if greedy:
-                return final, None
-            T = final.shape[0]
-            return final, truncated_probs(final, d.top_k.expand(T), d.top_p.expand(T), d.filtered.expand(T))
+        def draws(P, amax, src, u_BW, new_slot):
+            """Window drafts: from target row src[b, k] of this forward (argmax where greedy), uniform over the codes in
+            new slots when `draft_init="uniform"`; with their draft distributions' row (-1: uniform)."""
+            x = amax.gather(1, src)
+            if sampled:
+                cand = inverse_cdf(P, u_BW[:, None, :].expand(-1, P.shape[1], -1))  # (B, T, W): every row, every uniform
+                x = torch.where(d.greedy[:, None], x, cand[ar[:, None], src, win])
+            if self.draft_init == "uniform":
+                x = torch.where(new_slot, (u_BW * K).long().clamp(max=K - 1), x)
+                src = torch.where(new_slot, -1, src)
+            return x, src
 
-        def draw(final_K: torch.Tensor) -> int:
-            """A draw from a target position's distribution, as the torch engine draws."""
-            return int(d.draw(final_K[None], uniform())[0])
-
-        def draw_from(probs_K: torch.Tensor) -> int:
-            """A draw from any other distribution (a residual), unnormalised."""
-            return int(_inverse_cdf(probs_K[None], uniform())[0])
-
-        Fin, P = targets(stream.extend(body, None)[:, -1:])  # prefill: the first image position
-        steps = 1
-        head = draw(Fin[0])
-        last = (Fin[0], None if greedy else P[0])  # the distribution of the furthest position a forward has seen
-        drafts: list[int] = []
-        q: list[torch.Tensor | None] = []  # each draft's distribution; None: uniform over the K codes
-        out: list[int] = []
-        while True:
-            out.append(head)
-            if len(out) == N:
-                return out, steps
-            m = min(self.window, N - len(out))  # no drafts past the image's end
-            while len(drafts) < m:  # new window slots
-                if self.draft_init == "uniform":
-                    drafts.append(min(int(float(uniform()) * K), K - 1))
-                    q.append(None)
-                else:
-                    drafts.append(draw(last[0]))
-                    q.append(last[1])
-            drafts, q = drafts[:m], q[:m]
-            L0 = stream.ids.shape[1]
-            feed = (torch.tensor([head] + drafts, dtype=torch.long, device=dev) + vo).expand(R, -1)
-            Fin, P = targets(stream.extend(body, feed))  # row i: the position after fed token i; it verifies drafts[i]
-            steps += 1
-            n = 0
-            while n < m:
-                x = drafts[n]
-                if greedy:
-                    ok = x == int(Fin[n].argmax())
-                else:
-                    qx = 1.0 / K if q[n] is None else float(q[n][x])
-                    ok = float(uniform()) * qx < float(P[n, x])
-                if not ok:
+        final, amax, P = targets(rows.prefill()[:, None])
+        head = d.draw(final[:, 0], u_all[:, 0])  # the torch engine's first token
+        codes[:, 0] = head
+        count = torch.ones(B, dtype=torch.long, device=dev)  # decided tokens, the head (not yet fed) included
+        steps = torch.ones(B, dtype=torch.long, device=dev)
+        drafts, q_src = draws(P, amax, torch.zeros((B, W), dtype=torch.long, device=dev), u_all[:, 1: 1 + W],
+                              torch.ones((B, W), dtype=torch.bool, device=dev))
+        prev = P  # the distributions the drafts were drawn from, indexed by q_src
+        order = torch.arange(B, device=dev)  # the call's index of each image still in the batch
+        out_codes, out_steps = torch.empty((B, N), dtype=torch.long, device=dev), torch.empty_like(steps)
+        for step in range(N):  # a step decides at least one token of each image: the last pass only collects
+            done = count >= N
+            if bool(done.any()):  # the one read per step: finished images leave, and forwards stop paying for them
+                out_codes[order[done]], out_steps[order[done]] = codes[done, :N], steps[done]
+                keep = (~done).nonzero().squeeze(1)
+                if not len(keep):
                     break
-                out.append(x)
-                n += 1
-                if len(out) == N:
-                    return out, steps
-            stream.truncate(L0 + 1 + n)  # keep head + accepted drafts; the rejected tail leaves the cache
-            last = (Fin[m], None if greedy else P[m])
-            if n == m:
-                head, drafts, q = draw(Fin[m]), [], []
-                continue
-            if greedy:
-                head = draw(Fin[n])
-            else:
-                residual = (P[n] - (1.0 / K if q[n] is None else q[n])).clamp(min=0)
-                head = draw_from(residual) if residual.sum() > 0 else draw(Fin[n])
-            # Jacobi renewal: the drafts after the rejected one, drawn from this step's distributions
-            drafts = [draw(Fin[i]) for i in range(n + 1, m + 1)]
-            q = [None if greedy else P[i] for i in range(n + 1, m + 1)]
+                kept = keep.tolist()
+                uncond_rows = [len(params) + j for j, i in enumerate(d.guided) if not bool(done[i])]
+                rows.select(torch.tensor(kept + uncond_rows, device=dev))
+                params = [params[i] for i in kept]
+                d = DrawSettings.of(params, K, dev)
+                sampled = not all(p.is_greedy for p in params)
+                follow = torch.tensor(list(range(len(kept))) + d.guided, device=dev)
+                ar = torch.arange(len(kept), device=dev)
+                order, codes, count, head, drafts, q_src, steps, u_all = (
+                    x[keep] for x in (order, codes, count, head, drafts, q_src, steps, u_all))
+                prev = prev[keep] if sampled else None
+            u = u_all[:, 1 + W + step * block: 1 + W + (step + 1) * block]
+            feed = torch.cat([head[:, None], drafts], 1) + vo
+            final, amax, P = targets(rows.forward(feed[follow]))  # position i: after fed token i; it verifies drafts[i]
+            steps += 1
+            m = (N - count).clamp(max=W)  # drafts inside the image
+            ok = drafts == amax[:, :W]
+            if sampled:
+                p_x = P[:, :W].gather(-1, drafts[..., None]).squeeze(-1)
+                q_x = torch.where(q_src >= 0, prev[ar[:, None], q_src.clamp(min=0), drafts], 1.0 / K)
+                ok = torch.where(d.greedy[:, None], ok, u[:, :W] * q_x < p_x)
+            n = (ok & (win < m[:, None])).long().cumprod(1).sum(1)  # accepted drafts
+            # the replacement of the first rejected draft, or the token after the window when all were kept
+            head = amax[ar, n]
+            if sampled:
+                p_n = P[ar, n]
+                rejected = (n < m)[:, None]
+                src_n = q_src.gather(1, n.clamp(max=W - 1)[:, None]).squeeze(1)
+                q_n = torch.where((src_n >= 0)[:, None], prev[ar, src_n.clamp(min=0)], 1.0 / K)
+                residual = torch.where(rejected, (p_n - q_n).clamp(min=0), p_n)
+                residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)  # p <= q only by float noise
+                head = torch.where(d.greedy, head, inverse_cdf(residual, u[:, W: W + 1])[:, 0])
+            pos = count[:, None] + win
+            codes.scatter_(1, pos, torch.where(win < n[:, None], drafts, codes.gather(1, pos)))
+            codes.scatter_(1, (count + n)[:, None], head[:, None])
+            rows.keep((n + 1)[follow])  # the fed head and the accepted drafts
+            # next window: renewed drafts from this forward's rows n+1..m, then new slots from row m (the furthest)
+            src = torch.minimum(n[:, None] + 1 + win, m[:, None])
+            drafts, q_src = draws(P, amax, src, u[:, W + 1:], n[:, None] + 1 + win > m[:, None])
+            prev = P
+            count = (count + n + 1).clamp(max=N)
+        return out_codes, out_steps

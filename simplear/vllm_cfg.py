@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from simplear.sampler import DrawSettings, SamplingParams, request_uniforms
+from simplear.sampling.draw import DrawSettings, SamplingParams, request_uniforms
 
 logger = logging.getLogger(__name__)
 

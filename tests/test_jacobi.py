@@ -1,5 +1,6 @@
-"""Speculative Jacobi decoding: greedy SJD equals greedy plain decoding, steps fall when drafts are right,
-sampled SJD draws from the torch engine's distribution and from its per-request stream."""
+"""Speculative Jacobi decoding: greedy SJD equals greedy plain decoding, steps fall when drafts are right, the images
+of a batch roll back on their own, sampled SJD draws from the torch engine's distribution (CFG, top-k, both draft
+initialisations) and from its per-request stream."""
 
 from __future__ import annotations
 
@@ -100,35 +101,67 @@ def test_sampled_sjd_draws_from_the_torch_engines_stream(sampler):
     assert len(set(plain[:, 0, 0].tolist())) >= n // 2  # the first token varies with the seed
 
 
-def test_sampled_sjd_draws_from_the_target_distribution():
-    """Exact marginal of the 3rd token (enumerating the first two) vs SJD's empirical one, 8 codes, window 2:
-    its draft is verified against a q from a rejected prefix half the time, so acceptance and residual both count."""
-    vocab = Vocabulary("tiny", codebook_size=8)
-    torch.manual_seed(2)
+def soft_sampler(vocab, seed: int = 2) -> TorchSampler:
+    """A 1-layer model whose drafts are right often but not always: the images of a batch accept different numbers."""
+    torch.manual_seed(seed)
     model = build_model("tiny", vocab, num_hidden_layers=1)
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(20)
         model.get_output_embeddings().weight.mul_(3)
-    s = TorchSampler(model.eval(), vocab)
-    p = SamplingParams(cfg_scale=2.0, temperature=1.0)
+    return TorchSampler(model.eval(), vocab)
+
+
+def test_an_image_does_not_depend_on_its_batch():
+    """Images of a batch accept different numbers of drafts per step, so their rows go ragged on the shared cache and
+    each rolls back on its own: each image equals itself decoded alone (without the per-row rollback 2 of these 4
+    differ), and a greedy image among sampled ones equals greedy plain decoding."""
+    vocab = Vocabulary("tiny", codebook_size=64)
+    s = soft_sampler(vocab)
+    js = JacobiSampler(s, window=4)
+    params = [SamplingParams(cfg_scale=2.0, seed=i, top_k=(None, 20)[i % 2]) for i in range(4)]
+    params.append(SamplingParams(cfg_scale=2.0, temperature=0))
+    prompts = PROMPTS + ["blue", "a red circle"]
+    batch, stats = js.generate_codes(prompts, (6, 6), params, return_stats=True)
+    assert len(set(stats.steps)) > 1  # ragged
+    for i in range(len(prompts)):
+        assert torch.equal(batch[i], js.generate_codes(prompts[i:i + 1], (6, 6), params[i:i + 1])[0]), i
+    assert torch.equal(batch[-1], s.generate_codes(prompts[-1:], (6, 6), params[-1])[0])
+
+
+@pytest.mark.parametrize("draft_init", ["last", "uniform"])
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_sampled_sjd_draws_from_the_target_distribution(draft_init, top_k):
+    """Exact marginal of the 3rd token (enumerating the first two) vs SJD's empirical one, 8 codes, window 2, CFG 2,
+    with both draft initialisations and with top-k: the 3rd token's draft is verified against a q from a rejected
+    prefix half the time, so acceptance and residual both count."""
+    vocab = Vocabulary("tiny", codebook_size=8)
+    s = soft_sampler(vocab)
+    model = s.model
+    p = SamplingParams(cfg_scale=2.0, temperature=1.0, top_k=top_k)
     prompt = "red"
     rows = [vocab.prompt_ids(prompt), vocab.prompt_ids("")]
     vo, K = vocab.visual_offset, 8
 
     def dist(prefix_codes):
         with torch.no_grad():
-            logp = [F.log_softmax(model(torch.tensor([r + [vo + c for c in prefix_codes]])).logits[0, -1, vo:vo + K], -1) for r in rows]
-        return F.softmax(logp[1] + 2.0 * (logp[0] - logp[1]), -1).double()
+            logp = [F.log_softmax(model(torch.tensor([r + [vo + c for c in prefix_codes]])).logits[0, -1, vo:vo + K], -1)
+                    for r in rows]
+        probs = F.softmax(logp[1] + 2.0 * (logp[0] - logp[1]), -1).double()
+        if top_k is not None:
+            probs = torch.where(probs >= probs.topk(top_k).values[-1], probs, 0.0)
+        return probs / probs.sum()
 
     p0 = dist([])
     exact = [p0, sum(p0[a] * dist([a]) for a in range(K)),
              sum(p0[a] * dist([a])[b] * dist([a, b]) for a in range(K) for b in range(K))]
-    n = 1000  # total variation of the empirical marginals: ~0.03 here; ~0.08 without the residual, ~0.15 accepting all
+    # total variation of the empirical marginals, largest of the 3 tokens: 0.013-0.034 here; 0.061-0.157 drawing the
+    # replacement from p instead of the residual, 0.14-0.61 accepting every draft
+    n = 2000
     torch.manual_seed(0)
-    codes = JacobiSampler(s, window=2, draft_init="uniform").generate_codes([prompt] * n, (1, 3), p)
+    codes = JacobiSampler(s, window=2, draft_init=draft_init).generate_codes([prompt] * n, (1, 3), p)
     for i in range(3):
         emp = torch.bincount(codes[:, 0, i], minlength=K).double() / n
-        assert 0.5 * (emp - exact[i]).abs().sum().item() < 0.06, (i, emp, exact[i])
+        assert 0.5 * (emp - exact[i]).abs().sum().item() < 0.05, (i, emp, exact[i])
 
 
 def test_needs_the_kv_cache(sampler, vocab):

@@ -140,6 +140,34 @@ def test_kv_cache_and_batched_cfg_change_nothing(model, vocab):
         assert torch.allclose(lp2, lp, atol=1e-4), kw
 
 
+def test_the_step_reads_nothing_back_to_the_host(sampler, monkeypatch):
+    """No decode step waits for the device: what needs a host decision is known when the batch is built, and the
+    cache, mask and positions are device tensors (the old DynamicCache path failed this in transformers' mask code)."""
+    params = [SamplingParams(cfg_scale=2.0, seed=1, top_k=5), SamplingParams(seed=2, temperature=0),
+              SamplingParams(seed=3, top_p=0.9, cfg_scale=3.0)]
+    ref = sampler.generate_codes([LONG, SHORT, SHORT], GRID, params)
+
+    def host_read(*_args, **_kw):
+        raise AssertionError("a tensor was read back to the host while sampling")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    codes = sampler.generate_codes([LONG, SHORT, SHORT], GRID, params)  # the final .cpu() copy is the only read
+    monkeypatch.undo()
+    assert torch.equal(codes, ref)
+
+
+def test_engine_options_are_checked(model, vocab):
+    with pytest.raises(ValueError, match="CUDA"):
+        TorchSampler(model, vocab, capture=True)  # a CUDA graph of the step needs CUDA
+    eager = build_model("tiny", vocab, num_hidden_layers=1, attn_implementation="eager")
+    with pytest.raises(ValueError, match="sdpa"):
+        TorchSampler(eager, vocab)
+    sliding = build_model("tiny", vocab, num_hidden_layers=1, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    with pytest.raises(ValueError, match="full-attention"):
+        TorchSampler(sliding, vocab)
+
+
 def test_greedy_top_k_top_p(sampler, model, vocab):
     greedy = sampler.generate_codes([LONG], GRID, SamplingParams(greedy=True, cfg_scale=2.0))
     assert torch.equal(greedy, sampler.generate_codes([LONG], GRID, SamplingParams(temperature=0, cfg_scale=2.0, seed=9)))
@@ -207,5 +235,11 @@ def test_sampler_on_gpu(vocab):
     s = TorchSampler(m, vocab, device="cuda")
     p = [SamplingParams(cfg_scale=3.0, seed=1), SamplingParams(cfg_scale=1.0, seed=2)]
     a = s.generate_codes([LONG, SHORT], (8, 8), p)
+    assert s.capture  # the step is a replayed CUDA graph
     assert a.shape == (2, 8, 8) and a.min() >= 0 and a.max() < vocab.codebook_size
     assert torch.equal(a, s.generate_codes([LONG, SHORT], (8, 8), p))
+    # the graph computes what the eager step does (fp32, so no bf16 rounding can part them)
+    m32 = m.float()
+    captured = TorchSampler(m32, vocab).generate_codes([LONG, SHORT], (8, 8), p, return_logprobs=True)
+    eager = TorchSampler(m32, vocab, capture=False).generate_codes([LONG, SHORT], (8, 8), p, return_logprobs=True)
+    assert torch.equal(captured[0], eager[0]) and torch.allclose(captured[1], eager[1], atol=1e-5)

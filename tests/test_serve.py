@@ -45,6 +45,7 @@ def png(b64: str) -> Image.Image:
     ({"sizes": ["64"]}, "sizes"),
     ({"sizes": []}, "sizes"),
     ({"engine": "vllm", "sjd_window": 8}, "sjd_window"),
+    ({"engine": "vllm", "dtype": "bfloat16"}, "vllm.dtype"),
     ({"route_prefix": "api"}, "route_prefix"),
     ({"port": 0}, "port"),
     ({"max_n": 0}, "max_n"),
@@ -70,6 +71,23 @@ def test_defaults_bind_loopback_and_pick_vllm():
     cfg = ServeConfig()
     assert cfg.host == "127.0.0.1" and cfg.engine == "vllm" and cfg.from_stage == "grpo"
     assert ServeConfig(host="0.0.0.0", port=9000, route_prefix="/img/").url == "http://127.0.0.1:9000/img"
+
+
+def test_torch_engine_weights_dtype(tmp_path):
+    """bf16 weights only where asked (or on a GPU by default): a CPU replica keeps the checkpoint's fp32."""
+    import torch
+
+    from serve_support import make_checkpoint
+    from simplear.devices import resolve_serving_dtype
+    from simplear.serving import build_engine
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", layers=1)
+    dtype = lambda engine: next(engine.model.parameters()).dtype  # noqa: E731
+    assert dtype(build_engine(ckpt, ServeConfig(engine="torch", sizes=["32x32"], device="cpu"))) == torch.float32
+    engine = build_engine(ckpt, ServeConfig(engine="torch", sizes=["32x32"], device="cpu", dtype="bfloat16"))
+    assert dtype(engine) == torch.bfloat16
+    assert engine.generate_codes(["a red circle"], (4, 4)).shape == (1, 4, 4)
+    assert resolve_serving_dtype("auto", torch.device("cuda")) == torch.bfloat16
 
 
 def test_page_escapes_its_config():

@@ -50,11 +50,12 @@ def build_engine(checkpoint: Path, cfg: ServeConfig):
         max_tokens = max((w // vt.downsample) * (h // vt.downsample) for w, h in cfg.parsed_sizes())
         return VLLMSampler(checkpoint, vt, cfg.vllm, max_text_tokens=cfg.max_text_tokens, max_image_tokens=max_tokens)
 
-    from simplear.devices import resolve_device
+    from simplear.devices import resolve_device, resolve_serving_dtype
     from simplear.model import load_checkpoint
     from simplear.sampler import TorchSampler
 
-    ckpt = load_checkpoint(checkpoint, device=resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    ckpt = load_checkpoint(checkpoint, device=device, dtype=resolve_serving_dtype(cfg.dtype, device))
     sampler = TorchSampler(ckpt.model, ckpt.vocab, vt, max_text_tokens=cfg.max_text_tokens)
     if cfg.sjd_window:
         from simplear.jacobi import JacobiSampler

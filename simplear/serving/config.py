@@ -31,6 +31,7 @@ class ServeConfig(StrictModel):
     engine: Literal["vllm", "torch"] = "vllm"
     sjd_window: int | None = Field(None, ge=1)  # torch engine: speculative Jacobi decoding with this many drafts
     device: str = "auto"  # torch engine: "auto" = cuda when the replica has a GPU, else cpu
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # torch engine's weights: "auto" = bf16 on a GPU, else the checkpoint's
     host: str = "127.0.0.1"  # where the HTTP proxy listens; 0.0.0.0 exposes it (and then needs an API key)
     api_keys_file: str | None = None  # one API key per line, read at start (keys also come from $SIMPLEAR_API_KEYS)
     port: int = Field(8000, ge=1, le=65535)
@@ -70,6 +71,8 @@ class ServeConfig(StrictModel):
     def _engine_options(self):
         if self.sjd_window is not None and self.engine != "torch":
             raise ValueError("sjd_window (speculative Jacobi decoding) needs engine: torch")
+        if self.dtype != "auto" and self.engine != "torch":
+            raise ValueError("dtype is the torch engine's; the vLLM engine's is vllm.dtype")
         if self.max_concurrent_requests < self.max_batch_size:
             raise ValueError(f"max_concurrent_requests ({self.max_concurrent_requests}) is below max_batch_size "
                              f"({self.max_batch_size}): a batch could never fill")
