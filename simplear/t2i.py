@@ -160,11 +160,16 @@ def sample_grid(model, vocab, vt_config, spec: SampleSpec, grid: tuple[int, int]
     return sheet
 
 
+def has_final_checkpoint(manifest: dict) -> bool:
+    """Whether a stage's manifest records a final/ checkpoint (a training stage's output)."""
+    return any(o["path"].startswith(f"{FINAL}/") for o in manifest["outputs"])
+
+
 def resolve_init(ctx, init: str, where: str) -> Path:
     """The checkpoint folder a stage starts from (SFT from pretrain, GRPO from SFT); a wrong or missing one is a ConfigError naming the key."""
     if init in ctx.needs:
         manifest = ctx.input_manifest(init)
-        if not any(o["path"].startswith(f"{FINAL}/") for o in manifest["outputs"]):
+        if not has_final_checkpoint(manifest):
             raise ConfigError(f"{where}.init: stage {init!r} recorded no {FINAL}/ checkpoint (is it a training stage?)")
         path = ctx.input_dir(init) / FINAL
     else:

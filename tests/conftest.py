@@ -100,6 +100,15 @@ def add_worker_node(head: RayHead, num_cpus: int = 1) -> None:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip():
+    """(config, reward) of the built-in tiny random CLIP (`simplear.tiny.TINY_CLIP`, seeded weights)."""
+    from simplear.rewards import ClipReward, ClipRewardConfig
+
+    config = ClipRewardConfig(model="simplear-tiny-clip", pretrained=None, device="cpu")
+    return config, ClipReward(config)
+
+
+@pytest.fixture(scope="session")
 def ray_head():
     """The session's Ray cluster (no dashboard, no auth); tests attach with ray.init(address=...)."""
     head = start_ray_head(num_cpus=2)

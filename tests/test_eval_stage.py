@@ -91,7 +91,7 @@ def test_prompt_sets_read_geneval_and_dpg_files(tmp_path):
         load_items(ctx, PromptSetSpec(**SETS[0]), "w")
 
 
-def test_eval_draws_scores_resumes_and_takes_back_unchanged_checkpoints(tmp_path):
+def test_eval_draws_scores_resumes_and_takes_back_unchanged_checkpoints(tmp_path, monkeypatch):
     from simplear.evaluation.stage import run_eval_stage
     from simplear.workflow.previous import move_aside
 
@@ -129,8 +129,17 @@ def test_eval_draws_scores_resumes_and_takes_back_unchanged_checkpoints(tmp_path
     save_stage_checkpoint(run, "sft", seed=3)
     third = run_eval_stage(ctx)
     assert third.metrics["drawn_prompts"] == {"sft/held_out": 6}
+    report_after_third = (ctx.stage_dir / "report.json").read_text()
     assert (images / "pretrain" / "held_out" / "00000" / "samples" / "0000.png").read_bytes() == a
     assert (images / "sft" / "held_out" / "00000" / "samples" / "0000.png").read_bytes() != b
+
+    # nothing changed since: no image drawn, no scorer (nor its models) built, the same report
+    import simplear.scorers
+
+    built = []
+    monkeypatch.setattr(simplear.scorers, "build_scorer", lambda c: built.append(c))
+    assert run_eval_stage(ctx).metrics["drawn_prompts"] == {} and built == []
+    assert json.loads((ctx.stage_dir / "report.json").read_text())["sets"] == json.loads(report_after_third)["sets"]
 
 
 def test_checkpoint_rules(tmp_path):
@@ -143,6 +152,8 @@ def test_checkpoint_rules(tmp_path):
         EvalStageConfig.model_validate({"prompt_sets": SETS, "checkpoints": [{"stage": "a", "path": "b"}]})
     with pytest.raises(ValidationError, match="a folder needs `size`"):
         EvalStageConfig.model_validate({"prompt_sets": SETS, "checkpoints": [{"path": "b"}]})
+    with pytest.raises(ValidationError, match="one scorer of each kind"):
+        EvalStageConfig.model_validate({"prompt_sets": [{**SETS[0], "scorers": [{"kind": "shapes"}, {"kind": "shapes"}]}]})
     with pytest.raises(ValidationError, match="2x2 grid"):
         EvalStageConfig.model_validate({"prompt_sets": [{"name": "d", "source": "dpg", "path": "p", "scorers": [{"kind": "shapes"}]}],
                                         "samples_per_prompt": 2})

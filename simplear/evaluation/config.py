@@ -42,11 +42,19 @@ class PromptSetSpec(StrictModel):
     max_prompts: int | None = Field(None, ge=1, description="the first prompts only (a quick look at a big set)")
     scorers: list[ScorerConfig] = Field(min_length=1)
 
+    @property
+    def grids(self) -> bool:
+        """DPG-Bench scores one 2x2 grid per prompt."""
+        return self.source == "dpg"
+
     @model_validator(mode="after")
     def _needs(self):
         need = {"demo_held_out": "dataset", "geneval": "path", "dpg": "path", "file": "path", "list": "items"}[self.source]
         if not getattr(self, need):
             raise ValueError(f"prompt set {self.name!r}: source {self.source!r} needs `{need}`")
+        kinds = [sc.kind for sc in self.scorers]
+        if len(set(kinds)) != len(kinds):  # a scorer's records and cache are kept under its kind
+            raise ValueError(f"prompt set {self.name!r}: one scorer of each kind, got {kinds}")
         return self
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from simplear.evaluation.config import EvalSampling
 from simplear.scorers import EvalItem
 from simplear.scorers.dpg import make_grid
-from simplear.visual_tokenizers import tensor_to_pil
+from simplear.visual_tokenizers import VisualTokenizerConfig, tensor_to_pil
 from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json
 from simplear.workflow.previous import PREVIOUS
 
@@ -38,12 +38,13 @@ class Checkpoint:
     name: str
     path: Path
     grid: tuple[int, int]  # codes per column and row
-    downsample: int  # pixels per code side
+    visual_tokenizer: VisualTokenizerConfig  # what decodes its codes (from its simplear.json)
     key: str  # what the weights are: the training stage's fingerprint, or the folder's weights files
 
     @property
     def size(self) -> tuple[int, int]:
-        return self.grid[0] * self.downsample, self.grid[1] * self.downsample
+        d = self.visual_tokenizer.downsample
+        return self.grid[0] * d, self.grid[1] * d
 
 
 def image_seed(seed: int, index: int, j: int, per_prompt: int) -> int:
@@ -78,8 +79,10 @@ def take_back(stage_dir: Path, ck: Checkpoint, set_name: str, key: dict) -> bool
     return False
 
 
-def done_indices(folder: Path) -> set[int]:
-    return {int(p.parent.name) for p in folder.glob(f"*/{DONE}") if p.parent.name.isdigit()}
+def todo(folder: Path, items: list[EvalItem]) -> list[tuple[int, EvalItem]]:
+    """(position, item) of the prompts whose done marker is missing."""
+    done = {int(p.parent.name) for p in folder.glob(f"*/{DONE}") if p.parent.name.isdigit()}
+    return [(i, it) for i, it in enumerate(items) if i not in done]
 
 
 def generate_set(engine, visual_tokenizer, ck: Checkpoint, items: list[EvalItem], folder: Path, key: dict,
@@ -91,11 +94,10 @@ def generate_set(engine, visual_tokenizer, ck: Checkpoint, items: list[EvalItem]
         raise RuntimeError(f"{folder}: holds images of another key ({folder / KEY}); move it away to draw again")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / KEY, key)
-    done = done_indices(folder)
-    todo = [(i, it) for i, it in enumerate(items) if i not in done]
+    pending = todo(folder, items)
     prompts_per_call = max(1, batch_size // per_prompt)
-    for b in range(0, len(todo), prompts_per_call):
-        chunk = todo[b: b + prompts_per_call]
+    for b in range(0, len(pending), prompts_per_call):
+        chunk = pending[b: b + prompts_per_call]
         requests = [(i, it, j) for i, it in chunk for j in range(per_prompt)]
         params = [SamplingParams(cfg_scale=sampling.cfg_scale, temperature=sampling.temperature, top_k=sampling.top_k,
                                  top_p=sampling.top_p, negative_prompt=sampling.negative_prompt,
@@ -104,8 +106,8 @@ def generate_set(engine, visual_tokenizer, ck: Checkpoint, items: list[EvalItem]
         images = [tensor_to_pil(t) for t in visual_tokenizer.decode(codes)]
         for n, (i, it) in enumerate(chunk):
             write_prompt(folder, i, it, images[n * per_prompt: (n + 1) * per_prompt], grids)
-        log.info("%s/%s: %d / %d prompts drawn", ck.name, folder.name, len(done) + b + len(chunk), len(items))
-    return len(todo)
+        log.info("%s/%s: %d / %d prompts drawn", ck.name, folder.name, len(items) - len(pending) + b + len(chunk), len(items))
+    return len(pending)
 
 
 def write_prompt(folder: Path, index: int, item: EvalItem, images: list, grid: bool) -> None:

@@ -3,6 +3,7 @@ judge the images, and one report compares the checkpoints side by side."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from simplear.config import ConfigError
 from simplear.evaluation.config import CheckpointSpec, EvalStageConfig
-from simplear.evaluation.generate import IMAGES, Checkpoint, generate_set, scoring_inputs, set_dir, set_key, take_back
+from simplear.evaluation.generate import IMAGES, Checkpoint, generate_set, scoring_inputs, set_dir, set_key, take_back, todo
 from simplear.evaluation.prompts import load_items
 from simplear.evaluation.report import REPORT_HTML, REPORT_JSON, write_report
 from simplear.workflow.manifest import atomic_write_json, read_json
@@ -25,14 +26,14 @@ NOTES = ["Same prompts and seeds for every checkpoint: image j of prompt i has s
 
 
 def resolve_checkpoints(ctx, cfg: EvalStageConfig, where: str) -> list[Checkpoint]:
+    from simplear.t2i import has_final_checkpoint
     from simplear.train import FINAL
     from simplear.visual_tokenizers import VisualTokenizerConfig
     from simplear.vocab import META_FILE
 
     specs = cfg.checkpoints
     if specs is None:
-        specs = [CheckpointSpec(stage=n) for n in ctx.needs
-                 if any(o["path"].startswith(f"{FINAL}/") for o in ctx.input_manifest(n)["outputs"])]
+        specs = [CheckpointSpec(stage=n) for n in ctx.needs if has_final_checkpoint(ctx.input_manifest(n))]
         if not specs:
             raise ConfigError(f"{where}.checkpoints: none given and no needed stage has a {FINAL}/ checkpoint")
     out = []
@@ -50,7 +51,8 @@ def resolve_checkpoints(ctx, cfg: EvalStageConfig, where: str) -> list[Checkpoin
         meta = read_json(path / META_FILE)
         if meta is None:
             raise ConfigError(f"{where}.checkpoints[{i}]: {path} is not a SimpleAR checkpoint (no {META_FILE})")
-        d = VisualTokenizerConfig.model_validate(meta["visual_tokenizer"]).downsample
+        vt = VisualTokenizerConfig.model_validate(meta["visual_tokenizer"])
+        d = vt.downsample
         if spec.size is not None:
             h, w = (spec.size, spec.size) if isinstance(spec.size, int) else spec.size
             if h % d or w % d:
@@ -60,7 +62,7 @@ def resolve_checkpoints(ctx, cfg: EvalStageConfig, where: str) -> list[Checkpoin
             grid = tuple(trained_grid)
         else:
             raise ConfigError(f"{where}.checkpoints[{i}]: stage {spec.stage!r} recorded no training grid; give `size`")
-        out.append(Checkpoint(name=spec.name or spec.stage or path.name, path=path, grid=grid, downsample=d, key=key))
+        out.append(Checkpoint(name=spec.name or spec.stage or path.name, path=path, grid=grid, visual_tokenizer=vt, key=key))
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}.checkpoints: names must be unique, got {names} (set `name`)")
@@ -81,36 +83,36 @@ def open_engine(cfg: EvalStageConfig, ck: Checkpoint, device):
     """(engine with `generate_codes`, visual tokenizer) for one checkpoint."""
     import torch
 
-    from simplear.model import load_checkpoint
     from simplear.visual_tokenizers import load_visual_tokenizer
 
-    loaded = load_checkpoint(ck.path, device=device, dtype=torch.float32)
-    vt = load_visual_tokenizer(loaded.visual_tokenizer_config, device)
+    vt = load_visual_tokenizer(ck.visual_tokenizer, device)
     if cfg.engine == "vllm":
         from simplear.vllm_engine import VLLMSampler
 
-        del loaded
         return VLLMSampler(ck.path, vt, cfg.vllm, max_image_tokens=ck.grid[0] * ck.grid[1]), vt
+    from simplear.model import load_checkpoint
     from simplear.sampler import TorchSampler
 
+    loaded = load_checkpoint(ck.path, device=device, dtype=torch.float32)
     loaded.model.eval()
     return TorchSampler(loaded.model, loaded.vocab, device=device), vt
 
 
-def score_set(scorer, scorer_config: dict, folder: Path, items, per_prompt: int, grids: bool, batch: int = 64) -> dict:
+def score_set(sc_cfg, scorer, folder: Path, items, per_prompt: int, grids: bool, batch: int = 64) -> dict:
     """The aggregate of one scorer on one (checkpoint, set); its records (GenEval's results.jsonl, ...) and the
-    aggregate are kept under the set's `scores/`, so an unchanged scorer on unchanged images is not run again."""
-    key = {"scorer": scorer_config, "images": read_json(folder / "key.json")}
-    path = folder / "scores" / scorer.name / "aggregate.json"
+    aggregate are kept under the set's `scores/<kind>/`, so an unchanged scorer on unchanged images is not run
+    again. `scorer()` builds the scorer (its models) once, and only when something is not cached."""
+    key = {"scorer": sc_cfg.model_dump(mode="json"), "images": read_json(folder / "key.json")}
+    path = folder / "scores" / sc_cfg.kind / "aggregate.json"
     cached = read_json(path)
     if cached and cached.get("key") == key:
         return cached["aggregate"]
     images, per_image = scoring_inputs(folder, items, per_prompt, grids)
     results = []
     for b in range(0, len(images), batch):
-        results += scorer.score(images[b: b + batch], per_image[b: b + batch])
-    scorer.write(results, path.parent)
-    aggregate = scorer.aggregate(results)
+        results += scorer().score(images[b: b + batch], per_image[b: b + batch])
+    scorer().write(results, path.parent)
+    aggregate = scorer().aggregate(results)
     atomic_write_json(path, {"key": key, "aggregate": aggregate})
     return aggregate
 
@@ -134,12 +136,12 @@ def run_eval_stage(ctx):
         engine = None
         for name, (spec, items) in sets.items():
             folder = set_dir(ctx.stage_dir, ck, name)
-            if len(list(folder.glob("*/metadata.jsonl"))) == len(items) and read_json(folder / "key.json") == keys[name]:
+            if read_json(folder / "key.json") == keys[name] and not todo(folder, items):
                 continue
             if engine is None:
                 engine, vt = open_engine(cfg, ck, device)
             drawn[f"{ck.name}/{name}"] = generate_set(engine, vt, ck, items, folder, keys[name], cfg.sampling, cfg.seed,
-                                                      cfg.samples_per_prompt, cfg.batch_size, grids=spec.source == "dpg")
+                                                      cfg.samples_per_prompt, cfg.batch_size, grids=spec.grids)
         del engine
         gc.collect()
 
@@ -150,14 +152,14 @@ def run_eval_stage(ctx):
     for name, (spec, items) in sets.items():
         entry = {"prompts": len(items), "scores": {}, "grids": []}
         for sc_cfg in spec.scorers:
-            scorer = build_scorer(sc_cfg)
+            scorer = functools.cache(lambda c=sc_cfg: build_scorer(c))
             by_ck = {}
             for ck in checkpoints:
-                by_ck[ck.name] = score_set(scorer, sc_cfg.model_dump(mode="json"), set_dir(ctx.stage_dir, ck, name), items,
-                                           cfg.samples_per_prompt, grids=spec.source == "dpg")
-                metrics[f"{name}_{scorer.name}_{ck.name}"] = (by_ck[ck.name].get("overall") or {}).get("mean")
-            entry["scores"][scorer.name] = by_ck
-            del scorer
+                by_ck[ck.name] = score_set(sc_cfg, scorer, set_dir(ctx.stage_dir, ck, name), items, cfg.samples_per_prompt,
+                                           grids=spec.grids)
+                metrics[f"{name}_{sc_cfg.kind}_{ck.name}"] = (by_ck[ck.name].get("overall") or {}).get("mean")
+            entry["scores"][sc_cfg.kind] = by_ck
+            scorer.cache_clear()  # its models go before the next scorer's load
             gc.collect()
         for i, item in enumerate(items[: cfg.grid_prompts]):
             entry["grids"].append({"prompt": item.prompt, "images": {
