@@ -26,6 +26,10 @@ RAY = str(Path(sys.executable).parent / "ray")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The suite SIGKILLs drivers on purpose. A killed driver's Ray Data reservation (with the cluster-wide
+# autoscaling coordinator) lives on for this long, 180 s by default, and the datasets that run meanwhile
+# split the cluster with it. Every driver and worker of the suite's clusters inherits this.
+os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "30")
 
 
 def free_port() -> int:
@@ -97,6 +101,34 @@ def add_worker_node(head: RayHead, num_cpus: int = 1) -> None:
     out = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=180)
     if out.returncode != 0:
         raise RuntimeError(f"ray start (worker node) failed:\n{out.stdout}\n{out.stderr}")
+
+
+def wait_for_ray_data_to_own_the_cluster(timeout_s: float = 60) -> float:
+    """Wait until no other dataset holds a Ray Data reservation (a live one, or a killed driver's that has not
+    expired yet), so the next dataset gets every CPU; return the CPUs a probe request got last.
+
+    Ray Data 2.60 splits the cluster's CPUs between the live requesters of its autoscaling coordinator; a test
+    that checks how many tasks run at once needs the whole cluster. The probe is a request of nothing that
+    asks for a share of what is left, as each dataset's executor does; it is cancelled before returning."""
+    import time
+
+    import ray
+    from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+
+    coordinator = get_or_create_autoscaling_coordinator()
+    probe, total = "simplear-tests-probe", ray.cluster_resources().get("CPU", 0)
+    deadline, got = time.time() + timeout_s, 0.0
+    try:
+        while True:
+            ray.get(coordinator.request_resources.remote(requester_id=probe, resources=[], expire_after_s=30,
+                                                         request_remaining=["CPU"]))
+            reserved = ray.get(coordinator.get_reserved_resources.remote(probe, recompute=True))
+            got = sum(r.get("CPU", 0) for r in reserved.values())
+            if got >= total or time.time() > deadline:
+                return got
+            time.sleep(2)
+    finally:
+        ray.get(coordinator.cancel_request.remote(probe))
 
 
 @pytest.fixture(scope="session")

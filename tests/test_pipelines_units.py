@@ -290,14 +290,11 @@ def test_each_source_is_one_task_and_concurrency_is_honoured(ray_session, tmp_pa
     schema = pa.schema([("key", pa.string()), ("reason", pa.string())])
     write_input_stage(tmp_path, "src", [{"key": [f"s{i}-{j:03d}" for j in range(10)], "reason": [None] * 10} for i in range(6)], schema)
     ctx = stage_context(tmp_path, "t", "filter", None, ["src"], cpus=0.5, concurrency=2)
-    import ray
-
+    from conftest import wait_for_ray_data_to_own_the_cluster
     from pipelines_support import slow_identity
 
-    deadline = time.time() + 60  # the session cluster's earlier tests may still hold CPUs for a moment
-    while ray.available_resources().get("CPU", 0) < 1 and time.time() < deadline:
-        time.sleep(1)
-    held = ray.cluster_resources().get("CPU", 0) - ray.available_resources().get("CPU", 0)
+    # a driver an earlier test killed may still hold a share of the cluster; then tasks would run one by one
+    cpus = wait_for_ray_data_to_own_the_cluster()
 
     result = run_stage(ctx, folders=["shards", "rejected"], split=SplitByReason(schema, schema), process=slow_identity,
                        process_kwargs={"seconds": 0.4}, batch_size=4)
@@ -310,7 +307,7 @@ def test_each_source_is_one_task_and_concurrency_is_honoured(ray_session, tmp_pa
     assert len(tasks) == 6 and all(len({d["source"] for d in ds}) == 1 for ds in tasks.values())
     spans = [(min(d["started"] for d in ds), max(d["at"] for d in ds)) for ds in tasks.values()]
     overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
-    assert overlap == 2, (f"{held} CPUs were held by others at the start", spans)
+    assert overlap == 2, (f"Ray Data could reserve {cpus} CPUs at the start", spans)
 
 
 def test_long_and_short_prompts_in_one_call_give_what_two_calls_give(tmp_path):
