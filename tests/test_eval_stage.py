@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from simplear.config import ConfigError
+from simplear.tiny import TINY_CLIP_NAME
 from simplear.workflow.spec import Resources
 
 from test_training import task
@@ -35,12 +36,12 @@ def demo_dataset(tmp_path: Path, held_out: int = 6) -> Path:
     return path
 
 
-def make_ctx(tmp_path: Path, config: dict, needs=("pretrain", "sft")):
+def make_ctx(tmp_path: Path, config: dict, needs=("pretrain", "sft"), resources: Resources = Resources()):
     from stages.eval import EvalStageConfig  # noqa: F401  (registers the kind)
     from simplear.evaluation.config import EvalStageConfig as Cfg
     from simplear.workflow import StageContext
 
-    return StageContext(name="eval", kind="eval", config=Cfg.model_validate(config), resources=Resources(),
+    return StageContext(name="eval", kind="eval", config=Cfg.model_validate(config), resources=resources,
                         stage_dir=tmp_path / "run" / "eval", run_dir=tmp_path / "run", needs=list(needs), fingerprint="x",
                         dataset_files={"demo_shapes": demo_dataset(tmp_path)}, workflow_path=tmp_path / "workflow.yaml",
                         profile="")
@@ -91,16 +92,26 @@ def test_prompt_sets_read_geneval_and_dpg_files(tmp_path):
         load_items(ctx, PromptSetSpec(**SETS[0]), "w")
 
 
-def test_eval_draws_scores_resumes_and_takes_back_unchanged_checkpoints(tmp_path, monkeypatch):
+def test_eval_draws_scores_resumes_and_takes_back_unchanged_checkpoints(tmp_path, monkeypatch, ray_session):
+    """On the session cluster: the checkpoints draw in tasks and the scorers run in actor pools, each with the
+    stage's resources (its GPUs in production: the stage's own task holds none)."""
+    import simplear.evaluation.stage as stage
     from simplear.evaluation.stage import run_eval_stage
     from simplear.workflow.previous import move_aside
 
     run = tmp_path / "run"
     save_stage_checkpoint(run, "pretrain", seed=1)
     save_stage_checkpoint(run, "sft", seed=2)
-    config = {"prompt_sets": SETS, "samples_per_prompt": 2, "batch_size": 4, "sampling": {"cfg_scale": 2.0}, "grid_prompts": 3}
-    ctx = make_ctx(tmp_path, config)
+    config = {"prompt_sets": [{**SETS[0], "scorers": [{"kind": "shapes"}, {"kind": "clip_score", "reward": {"model": TINY_CLIP_NAME, "pretrained": None}}]}],
+              "samples_per_prompt": 2, "batch_size": 4, "sampling": {"cfg_scale": 2.0}, "grid_prompts": 3}
+    ctx = make_ctx(tmp_path, config, resources=Resources(cpus=0.5, concurrency=2))
     result = run_eval_stage(ctx)
+    workers = result.metrics["workers"]
+    # a task per checkpoint and a pool per scorer of `concurrency` actors (two checkpoints x 12 images: 2 calls)
+    assert sorted(workers) == ["draw:pretrain", "draw:sft"] + [f"score:held_out/{k}:{i}" for k in ("clip_score", "shapes")
+                                                               for i in (0, 1)]
+    assert all(w["resources"] == {"CPU": 0.5} and w["gpu_ids"] == [] for w in workers.values())
+    assert workers["draw:sft"]["device"] == "cpu"
     images = ctx.stage_dir / "images"
     for ck in ("pretrain", "sft"):  # GenEval's layout: 6 held-out prompts x 2 samples
         folders = sorted((images / ck / "held_out").glob("0000?"))
@@ -113,7 +124,7 @@ def test_eval_draws_scores_resumes_and_takes_back_unchanged_checkpoints(tmp_path
     assert a != b
     report = json.loads((ctx.stage_dir / "report.json").read_text())
     assert [c["name"] for c in report["checkpoints"]] == ["pretrain", "sft"]
-    assert set(report["sets"]["held_out"]["scores"]) == {"shapes"}
+    assert set(report["sets"]["held_out"]["scores"]) == {"shapes", "clip_score"}
     assert len(report["sets"]["held_out"]["grids"]) == 3 and "report.html" in result.artifacts
     assert result.metrics["drawn_prompts"] == {"pretrain/held_out": 6, "sft/held_out": 6}
 
@@ -134,11 +145,10 @@ def test_eval_draws_scores_resumes_and_takes_back_unchanged_checkpoints(tmp_path
     assert (images / "sft" / "held_out" / "00000" / "samples" / "0000.png").read_bytes() != b
 
     # nothing changed since: no image drawn, no scorer (nor its models) built, the same report
-    import simplear.scorers
-
-    built = []
-    monkeypatch.setattr(simplear.scorers, "build_scorer", lambda c: built.append(c))
-    assert run_eval_stage(ctx).metrics["drawn_prompts"] == {} and built == []
+    started = []
+    monkeypatch.setattr(stage, "draw_all", lambda *a: started.append("draw") or {})
+    monkeypatch.setattr(stage, "score_all", lambda *a: started.append("score") or {})
+    assert run_eval_stage(ctx).metrics["drawn_prompts"] == {} and started == []
     assert json.loads((ctx.stage_dir / "report.json").read_text())["sets"] == json.loads(report_after_third)["sets"]
 
 

@@ -124,17 +124,15 @@ def write_prompt(folder: Path, index: int, item: EvalItem, images: list, grid: b
         Path(tmp).write_text(json.dumps({**meta, "prompt": item.prompt}) + "\n")
 
 
-def scoring_inputs(folder: Path, items: list[EvalItem], per_prompt: int, grids: bool) -> tuple[list, list[EvalItem]]:
-    """(images, one item each) as the set's scorers read them: every sample named as in GenEval's layout, or
+def scoring_inputs(folder: Path, items: list[EvalItem], per_prompt: int, grids: bool) -> tuple[list[str], list[EvalItem]]:
+    """(image paths, one item each) as the set's scorers read them: every sample named as in GenEval's layout, or
     (a dpg set) each prompt's 2x2 grid named by its item id."""
-    from PIL import Image
-
     if grids:
-        return [Image.open(folder / "grids" / f"{it.id}.png").convert("RGB") for it in items], list(items)
-    images, per_image = [], []
+        return [str(folder / "grids" / f"{it.id}.png") for it in items], list(items)
+    paths, per_image = [], []
     for i, it in enumerate(items):
         for j in range(per_prompt):
             name = f"{i:05d}/samples/{j:04d}.png"
-            images.append(Image.open(folder / name).convert("RGB"))
+            paths.append(str(folder / name))
             per_image.append(EvalItem(prompt=it.prompt, id=name, metadata=it.metadata))
-    return images, per_image
+    return paths, per_image

@@ -3,21 +3,17 @@ judge the images, and one report compares the checkpoints side by side."""
 
 from __future__ import annotations
 
-import functools
-import gc
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 from simplear.config import ConfigError
 from simplear.evaluation.config import CheckpointSpec, EvalStageConfig
-from simplear.evaluation.generate import IMAGES, Checkpoint, generate_set, scoring_inputs, set_dir, set_key, take_back, todo
+from simplear.evaluation.generate import IMAGES, Checkpoint, scoring_inputs, set_dir, set_key, take_back, todo
 from simplear.evaluation.prompts import load_items
 from simplear.evaluation.report import REPORT_HTML, REPORT_JSON, write_report
-from simplear.workflow.manifest import atomic_write_json, read_json
-
-log = logging.getLogger("simplear.eval")
+from simplear.evaluation.workers import DrawJob, ScoreJob, draw_all, score_all
+from simplear.workflow.manifest import read_json
 
 NOTES = ["Same prompts and seeds for every checkpoint: image j of prompt i has seed + i x samples_per_prompt + j.",
          "geneval: GenEval's rules with a transformers Mask2Former and open_clip, not the official mmdet scorer "
@@ -79,88 +75,63 @@ def _weights_digest(path: Path, where: str) -> str:
     return h.hexdigest()[:32]
 
 
-def open_engine(cfg: EvalStageConfig, ck: Checkpoint, device):
-    """(engine with `generate_codes`, visual tokenizer) for one checkpoint."""
-    import torch
-
-    from simplear.visual_tokenizers import load_visual_tokenizer
-
-    vt = load_visual_tokenizer(ck.visual_tokenizer, device)
-    if cfg.engine == "vllm":
-        from simplear.vllm_engine import VLLMSampler
-
-        return VLLMSampler(ck.path, vt, cfg.vllm, max_image_tokens=ck.grid[0] * ck.grid[1]), vt
-    from simplear.model import load_checkpoint
-    from simplear.sampler import TorchSampler
-
-    loaded = load_checkpoint(ck.path, device=device, dtype=torch.float32)
-    loaded.model.eval()
-    return TorchSampler(loaded.model, loaded.vocab, device=device), vt
-
-
-def score_set(sc_cfg, scorer, folder: Path, items, per_prompt: int, grids: bool, batch: int = 64) -> dict:
-    """The aggregate of one scorer on one (checkpoint, set); its records (GenEval's results.jsonl, ...) and the
-    aggregate are kept under the set's `scores/<kind>/`, so an unchanged scorer on unchanged images is not run
-    again. `scorer()` builds the scorer (its models) once, and only when something is not cached."""
+def score_job(sc_cfg, set_name: str, folder: Path, items, per_prompt: int, grids: bool):
+    """(cached aggregate, None) when this scorer already judged these very images, else (None, the job that
+    scores them). A scorer's records (GenEval's results.jsonl, ...) and aggregate live under `scores/<kind>/`."""
     key = {"scorer": sc_cfg.model_dump(mode="json"), "images": read_json(folder / "key.json")}
-    path = folder / "scores" / sc_cfg.kind / "aggregate.json"
-    cached = read_json(path)
+    cache = folder / "scores" / sc_cfg.kind / "aggregate.json"
+    cached = read_json(cache)
     if cached and cached.get("key") == key:
-        return cached["aggregate"]
-    images, per_image = scoring_inputs(folder, items, per_prompt, grids)
-    results = []
-    for b in range(0, len(images), batch):
-        results += scorer().score(images[b: b + batch], per_image[b: b + batch])
-    scorer().write(results, path.parent)
-    aggregate = scorer().aggregate(results)
-    atomic_write_json(path, {"key": key, "aggregate": aggregate})
-    return aggregate
+        return cached["aggregate"], None
+    paths, per_image = scoring_inputs(folder, items, per_prompt, grids)
+    return None, ScoreJob(pool=f"{set_name}/{sc_cfg.kind}", config=sc_cfg, paths=paths, items=per_image, cache=cache, key=key)
 
 
 def run_eval_stage(ctx):
-    from simplear.devices import resolve_device
-    from simplear.scorers import build_scorer
     from simplear.workflow.context import StageResult
 
     cfg: EvalStageConfig = ctx.config
     where = f"stages.{ctx.name}.config"
     checkpoints = resolve_checkpoints(ctx, cfg, where)
     sets = {s.name: (s, load_items(ctx, s, f"{where}.prompt_sets[{i}]")) for i, s in enumerate(cfg.prompt_sets)}
-    device = resolve_device(cfg.device)
-    drawn = {}
+    work = []
     for ck in checkpoints:
-        keys = {name: set_key(ck, items, cfg.sampling, cfg.seed, cfg.samples_per_prompt, cfg.engine)
-                for name, (_, items) in sets.items()}
-        for name in sets:
-            take_back(ctx.stage_dir, ck, name, keys[name])
-        engine = None
+        jobs = []
         for name, (spec, items) in sets.items():
+            key = set_key(ck, items, cfg.sampling, cfg.seed, cfg.samples_per_prompt, cfg.engine)
+            take_back(ctx.stage_dir, ck, name, key)
             folder = set_dir(ctx.stage_dir, ck, name)
-            if read_json(folder / "key.json") == keys[name] and not todo(folder, items):
-                continue
-            if engine is None:
-                engine, vt = open_engine(cfg, ck, device)
-            drawn[f"{ck.name}/{name}"] = generate_set(engine, vt, ck, items, folder, keys[name], cfg.sampling, cfg.seed,
-                                                      cfg.samples_per_prompt, cfg.batch_size, grids=spec.grids)
-        del engine
-        gc.collect()
+            if read_json(folder / "key.json") != key or todo(folder, items):
+                jobs.append(DrawJob(set_name=name, items=items, folder=folder, key=key, grids=spec.grids))
+        if jobs:
+            work.append((ck, jobs))
+    workers: dict = {}  # where each task and actor ran, and on what
+    drawn = draw_all(cfg, ctx.resources, ctx.name, work, workers) if work else {}
+
+    scores, jobs = {}, []
+    for name, (spec, items) in sets.items():
+        for sc_cfg in spec.scorers:
+            for ck in checkpoints:
+                cached, job = score_job(sc_cfg, name, set_dir(ctx.stage_dir, ck, name), items, cfg.samples_per_prompt,
+                                        spec.grids)
+                if job is None:
+                    scores[name, sc_cfg.kind, ck.name] = cached
+                else:
+                    jobs.append(((name, sc_cfg.kind, ck.name), job))
+    if jobs:
+        got = score_all([j for _, j in jobs], ctx.resources, ctx.name, workers)
+        scores.update({where_: got[n] for n, (where_, _) in enumerate(jobs)})
 
     report = {"checkpoints": [{"name": c.name, "path": str(c.path), "size": list(c.size)} for c in checkpoints],
               "samples_per_prompt": cfg.samples_per_prompt, "seed": cfg.seed, "sampling": cfg.sampling.model_dump(mode="json"),
               "engine": cfg.engine, "sets": {}, "notes": NOTES}
-    metrics: dict = {"drawn_prompts": drawn}
+    metrics: dict = {"drawn_prompts": drawn, "workers": workers}
     for name, (spec, items) in sets.items():
         entry = {"prompts": len(items), "scores": {}, "grids": []}
         for sc_cfg in spec.scorers:
-            scorer = functools.cache(lambda c=sc_cfg: build_scorer(c))
-            by_ck = {}
+            by_ck = entry["scores"][sc_cfg.kind] = {ck.name: scores[name, sc_cfg.kind, ck.name] for ck in checkpoints}
             for ck in checkpoints:
-                by_ck[ck.name] = score_set(sc_cfg, scorer, set_dir(ctx.stage_dir, ck, name), items, cfg.samples_per_prompt,
-                                           grids=spec.grids)
                 metrics[f"{name}_{sc_cfg.kind}_{ck.name}"] = (by_ck[ck.name].get("overall") or {}).get("mean")
-            entry["scores"][sc_cfg.kind] = by_ck
-            scorer.cache_clear()  # its models go before the next scorer's load
-            gc.collect()
         for i, item in enumerate(items[: cfg.grid_prompts]):
             entry["grids"].append({"prompt": item.prompt, "images": {
                 ck.name: [f"{IMAGES}/{ck.name}/{name}/{i:05d}/samples/{j:04d}.png" for j in range(cfg.samples_per_prompt)]
