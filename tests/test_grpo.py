@@ -198,7 +198,7 @@ def run(path: Path):
 def test_demo_grpo_raises_held_out_color_match(ray_session, sft, tmp_path):
     """30 GRPO steps (8 prompts x 8 images each): the held-out mean color_match of the policy beats the SFT
     model's on the same prompts and seeds by many standard errors of the paired difference."""
-    statuses = run(grpo_workflow(tmp_path, sft, eval={"scorers": [{"kind": "shape_match"}], "cfg_scales": [2.0]}))
+    statuses = run(grpo_workflow(tmp_path, sft, eval={"scorers": [{"kind": "shapes"}], "cfg_scales": [2.0]}))
     stage_dir = tmp_path / "run" / "grpo"
     manifest = statuses["grpo"].manifest
     assert statuses["grpo"].state == "done"
@@ -225,13 +225,16 @@ def test_demo_grpo_raises_held_out_color_match(ray_session, sft, tmp_path):
     assert m["eval_color_match_before"] == comparison["before"] and m["eval_color_match_after"] == comparison["after"]
     assert m["steps"] == 30 and m["resumed_at"] == []
     evaluation = json.loads((stage_dir / "eval.json").read_text())
-    shape = evaluation["comparison"]["shape_match"]  # scored, not trained on: reported whatever it shows
+    # the eval stage's demo scorer, not trained on: reported whatever it shows, with its two figures apart
+    shape = evaluation["comparison"]["shapes.shape_correct"]
     assert shape["prompts"] == 16 and 0 <= shape["before"] <= 1 and 0 <= shape["after"] <= 1
-    assert "shape_match" not in {k.split("/")[1] for r in rows for k in r if k.startswith("rewards/")}
+    assert m["eval_shapes.shape_correct_after"] == shape["after"]
+    assert not {k.split("/")[1] for r in rows for k in r if k.startswith("rewards/")} & {"shapes", "shape_match"}
     at_serving = evaluation["comparison_at_cfg"]["2"]
-    assert set(at_serving) == {"color_match", "shape_match", "total"} and at_serving["total"]["prompts"] == 16
+    assert set(at_serving) == {"color_match", "shapes", "shapes.colour_attribution", "shapes.shape_correct", "total"}
+    assert at_serving["total"]["prompts"] == 16
     assert m["eval_color_match_cfg2_after"] == at_serving["color_match"]["after"]
-    print("held-out shape_match %s; at CFG 2: %s" % (shape, at_serving["color_match"]))
+    print("held-out shape correctness %s; at CFG 2: %s" % (shape, at_serving["color_match"]))
 
     from simplear.model import load_checkpoint
 

@@ -139,7 +139,9 @@ def test_shapes_scorer_on_drawn_pictures():
         assert seen == {"background": bg, "foreground": fg, "shape": shape}
     summary = scorer.aggregate(records)
     assert summary["overall"]["mean"] == pytest.approx(1 / 3) and summary["unscored"] == 1
-    assert summary["colour_attribution"]["mean"] == pytest.approx(2 / 3) and summary["shape"]["mean"] == pytest.approx(2 / 3)
+    figures = summary["figures"]
+    assert figures["colour_attribution"]["mean"] == pytest.approx(2 / 3) and figures["shape_correct"]["mean"] == pytest.approx(2 / 3)
+    assert figures["shape_correct"]["count"] == 3
     assert summary["categories"]["diamond"] == {"mean": 0.0, "se": None, "count": 1}
 
 

@@ -109,7 +109,8 @@ def test_eval_report_shows_its_table_bars_and_images(browser, tmp_path):
         Image.new("RGB", (16, 16), colour).save(tmp_path / rel)
         paths[ck] = [rel]
     agg = lambda m: {"overall": {"mean": m, "se": 0.05, "count": 180},  # noqa: E731
-                     "categories": {"circle": {"mean": m / 2, "se": 0.1, "count": 36}}}
+                     "categories": {"circle": {"mean": m / 2, "se": 0.1, "count": 36}},
+                     "figures": {"shape_correct": {"mean": m + 0.125, "se": 0.03, "count": 180}}}
     write_report(tmp_path, {"checkpoints": [{"name": "pretrain", "path": "/x/pretrain/final", "size": [64, 64]},
                                             {"name": "grpo", "path": "/x/grpo/final", "size": [96, 96]}],
                             "sets": {"held_out": {"scores": {"shapes": {"pretrain": agg(0.25), "grpo": agg(0.5)}},
@@ -118,6 +119,8 @@ def test_eval_report_shows_its_table_bars_and_images(browser, tmp_path):
     browser.get((tmp_path / "report.html").as_uri())
     table = browser.find_element(By.CSS_SELECTOR, "table.scores")
     assert "shapes" in table.text and "0.250" in table.text and "0.500" in table.text and "n=180" in table.text
+    rows = [r.text for r in table.find_elements(By.CSS_SELECTOR, "tr")]
+    assert rows[2].startswith("shapes: shape_correct") and "0.375" in rows[2] and "0.625" in rows[2]  # a figure of its own
     bars = browser.find_elements(By.CSS_SELECTOR, "table.categories .bar")
     assert [b.size["width"] for b in bars] == [12, 25]  # half of 0.25 and of 0.5, at 100 px for 1
     imgs = browser.find_elements(By.CSS_SELECTOR, "table.grid img")

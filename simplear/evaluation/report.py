@@ -27,7 +27,7 @@ th:first-child, td:first-child { text-align: left; }
 def write_report(out_dir: Path, report: dict) -> None:
     """`report`: {"checkpoints": [{name, path, size}], "sets": {set: {"scores": {scorer: {checkpoint: aggregate}},
     "grids": [{"prompt", "images": {checkpoint: [relative paths]}}]}}, "notes": [...]}; aggregates hold
-    "overall" and optionally "categories", each {"mean", "se", "count"} (`simplear.scorers`)."""
+    "overall" and optionally "categories" and "figures", each {"mean", "se", "count"} (`simplear.scorers`)."""
     atomic_write_json(out_dir / REPORT_JSON, report)
     with atomic_path(out_dir / REPORT_HTML) as tmp:
         Path(tmp).write_text(render_html(report), encoding="utf-8")
@@ -56,6 +56,10 @@ def render_html(report: dict) -> str:
         for scorer, by_ck in s["scores"].items():
             parts.append(f"<tr><td>{e(scorer)}</td>" + "".join(f"<td>{_figure((by_ck.get(n) or {}).get('overall'))}</td>"
                                                                for n in names) + "</tr>")
+            figures = dict.fromkeys(f for agg in by_ck.values() for f in (agg or {}).get("figures", {}))
+            for f in figures:  # e.g. the demo's colour attribution and shape correctness, each alone
+                parts.append(f"<tr><td>{e(scorer)}: {e(f)}</td>" + "".join(
+                    f"<td>{_figure(((by_ck.get(n) or {}).get('figures') or {}).get(f))}</td>" for n in names) + "</tr>")
         parts.append("</table>")
         for scorer, by_ck in s["scores"].items():
             cats = sorted({c for agg in by_ck.values() for c in (agg or {}).get("categories", {})})

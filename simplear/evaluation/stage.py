@@ -15,6 +15,8 @@ from simplear.evaluation.report import REPORT_HTML, REPORT_JSON, write_report
 from simplear.evaluation.workers import DrawJob, ScoreJob, draw_all, score_all
 from simplear.workflow.manifest import read_json
 
+RECORDS = 2  # the format of a scorer's records and aggregate: a cached score of another format is scored again
+
 NOTES = ["Same prompts and seeds for every checkpoint: image j of prompt i has seed + i x samples_per_prompt + j.",
          "geneval: GenEval's rules with a transformers Mask2Former and open_clip, not the official mmdet scorer "
          "(agreement with it was not measured here); dpg: DPG-Bench's questions answered by a Qwen2-VL judge, "
@@ -78,7 +80,7 @@ def _weights_digest(path: Path, where: str) -> str:
 def score_job(sc_cfg, set_name: str, folder: Path, items, per_prompt: int, grids: bool):
     """(cached aggregate, None) when this scorer already judged these very images, else (None, the job that
     scores them). A scorer's records (GenEval's results.jsonl, ...) and aggregate live under `scores/<kind>/`."""
-    key = {"scorer": sc_cfg.model_dump(mode="json"), "images": read_json(folder / "key.json")}
+    key = {"scorer": sc_cfg.model_dump(mode="json"), "images": read_json(folder / "key.json"), "records": RECORDS}
     cache = folder / "scores" / sc_cfg.kind / "aggregate.json"
     cached = read_json(cache)
     if cached and cached.get("key") == key:

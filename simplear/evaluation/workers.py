@@ -80,16 +80,15 @@ def draw_all(cfg, resources, stage: str, work: list[tuple[Any, list[DrawJob]]], 
     `workers` gets each task's placement under its name."""
     import ray
 
-    remote = ray.remote(draw_checkpoint)
+    # max_calls=1: the worker exits after its checkpoint, and the GPU memory its engine held goes with it (Ray sets
+    # this itself only for a function declared with GPUs, not for one given them by .options)
+    remote = ray.remote(max_calls=1)(draw_checkpoint)
     waiting, running, drawn = list(work), {}, {}
     try:
         while waiting or running:
             while waiting and len(running) < resources.concurrency:
                 ck, jobs = waiting.pop(0)
-                # max_calls=1: the worker exits after its checkpoint, and the GPU memory its engine held goes with it
-                # (Ray sets this itself only for a function declared with GPUs, not for one given them by .options)
-                ref = remote.options(**resources.ray_options(), max_retries=0, max_calls=1,
-                                     name=f"{stage}:draw:{ck.name}").remote(cfg, ck, jobs)
+                ref = remote.options(**resources.ray_options(), max_retries=0, name=f"{stage}:draw:{ck.name}").remote(cfg, ck, jobs)
                 running[ref] = ck
             ready, _ = ray.wait(list(running), num_returns=1)
             ck = running.pop(ready[0])

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from simplear.config import StrictModel
 from simplear.rewards import RewardConfig
+from simplear.scorers import ScorerConfig
 from simplear.t2i import SampleSpec
 from simplear.train import TrainConfig
 from simplear.vocab import MAX_TEXT_TOKENS
@@ -63,8 +64,8 @@ class EvalSpec(StrictModel):
     batch_size: int = Field(64, ge=1)
     seed: int = 10_000
     sampling: SamplingSpec | None = None  # default: the training sampling
-    scorers: list[RewardConfig] = Field([], description="scores reported but not trained on (the `simplear.rewards` "
-                                        "interface): shape_match in the demo, clip or hps in production")
+    scorers: list[ScorerConfig] = Field([], description="scores reported but not trained on, the eval stage's scorers "
+                                        "(`simplear.scorers`): shapes in the demo, hps in production")
     cfg_scales: list[float] = Field([], description="the evaluation again at these CFG scales (the serving one)")
 
 

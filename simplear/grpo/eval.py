@@ -1,6 +1,6 @@
 """The held-out evaluation at the end of GRPO: the init (SFT) model and the trained policy on prompts held out
 of training, with the same seeds for both so that the difference is paired; the trained rewards, extra scorers
-it was not trained on (the `simplear.rewards` interface), and again at other CFG scales (the serving one)."""
+it was not trained on (the eval stage's scorers, `simplear.scorers`), and again at other CFG scales (the serving one)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from simplear.grpo.config import GRPOTask, SamplingSpec
 from simplear.rewards import WeightedRewards
+from simplear.scorers import Scorer, build_scorer, items_from_prompts
 from simplear.t2i import sample_grid
 from simplear.train import SAMPLES, TrainConfig
 
@@ -25,8 +26,9 @@ SAMPLES_BEFORE = "samples_before.png"
 
 def sample_and_score(model, vocab, visual_tokenizer, rewards: WeightedRewards, prompts: list[str], grid, sampling: SamplingSpec,
                      per_prompt: int, seed: int, batch_size: int, max_text_tokens=None, autocast=contextlib.nullcontext,
-                     scorers: WeightedRewards | None = None) -> dict:
-    """Per reward (and "total", their weighted sum) and per extra scorer: the mean score of each prompt over its samples."""
+                     scorers: tuple[Scorer, ...] = ()) -> dict:
+    """Per reward (and "total", their weighted sum), per extra scorer and per figure of its own ("<scorer>.<figure>"):
+    the mean score of each prompt over its samples."""
     import torch
 
     from simplear.sampler import SamplingParams, TorchSampler
@@ -43,8 +45,13 @@ def sample_and_score(model, vocab, visual_tokenizer, rewards: WeightedRewards, p
         images = visual_tokenizer.decode(codes).float().cpu()
         texts = [p for p, _ in chunk]
         got = rewards.score(images, texts)
-        if scorers is not None:  # named apart from the trained rewards when they share a kind
-            got.update({(n if n not in got else f"{n}_eval"): v for n, v in scorers.score(images, texts).items() if n != "total"})
+        trained = set(got)
+        for scorer in scorers:  # named apart from a trained reward of the same name (hps)
+            name = scorer.name if scorer.name not in trained else f"{scorer.name}_eval"
+            records = scorer.score(images, items_from_prompts(texts))
+            got[name] = [r["score"] for r in records]
+            for f in scorer.figures:
+                got[f"{name}.{f}"] = [None if r.get(f) is None else float(r[f]) for r in records]
         for name, values in got.items():
             scores.setdefault(name, []).extend(values)
     out = {}
@@ -86,7 +93,7 @@ def evaluate_before_after(task: GRPOTask, policy, vocab, visual_tokenizer, vt_co
     spec = task.eval
     sampling = spec.sampling or task.sampling
     before_model = load_checkpoint(task.init_path, device=device, dtype=torch.float32).model
-    scorers = WeightedRewards.from_configs(spec.scorers) if spec.scorers else None
+    scorers = tuple(build_scorer(c) for c in spec.scorers)
     common = dict(vocab=vocab, visual_tokenizer=visual_tokenizer, rewards=rewards, scorers=scorers,
                   prompts=task.eval_prompts, grid=task.grid, per_prompt=spec.samples_per_prompt,
                   seed=spec.seed, batch_size=spec.batch_size, max_text_tokens=task.max_text_tokens, autocast=autocast)

@@ -6,8 +6,11 @@ same thing whatever the benchmark: GenEval, DPG-Bench, CLIP score, HPS, the demo
   items without metadata: the benchmark scorers give them `None`, the reward scorers score them.
 - `Scorer.score(images, items) -> list[dict]`: one dict per image with at least `score` (a float, higher is
   better, or None when this scorer cannot score that image) and `category` (or None), plus its detail.
+- `Scorer.figures`: per-image fields (booleans or numbers) that are figures of their own beside `score`, e.g.
+  the demo's colour attribution and shape correctness, whose product is its `score`.
 - `Scorer.aggregate(per_image) -> dict`: `overall` (a `{"mean", "se", "count"}`), `categories` (name -> one
-  of those), `unscored` (how many images scored None), and whatever figures the benchmark adds.
+  of those), `figures` (each of `Scorer.figures` -> one of those), `unscored` (how many images scored None),
+  and whatever the benchmark adds.
 - `Scorer.write(per_image, folder) -> list[Path]`: the per-image records, in the benchmark's own format where
   it has one (GenEval's results.jsonl), so its tools read them.
 
@@ -123,6 +126,7 @@ def by_category(pairs) -> dict[str, dict]:
 
 class Scorer(ABC):
     name: str
+    figures: tuple[str, ...] = ()
 
     @abstractmethod
     def score(self, images, items: Sequence[EvalItem]) -> list[dict]: ...
@@ -132,6 +136,7 @@ class Scorer(ABC):
         return {
             "overall": mean_se([r["score"] for r in scored]),
             "categories": by_category((r["category"], r["score"]) for r in scored if r["category"] is not None),
+            "figures": {f: mean_se([float(r[f]) for r in scored if r.get(f) is not None]) for f in self.figures},
             "unscored": len(per_image) - len(scored),
         }
 

@@ -14,7 +14,7 @@ import torch
 
 from simplear.demo_captions import parse_caption
 from simplear.rewards import ColorMatchReward, ColorMatchRewardConfig, as_image_list, shape_of_mask
-from simplear.scorers.base import EvalItem, Scorer, ShapesConfig, check_lengths, mean_se
+from simplear.scorers.base import EvalItem, Scorer, ShapesConfig, check_lengths
 
 
 def _most_common(labels: torch.Tensor) -> int | None:
@@ -26,6 +26,7 @@ class ShapesScorer(Scorer):
     """Items are demo captions ("a red circle on a blue background"); other prompts score None."""
 
     name = "shapes"
+    figures = ("colour_attribution", "shape_correct")  # each alone; `score` is both, `categories` the caption's shape
 
     def __init__(self, config: ShapesConfig | None = None):
         self.config = config or ShapesConfig()
@@ -63,11 +64,3 @@ class ShapesScorer(Scorer):
                 "expected": {"background": bg, "foreground": fg, "shape": shape},
             })
         return records
-
-    def aggregate(self, per_image: Sequence[dict]) -> dict:
-        """overall: both right; colour_attribution and shape, each alone; categories: per shape of the caption."""
-        out = super().aggregate(per_image)
-        scored = [r for r in per_image if r["score"] is not None]
-        out["colour_attribution"] = mean_se([float(r["colour_attribution"]) for r in scored])
-        out["shape"] = mean_se([float(r["shape_correct"]) for r in scored])
-        return out
