@@ -3,6 +3,7 @@ back after a rerun when their checkpoint did not change, one report across check
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 from pathlib import Path
 
@@ -104,13 +105,15 @@ def test_eval_draws_scores_resumes_and_takes_back_unchanged_checkpoints(tmp_path
     save_stage_checkpoint(run, "sft", seed=2)
     config = {"prompt_sets": [{**SETS[0], "scorers": [{"kind": "shapes"}, {"kind": "clip_score", "reward": {"model": TINY_CLIP_NAME, "pretrained": None}}]}],
               "samples_per_prompt": 2, "batch_size": 4, "sampling": {"cfg_scale": 2.0}, "grid_prompts": 3}
-    ctx = make_ctx(tmp_path, config, resources=Resources(cpus=0.5, concurrency=2))
-    result = run_eval_stage(ctx)
+    # 2 pools of 2 actors of 0.75 CPU on the session's 2 CPUs: the second pool waits for the first one's CPUs
+    ctx = make_ctx(tmp_path, config, resources=Resources(cpus=0.75, concurrency=2))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        result = pool.submit(run_eval_stage, ctx).result(timeout=300)  # slower with fewer CPUs, never stuck
     workers = result.metrics["workers"]
     # a task per checkpoint and a pool per scorer of `concurrency` actors (two checkpoints x 12 images: 2 calls)
     assert sorted(workers) == ["draw:pretrain", "draw:sft"] + [f"score:held_out/{k}:{i}" for k in ("clip_score", "shapes")
                                                                for i in (0, 1)]
-    assert all(w["resources"] == {"CPU": 0.5} and w["gpu_ids"] == [] for w in workers.values())
+    assert all(w["resources"] == {"CPU": 0.75} and w["gpu_ids"] == [] for w in workers.values())
     assert workers["draw:sft"]["device"] == "cpu"
     images = ctx.stage_dir / "images"
     for ck in ("pretrain", "sft"):  # GenEval's layout: 6 held-out prompts x 2 samples

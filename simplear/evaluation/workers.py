@@ -5,7 +5,8 @@ and scoring run in tasks and actors that ask for them.
 - Scoring: one pool of `concurrency` actors per (prompt set, scorer), every pool at once, so GenEval's detector,
   the DPG judge and the CLIP models each sit on their own GPUs; an actor loads its models once and reads the
   images from the run dir (shared storage on a cluster), so no image travels through the object store. A pool
-  ends as soon as its last result is in, which frees its GPUs for the pools still waiting for theirs.
+  ends as soon as its last result is in, which frees its GPUs for the pools still waiting for theirs: nothing
+  waits on an actor that may not be placed yet, so fewer GPUs than pools is slower, never stuck (tested).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def score_all(jobs: list[ScoreJob], resources, stage: str, workers: dict) -> dic
     worker = ray.remote(ScorerWorker)
     actors: dict[str, list] = {}
     finishing: dict[Any, int] = {}
-    placements: dict[str, Any] = {}
+    placements: dict[str, list] = {}  # pool -> its actors' placement calls
     left: dict[str, int] = {}
     out: dict[int, dict] = {}
     try:
@@ -163,7 +164,7 @@ def score_all(jobs: list[ScoreJob], resources, stage: str, workers: dict) -> dic
                      sum(len(jobs[n].paths) for n in members), len(members), size)
             pool = actors[name] = [worker.options(**resources.ray_options(), max_restarts=0).remote(jobs[members[0]].config)
                                    for _ in range(size)]
-            placements.update({f"score:{name}:{i}": a.placement.remote() for i, a in enumerate(pool)})
+            placements[name] = [a.placement.remote() for a in pool]
             parts: dict[int, list] = {n: [] for n in members}
             for c, (n, b) in enumerate(calls):
                 parts[n].append(pool[c % size].score.remote(jobs[n].paths[b: b + IMAGES_PER_CALL],
@@ -171,15 +172,16 @@ def score_all(jobs: list[ScoreJob], resources, stage: str, workers: dict) -> dic
             for i, n in enumerate(members):  # after every score call, so no actor waits on another's queue
                 finishing[pool[i % size].finish.remote(str(jobs[n].cache.parent), *parts[n])] = n
             left[name] = len(members)
-        workers.update(zip(placements, ray.get(list(placements.values()))))
         while finishing:
             ready, _ = ray.wait(list(finishing), num_returns=1)
             n = finishing.pop(ready[0])
             out[n] = ray.get(ready[0])
             atomic_write_json(jobs[n].cache, {"key": jobs[n].key, "aggregate": out[n]})
             left[jobs[n].pool] -= 1
-            if not left[jobs[n].pool]:
-                for actor in actors.pop(jobs[n].pool):
+            name = jobs[n].pool
+            if not left[name]:  # its actors answered every call, their placements too; free their GPUs
+                workers.update({f"score:{name}:{i}": p for i, p in enumerate(ray.get(placements.pop(name)))})
+                for actor in actors.pop(name):
                     ray.kill(actor)
     finally:
         for pool in actors.values():
