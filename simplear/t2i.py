@@ -173,9 +173,7 @@ def resolve_init(ctx, init: str, where: str) -> Path:
             raise ConfigError(f"{where}.init: stage {init!r} recorded no {FINAL}/ checkpoint (is it a training stage?)")
         path = ctx.input_dir(init) / FINAL
     else:
-        path = Path(init)
-        if not path.is_absolute():
-            path = ctx.workflow_path.parent / path
+        path = ctx.config_path(init)
         if not path.exists():
             raise ConfigError(f"{where}.init: {init!r} is neither a stage this one needs ({', '.join(ctx.needs)}) "
                               f"nor an existing checkpoint folder ({path} not found)")

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from simplear.config import StrictModel
+from simplear.sampling.spec import SamplingSpec
 from simplear.scorers import ScorerConfig
 from simplear.vllm_engine import VLLMOptions
 
@@ -58,12 +59,8 @@ class PromptSetSpec(StrictModel):
         return self
 
 
-class EvalSampling(StrictModel):
+class EvalSampling(SamplingSpec):
     cfg_scale: float = Field(4.0, ge=0)
-    temperature: float = Field(1.0, ge=0)
-    top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
-    negative_prompt: str = ""
 
 
 class EvalStageConfig(StrictModel):

@@ -88,8 +88,6 @@ def todo(folder: Path, items: list[EvalItem]) -> list[tuple[int, EvalItem]]:
 def generate_set(engine, visual_tokenizer, ck: Checkpoint, items: list[EvalItem], folder: Path, key: dict,
                  sampling: EvalSampling, seed: int, per_prompt: int, batch_size: int, grids: bool) -> int:
     """Draw the prompts not done yet; returns how many were drawn now."""
-    from simplear.sampler import SamplingParams
-
     if read_json(folder / KEY) not in (None, key):  # the same fingerprint with other images cannot happen; be loud
         raise RuntimeError(f"{folder}: holds images of another key ({folder / KEY}); move it away to draw again")
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,9 +97,7 @@ def generate_set(engine, visual_tokenizer, ck: Checkpoint, items: list[EvalItem]
     for b in range(0, len(pending), prompts_per_call):
         chunk = pending[b: b + prompts_per_call]
         requests = [(i, it, j) for i, it in chunk for j in range(per_prompt)]
-        params = [SamplingParams(cfg_scale=sampling.cfg_scale, temperature=sampling.temperature, top_k=sampling.top_k,
-                                 top_p=sampling.top_p, negative_prompt=sampling.negative_prompt,
-                                 seed=image_seed(seed, i, j, per_prompt)) for i, _, j in requests]
+        params = [sampling.params(image_seed(seed, i, j, per_prompt)) for i, _, j in requests]
         codes = engine.generate_codes([it.prompt for _, it, _ in requests], ck.grid, params)
         images = [tensor_to_pil(t) for t in visual_tokenizer.decode(codes)]
         for n, (i, it) in enumerate(chunk):

@@ -18,9 +18,7 @@ def load_items(ctx, spec: PromptSetSpec, where: str) -> list[EvalItem]:
     elif spec.source == "demo_held_out":
         prompts = _demo_held_out(ctx, spec, where)
     else:
-        path = Path(spec.path)
-        if not path.is_absolute():
-            path = ctx.workflow_path.parent / path
+        path = ctx.config_path(spec.path)
         if not path.exists():
             raise ConfigError(f"{where}.path: {path} not found")
         prompts = {"geneval": _geneval, "dpg": _dpg, "file": _text_file}[spec.source](path, where)

@@ -43,7 +43,7 @@ def resolve_checkpoints(ctx, cfg: EvalStageConfig, where: str) -> list[Checkpoin
             path, key = ctx.input_dir(spec.stage) / FINAL, f"stage:{manifest['fingerprint']}"
             trained_grid = manifest.get("metrics", {}).get("grid")
         else:
-            path = Path(spec.path) if Path(spec.path).is_absolute() else ctx.workflow_path.parent / spec.path
+            path = ctx.config_path(spec.path)
             trained_grid = None
             key = "folder:" + _weights_digest(path, f"{where}.checkpoints[{i}].path")
         meta = read_json(path / META_FILE)

@@ -9,21 +9,18 @@ from pydantic import Field, model_validator
 
 from simplear.config import StrictModel
 from simplear.rewards import RewardConfig
+from simplear.sampling.spec import SamplingSpec as DrawSpec
 from simplear.scorers import ScorerConfig
 from simplear.t2i import SampleSpec
 from simplear.train import TrainConfig
 from simplear.vocab import MAX_TEXT_TOKENS
 
 
-class SamplingSpec(StrictModel):
+class SamplingSpec(DrawSpec):
     """How the group's images are drawn. Log-probs are over the untruncated distribution (top-k/top-p
-    only restrict the draw), as in the sampler's `return_logprobs`."""
+    only restrict the draw), as in the sampler's `return_logprobs`, so the temperature cannot be 0."""
 
-    cfg_scale: float = Field(1.0, ge=0)
     temperature: float = Field(1.0, gt=0)
-    top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
-    negative_prompt: str = ""
 
 
 class PromptSpec(StrictModel):

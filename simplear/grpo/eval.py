@@ -31,15 +31,14 @@ def sample_and_score(model, vocab, visual_tokenizer, rewards: WeightedRewards, p
     the mean score of each prompt over its samples."""
     import torch
 
-    from simplear.sampler import SamplingParams, TorchSampler
+    from simplear.sampler import TorchSampler
 
     sampler = TorchSampler(model, vocab, max_text_tokens=max_text_tokens)
     requests = [(p, seed + i * per_prompt + j) for i, p in enumerate(prompts) for j in range(per_prompt)]
     scores: dict[str, list] = {}
     for b in range(0, len(requests), batch_size):
         chunk = requests[b: b + batch_size]
-        params = [SamplingParams(cfg_scale=sampling.cfg_scale, temperature=sampling.temperature, top_k=sampling.top_k,
-                                 top_p=sampling.top_p, negative_prompt=sampling.negative_prompt, seed=s) for _, s in chunk]
+        params = [sampling.params(s) for _, s in chunk]
         with autocast():
             codes = sampler.generate_codes([p for p, _ in chunk], grid, params)
         images = visual_tokenizer.decode(codes).float().cpu()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 from simplear.config import ConfigError
 from simplear.grpo.config import PromptSpec
@@ -33,9 +32,7 @@ def resolve_prompts(ctx, spec: PromptSpec, where: str) -> tuple[list[str], list[
             if spec.max_prompts and len(set(found)) >= spec.max_prompts:
                 break
     else:
-        path = Path(spec.path)
-        if not path.is_absolute():
-            path = ctx.workflow_path.parent / path
+        path = ctx.config_path(spec.path)
         if not path.is_file():
             raise ConfigError(f"{where}.prompts.path: {path} not found")
         if path.suffix == ".parquet":

@@ -37,15 +37,12 @@ def trainer_class():
                     install_visual_head(self.accelerator.unwrap_model(m), vocab)
 
         def _rollout(self, prompts: list[str], trainer) -> dict[str, list]:
-            from simplear.sampler import SamplingParams, TorchSampler
+            from simplear.sampler import TorchSampler
 
-            s = self.sampling
             model = self.accelerator.unwrap_model(self.model)
             sampler = TorchSampler(model, self.vocab, max_text_tokens=self.max_text_tokens)
             step, rank = self.state.global_step, self.accelerator.process_index
-            params = [SamplingParams(cfg_scale=s.cfg_scale, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                     negative_prompt=s.negative_prompt, seed=rollout_seed(self.sampling_seed, step, rank, i))
-                      for i in range(len(prompts))]
+            params = [self.sampling.params(rollout_seed(self.sampling_seed, step, rank, i)) for i in range(len(prompts))]
             with self.accelerator.autocast():
                 codes, logps = sampler.generate_codes(list(prompts), self.grid, params, return_logprobs=True)
             images = self.visual_tokenizer.decode(codes).float().cpu()

@@ -193,7 +193,7 @@ def build_scorer(config) -> Scorer:
 
         return ShapesScorer(config)
     if isinstance(config, (ClipScoreConfig, HpsScoreConfig)):
-        from simplear.rewards import ClipReward
+        from simplear.rewards import build_reward
 
-        return RewardScorer(ClipReward(config.reward), name=config.kind)
+        return RewardScorer(build_reward(config.reward), name=config.kind)
     raise TypeError(f"not a scorer config: {config!r}")

@@ -47,6 +47,11 @@ class StageContext:
     def log(self) -> logging.Logger:
         return logging.getLogger(f"simplear.stage.{self.name}")
 
+    def config_path(self, value: str) -> Path:
+        """A path the stage's config gives: absolute, or relative to workflow.yaml (not to where the run started)."""
+        path = Path(value)
+        return path if path.is_absolute() else self.workflow_path.parent / path
+
     def input_dir(self, need: str) -> Path:
         if need not in self.needs:
             raise KeyError(f"stage {self.name!r} does not need {need!r} (needs: {self.needs})")
