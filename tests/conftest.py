@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from simplear.workflow.lock import stop_ray_session
+from simplear.workflow.ray_session import stop_ray_session
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")

@@ -16,7 +16,7 @@ import yaml
 
 from simplear.config import ConfigError
 from simplear.workflow.engine import RunFailed, plan, run_workflow, select, workflow_status
-from simplear.workflow.lock import ray_session_processes
+from simplear.workflow import ray_session
 from simplear.workflow.manifest import FAILED, MANIFEST
 from simplear.workflow.spec import load_workflow
 
@@ -163,7 +163,7 @@ def _simplear(args, env, **kw):
 
 
 def session_processes(session_dir: str) -> list[int]:
-    return [p.pid for p in ray_session_processes(session_dir)]
+    return [p.pid for p in ray_session.session_processes(session_dir)]
 
 
 def test_driver_killed_mid_stage_then_rerun_at_once_takes_over_and_matches_an_uninterrupted_run(tmp_path):
@@ -184,7 +184,7 @@ def test_driver_killed_mid_stage_then_rerun_at_once_takes_over_and_matches_an_un
     while len(list(stage_a.glob("*.parquet"))) < 2:
         assert time.time() < deadline and proc.poll() is None, "stage a never wrote its first shards"
         time.sleep(0.2)
-    session_dir = json.loads(lock_file.read_text())["ray_session_dir"]
+    session_dir = json.loads(lock_file.read_text())["ray_session"]["dir"]
     assert session_dir and session_processes(session_dir)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -24,6 +24,7 @@ from simplear.workflow.fingerprint import SCHEME
 from simplear.workflow.lock import FENCE_ENV, RunLock, RunLocked, describe_holder, read_lock
 from simplear.workflow.manifest import FAILED, MANIFEST, STARTED, atomic_write_json, describe_outputs, read_json
 from simplear.workflow.previous import move_aside
+from simplear.workflow.ray_session import claim_session
 from simplear.workflow.spec import RaySettings, ResolvedWorkflow
 from simplear.workflow.status import StageStatus, workflow_status, stage_status
 
@@ -280,7 +281,7 @@ def _run(wf: ResolvedWorkflow, selection: Selection, lock: RunLock) -> dict[str,
                     extra_sys_path=[str(wf.base_dir)] if wf.body.plugins else [],
                 )
                 if session_dir:
-                    lock.update(ray_session_dir=session_dir)
+                    lock.update(ray_session=claim_session(session_dir))
                 remote = ray.remote(_execute_stage)
             prepare_stage_dir(wf.stage_dir(name), st, action, _why_rerun(st, action, selection), wf.body.keep_previous)
             ctx = StageContext(

@@ -3,7 +3,8 @@
 The lock names its holder (host, pid, Ray job, embedded Ray session, run id) and is refreshed by a
 heartbeat. A second run refuses while the holder lives; a holder whose pid is gone (same host) or
 whose heartbeat stopped (`stale_after_s`, for a holder on another host of shared storage) is taken
-over, and what its embedded Ray left running is ended. Every commit a stage makes checks the lock
+over, and what its embedded Ray left running is ended, only where the lock proves it is that Ray
+(ray_session.py: anyone who can write the run dir can write the lock). Every commit a stage makes checks the lock
 still holds its run id (`check_fence`, called by `atomic_path`), so a task of a run that lost its
 lock stops writing instead of mixing its shards into the new run's.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -25,6 +25,7 @@ from pydantic import Field
 
 from simplear.config import StrictModel
 from simplear.workflow.manifest import read_json
+from simplear.workflow.ray_session import end_dead_session
 
 log = logging.getLogger("simplear.lock")
 
@@ -106,7 +107,7 @@ class RunLock:
             "pid": pid,
             "pid_started": _process_start(pid),
             "job_id": _submission_id(),
-            "ray_session_dir": None,
+            "ray_session": None,  # ray_session.claim_session, once the embedded Ray runs
             "running": [],
             "started_at": time.time(),
             "heartbeat": time.time(),
@@ -132,9 +133,7 @@ class RunLock:
             except FileNotFoundError:
                 continue
             log.warning("taking over the lock of %s from %s: %s", run_dir, describe_holder(holder), why)
-            if holder.get("ray_session_dir"):
-                n = stop_ray_session(holder["ray_session_dir"])
-                log.warning("ended %d processes the dead run's embedded Ray left (%s)", n, holder["ray_session_dir"])
+            end_dead_session(holder)
             buried.unlink(missing_ok=True)
         raise RunLocked(f"{run_dir}: could not take the lock {path} (other runs keep taking it)")
 
@@ -222,44 +221,3 @@ def check_fence() -> None:
     if holder is None or holder.get("run_id") != fence["run_id"]:
         who = describe_holder(holder) if holder else "nobody"
         raise FencedOut(f"run {fence['run_id']} lost the lock {fence['lock']} (now held by {who}): not writing")
-
-
-def ray_session_processes(marker: str) -> list:
-    """The processes of one Ray session: those naming `marker` (its session or temp dir) in their command line
-    or open files, and their children. Agents rename themselves (`ray::DashboardAgent`) and outlive a killed
-    raylet, but keep their log files in the session dir open."""
-    import psutil
-
-    me = os.getpid()
-    procs = {}
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if p.pid == me:
-            continue
-        try:
-            if any(marker in arg for arg in (p.info["cmdline"] or [])) or any(
-                    f.path.startswith(marker) for f in p.open_files()):
-                procs[p.pid] = p
-                procs.update({c.pid: c for c in p.children(recursive=True)})
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    procs.pop(me, None)
-    return list(procs.values())
-
-
-def stop_ray_session(marker: str, timeout: float = 15.0) -> int:
-    """End every process of one Ray session (`ray_session_processes`): TERM, then KILL. Never a broad `ray stop`."""
-    import psutil
-
-    procs = ray_session_processes(marker)
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive + ray_session_processes(marker):
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return len(procs)
