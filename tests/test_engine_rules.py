@@ -256,15 +256,15 @@ def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path):
 def test_a_writer_fenced_out_commits_nothing(tmp_path):
     path = make_workflow(tmp_path)
     with holding_run_dir(load_workflow(path)) as lock:
-        with atomic_path(tmp_path / "ok.txt") as tmp:
+        with atomic_path(tmp_path / "runs" / "ok.txt") as tmp:
             tmp.write_text("held")
         lock_file = tmp_path / "runs" / LOCK
         lock_file.write_text(json.dumps({**json.loads(lock_file.read_text()), "run_id": "someone-else"}))
         with pytest.raises(FencedOut, match="lost the lock"):
-            with atomic_path(tmp_path / "late.txt") as tmp:
+            with atomic_path(tmp_path / "runs" / "late.txt") as tmp:
                 tmp.write_text("too late")
-    assert (tmp_path / "ok.txt").exists() and not (tmp_path / "late.txt").exists()
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert (tmp_path / "runs" / "ok.txt").exists() and not (tmp_path / "runs" / "late.txt").exists()
+    assert not list((tmp_path / "runs").glob(".tmp-*"))
     assert lock_file.exists()  # not ours any more: release leaves it
 
 

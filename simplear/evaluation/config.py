@@ -10,6 +10,7 @@ from simplear.config import StrictModel
 from simplear.sampling.spec import SamplingSpec
 from simplear.scorers import ScorerConfig
 from simplear.vllm_engine import VLLMOptions
+from simplear.workflow.names import NAME
 
 
 class CheckpointSpec(StrictModel):
@@ -17,7 +18,8 @@ class CheckpointSpec(StrictModel):
 
     stage: str | None = None
     path: str | None = None  # relative to workflow.yaml
-    name: str | None = None  # in the report and the folders; default: the stage's name or the folder's
+    name: str | None = Field(None, pattern=NAME, description="in the report and the folders (a folder's name, so "
+                             "letters, digits, '_', '.', '-'); default: the stage's name or the folder's")
     size: int | tuple[int, int] | None = Field(None, description="pixels (square, or [height, width]); default: the "
                                                "training stage's image size (a folder needs it)")
 
@@ -35,7 +37,7 @@ class PromptSetSpec(StrictModel):
     `<5-digit prompt>/samples/<4-digit image>.png` + `metadata.jsonl` for every set, and for `dpg` also
     one 2x2 grid per prompt, `grids/<item_id>.png`."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME, description="the set's folder under each checkpoint's images")
     source: Literal["demo_held_out", "geneval", "dpg", "list", "file"]
     dataset: str | None = None  # demo_held_out: the generated data set whose `held_out` combinations are asked for
     path: str | None = None  # geneval: evaluation_metadata.jsonl; dpg: dpg_bench.csv; file: .txt (one prompt a line)

@@ -24,6 +24,7 @@ from simplear.scorers import EvalItem
 from simplear.scorers.dpg import make_grid
 from simplear.visual_tokenizers import VisualTokenizerConfig, tensor_to_pil
 from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json
+from simplear.workflow.names import file_name
 from simplear.workflow.previous import PREVIOUS
 
 log = logging.getLogger("simplear.eval")
@@ -106,6 +107,11 @@ def generate_set(engine, visual_tokenizer, ck: Checkpoint, items: list[EvalItem]
     return len(pending)
 
 
+def grid_path(folder: Path, item: EvalItem) -> Path:
+    """DPG-Bench's grid of an item, named after its id (an id from the benchmark file: made a safe name)."""
+    return folder / "grids" / f"{file_name(str(item.id))}.png"
+
+
 def write_prompt(folder: Path, index: int, item: EvalItem, images: list, grid: bool) -> None:
     d = folder / f"{index:05d}"
     (d / "samples").mkdir(parents=True, exist_ok=True)
@@ -113,7 +119,7 @@ def write_prompt(folder: Path, index: int, item: EvalItem, images: list, grid: b
         with atomic_path(d / "samples" / f"{j:04d}.png") as tmp:
             img.save(tmp, format="PNG")
     if grid:  # DPG-Bench scores one 2x2 grid per prompt, named after the prompt's file
-        with atomic_path(folder / "grids" / f"{item.id}.png") as tmp:
+        with atomic_path(grid_path(folder, item)) as tmp:
             make_grid(images).save(tmp, format="PNG")
     with atomic_path(d / DONE) as tmp:  # GenEval's metadata line (DPG's questions are in its csv)
         meta = {k: v for k, v in item.metadata.items() if k != "questions"}
@@ -124,7 +130,7 @@ def scoring_inputs(folder: Path, items: list[EvalItem], per_prompt: int, grids: 
     """(image paths, one item each) as the set's scorers read them: every sample named as in GenEval's layout, or
     (a dpg set) each prompt's 2x2 grid named by its item id."""
     if grids:
-        return [str(folder / "grids" / f"{it.id}.png") for it in items], list(items)
+        return [str(grid_path(folder, it)) for it in items], list(items)
     paths, per_image = [], []
     for i, it in enumerate(items):
         for j in range(per_prompt):

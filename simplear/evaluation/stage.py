@@ -14,6 +14,7 @@ from simplear.evaluation.prompts import load_items
 from simplear.evaluation.report import REPORT_HTML, REPORT_JSON, write_report
 from simplear.evaluation.workers import DrawJob, ScoreJob, draw_all, score_all
 from simplear.workflow.manifest import read_json
+from simplear.workflow.names import file_name
 
 RECORDS = 2  # the format of a scorer's records and aggregate: a cached score of another format is scored again
 
@@ -60,7 +61,7 @@ def resolve_checkpoints(ctx, cfg: EvalStageConfig, where: str) -> list[Checkpoin
             grid = tuple(trained_grid)
         else:
             raise ConfigError(f"{where}.checkpoints[{i}]: stage {spec.stage!r} recorded no training grid; give `size`")
-        out.append(Checkpoint(name=spec.name or spec.stage or path.name, path=path, grid=grid, visual_tokenizer=vt, key=key))
+        out.append(Checkpoint(name=spec.name or spec.stage or file_name(path.name), path=path, grid=grid, visual_tokenizer=vt, key=key))
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}.checkpoints: names must be unique, got {names} (set `name`)")

@@ -46,6 +46,10 @@ class FencedOut(RuntimeError):
     """This run no longer holds the lock of its run dir: its writes must stop."""
 
 
+class OutsideRun(ValueError):
+    """A write of a run would land outside its run dir (a name from a config or a data file made a path)."""
+
+
 def _process_start(pid: int) -> float | None:
     import psutil
 
@@ -221,3 +225,16 @@ def check_fence() -> None:
     if holder is None or holder.get("run_id") != fence["run_id"]:
         who = describe_holder(holder) if holder else "nobody"
         raise FencedOut(f"run {fence['run_id']} lost the lock {fence['lock']} (now held by {who}): not writing")
+
+
+def check_inside_run(path: str | os.PathLike) -> None:
+    """Raise OutsideRun when this process works for a run and `path` (symlinks followed) is not under its run dir:
+    names from workflow files and data files become paths, and a `../` or a planted symlink must not carry a
+    write elsewhere."""
+    token = os.environ.get(FENCE_ENV)
+    if not token:
+        return
+    run_dir = Path(json.loads(token)["lock"]).parent.resolve()
+    target = Path(path).resolve()
+    if not target.is_relative_to(run_dir):
+        raise OutsideRun(f"refusing to write {path}: it resolves to {target}, outside the run dir {run_dir}")

@@ -26,13 +26,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     Works for files and folders (a checkpoint folder appears whole or not at all).
     """
+    from simplear.workflow.lock import check_fence, check_inside_run  # (lock.py reads its file with read_json below)
+
     path = Path(path)
+    check_inside_run(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         yield tmp
-        from simplear.workflow.lock import check_fence  # (lock.py reads its file with read_json below)
-
         check_fence()  # a task of a run that lost its run dir's lock commits nothing
         if path.is_dir() and tmp.is_dir():
             shutil.rmtree(path)

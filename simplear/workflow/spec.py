@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ByteSize, Field, ValidationError
+from pydantic import ByteSize, Field, ValidationError, field_validator
 
 from simplear.config import ConfigError, StrictModel, describe_validation_error
 from simplear.workflow.lock import LockSettings
+from simplear.workflow.names import check_name
 from simplear.workflow.registry import StageKind, get_stage_kind, import_plugins
 
 
@@ -63,6 +64,20 @@ class WorkflowBody(StrictModel):
     keep_previous: bool = Field(True, description="move a rerun stage's old outputs to <stage>/.previous/ (false: delete them)")
     progress_interval_s: float = Field(30.0, gt=0, description="seconds between progress lines in logs (no terminal)")
     stages: dict[str, StageSpec]
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
+        for name in stages:  # a stage's name is its folder under run_dir
+            check_name(name, "stage name")
+        return stages
+
+    @field_validator("datasets")
+    @classmethod
+    def _dataset_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            check_name(name, "dataset name")
+        return names
 
 
 @dataclass
