@@ -29,6 +29,8 @@ from simplear.workflow.manifest import atomic_write_json
 IMAGE_FILE, IMAGE_ROW = "image_file", "image_row"
 REF_FIELDS = [pa.field(IMAGE_FILE, pa.string()), pa.field(IMAGE_ROW, pa.int64())]
 PIXELS_JSON = "pixels.json"
+WIDE = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey (PNG, TIFF): values up to 65,535
+PNG_KEEPS = ("1", "L", "LA", "P", "RGB", "RGBA")  # modes a PNG stores as they are, 8 bits per channel
 
 
 def fetch(files: Sequence[str], rows: Sequence[int], run_dir: str | Path) -> list[bytes | None]:
@@ -93,8 +95,24 @@ def record_pixel_files(ctx) -> None:
     atomic_write_json(ctx.stage_dir / PIXELS_JSON, {"files": files})
 
 
+def eight_bit(im):
+    """`im` in a mode a PNG stores at 8 bits per channel: 16-bit grey scaled down (a plain conversion clips every
+    value above 255 to white), CMYK and the other colour spaces as RGB; anything else as it is. The download
+    stores new images through it (`pipelines.download.images.upright`) and `open_images` decodes through it,
+    so bytes a finished download kept at 16 bits are read the same way."""
+    from PIL import Image
+
+    if im.mode in WIDE:
+        import numpy as np
+
+        grey = np.clip(np.asarray(im, dtype=np.int64), 0, 65_535) >> 8
+        return Image.fromarray(grey.astype(np.uint8), "L")
+    return im if im.mode in PNG_KEEPS else im.convert("RGB")
+
+
 def open_images(table: pa.Table, run_dir: str | Path) -> tuple[list, list[str | None], list[str | None]]:
-    """Each row's image, fetched by reference and decoded to RGB (None with a reason and message where not)."""
+    """Each row's image, fetched by reference and decoded to RGB through `eight_bit` (None with a reason and message
+    where not)."""
     from PIL import Image
 
     files, rows = table[IMAGE_FILE].to_pylist(), table[IMAGE_ROW].to_pylist()
@@ -108,7 +126,7 @@ def open_images(table: pa.Table, run_dir: str | Path) -> tuple[list, list[str | 
             continue
         try:
             with Image.open(io.BytesIO(raw)) as im:
-                images[i] = im.convert("RGB")
+                images[i] = eight_bit(im).convert("RGB")
         except Exception as e:  # noqa: BLE001 - recorded, never raised
             reasons[i], errors[i] = "undecodable", f"{type(e).__name__}: {e}"
     return images, reasons, errors

@@ -7,7 +7,9 @@ What production meets, at a size that runs on 2 cores (`rows` is a parameter):
   archive (`sa_<id>.txt`); a JourneyDB-style `imgs/NNN.tgz` with a JSONL of annotations that holds a
   malformed line;
 - JPEGs of 256-1,280 px (most at most 512), some stored sideways with an EXIF orientation; URLs that
-  answer 404, 500, never (a timeout), slowly, with a truncated body or with no body at all.
+  answer 404, 500, never (a timeout), slowly, with a truncated body or with no body at all;
+- hostile URLs: a `file://` URL of a local JPEG (`secret.jpg`, beside the site: never to be fetched),
+  redirects to the metadata service's address and to that file, a body that claims 16 GiB.
 
 Every image shows a red top-left quadrant on blue *as displayed*, so a stage can check it is upright.
 `write_lists(folder, base_url)` writes the URL lists for a running server (`serve(folder)`), and
@@ -32,7 +34,8 @@ from PIL import Image
 
 # EXIF orientation -> the transpose that stores a displayed image so that exif_transpose puts it back
 STORED = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
-FAULTS = ("404", "500", "timeout", "slow", "truncated", "empty")
+FAULTS = ("404", "500", "timeout", "slow", "truncated", "empty", "metadata", "file", "huge")
+SECRET = "secret.jpg"  # beside the served site, so only a `file://` URL or a redirect to one could reach it
 
 
 def displayed(width: int, height: int) -> Image.Image:
@@ -74,6 +77,7 @@ def generate(folder: str | Path, rows: int = 1500, seed: int = 0, distinct_image
     rng = random.Random(seed)
     site = folder / "site" / "img"
     site.mkdir(parents=True, exist_ok=True)
+    (folder / SECRET).write_bytes(jpeg(300, 300))
     images = []
     for i in range(distinct_images):
         w, h = _size(rng)
@@ -149,6 +153,7 @@ def write_lists(folder: str | Path, base_url: str) -> None:
         lines.append(_url(base_url, rng, images, k).encode() + b"\t" + caption)
     lines.insert(3, b"http://127.0.0.1:9/\xff\xfe.jpg\tthe URL is not UTF-8")
     lines.insert(11, b"a malformed line\twith three\tcolumns")
+    lines.insert(13, f"file://{(folder / SECRET).resolve()}\ta local file, never to be read".encode())
     (folder / "cc12m.tsv").write_bytes(b"\n".join(lines) + b"\n")
     n = layout["megalith"]
     urls = [_url(base_url, rng, images, 10_000 + k) for k in range(n)]
@@ -168,10 +173,10 @@ def write_manifests(folder: str | Path) -> Path:
     manifests = {
         "r_cc12m": {"source": "url_list", "description": "CC12M-style headerless TSV", "url_list": "../cc12m.tsv",
                     "list_origin": "pipelines/rehearsal.py", "input_format": "tsv", "column_names": ["url", "caption"],
-                    "url_col": "url", "caption_col": "caption"},
+                    "url_col": "url", "caption_col": "caption", "allow_private_addresses": True},
         "r_megalith": {"source": "url_list", "description": "Megalith-10M-style Parquet", "url_list": "../megalith.parquet",
                        "list_origin": "pipelines/rehearsal.py", "input_format": "parquet", "url_col": "url_highres",
-                       "save_additional_columns": ["url_source"]},
+                       "save_additional_columns": ["url_source"], "allow_private_addresses": True},
         "r_sa1b": {"source": "archives", "description": "SA-1B-style tars", "archives": "../sa1b/sa_*.tar",
                    "links_file": "../sa1b/sa1b_links.txt", "image_extensions": [".jpg"],
                    "captions": {"path": "../sa1b/sa1b_captions.tar", "format": "webdataset", "key_field": "stem",
@@ -187,7 +192,7 @@ def write_manifests(folder: str | Path) -> Path:
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    """The site, plus `/small/` (a smaller copy's URL) and `/fault/<kind>/` answers."""
+    """The site, plus `/small/` (a smaller copy's URL) and `/fault/<kind>/` answers (`FAULTS`)."""
 
     timeout_s = 3.0
 
@@ -219,6 +224,14 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         elif kind == "truncated":
             self._head(len(body))
             self.wfile.write(body[: len(body) // 3])
+        elif kind in ("metadata", "file"):
+            secret = (Path(self.directory).parent / SECRET).resolve()
+            self.send_response(302)
+            target = "http://169.254.169.254/latest/meta-data/" if kind == "metadata" else f"file://{secret}"
+            self.send_header("Location", target)
+            self.end_headers()
+        elif kind == "huge":  # the header alone must refuse it: no body follows
+            self._head(16 << 30)
         else:  # empty
             self._head(0)
 

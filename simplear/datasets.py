@@ -52,6 +52,10 @@ class UrlListSource(DatasetInfo):
     save_additional_columns: list[str] = []
     rotation_col: str | None = Field(None, description="degrees (0, 90, 180, 270) to turn each image counterclockwise to "
                                      "show it upright (Open Images' Rotation); applied at download")
+    allow_private_addresses: bool = Field(
+        False, description="download from loopback and private-network addresses too (a test or lab server); "
+        "without it a URL whose host resolves to one is a failed row (blocked_address); link-local (the cloud "
+        "metadata service), multicast and unspecified addresses are refused either way")
 
     @model_validator(mode="after")
     def _rotation_is_kept(self):

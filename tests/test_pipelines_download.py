@@ -90,7 +90,8 @@ def test_a_url_list_with_bad_bytes_and_lines_keeps_every_row_and_puts_photos_upr
         (data / "web.yaml").write_text(yaml.safe_dump({
             "name": "web", "source": "url_list", "description": "a CC12M-style list", "license": "test",
             "url_list": "list.tsv", "list_origin": "the test", "input_format": "tsv", "column_names": ["url", "caption", "turn"],
-            "url_col": "url", "caption_col": "caption", "save_additional_columns": ["turn"], "rotation_col": "turn"}))
+            "url_col": "url", "caption_col": "caption", "save_additional_columns": ["turn"], "rotation_col": "turn",
+            "allow_private_addresses": True}))  # the test's server is on loopback
         doc = {"run_dir": "runs", "datasets_dir": "datasets", "datasets": ["web"],
                "stages": {"download": {"uses": "download", "config": {"dataset": "web", "timeout": 5, "encode_format": "jpg"},
                                        "resources": {"cpus": 0.5, "concurrency": 2}}}}

@@ -95,7 +95,7 @@ def test_every_input_row_ends_exactly_once_kept_or_rejected(rehearsed):
 
 
 def test_faults_and_bad_bytes_become_reasons(rehearsed):
-    runs, _, _ = rehearsed
+    runs, sources, _ = rehearsed
     web = read_stage(runs / "download_cc12m", "shards", ["reason", "extra", "caption", "url", "status"])
     reasons = web["reason"].value_counts().to_dict()
     print(f"\ncc12m-style reasons: {reasons}")
@@ -104,6 +104,11 @@ def test_faults_and_bad_bytes_become_reasons(rehearsed):
     for fault in ("truncated", "empty"):  # a cut or empty body is a failure with a reason, never an image
         hit = web[web["url"].str.contains(f"/fault/{fault}/", regex=False)]
         assert len(hit) and (hit["status"] != "success").all() and hit["reason"].notna().all(), (fault, hit)
+    hostile = {"/fault/metadata/": "blocked_address", "/fault/file/": "unsupported_scheme", "/fault/huge/": "too_large",
+               f"file://{(sources / rehearsal.SECRET).resolve()}": "unsupported_scheme"}
+    for url, reason in hostile.items():  # the manifest's opt-in lets loopback through, never these
+        hit = web[web["url"].str.contains(url, regex=False)]
+        assert len(hit) and (hit["reason"] == reason).all(), (url, hit[["status", "reason"]])
     slow = web[web["url"].str.contains("/fault/slow/", regex=False)]
     assert len(slow) and (slow["status"] == "success").all()  # slow but within the timeout: downloaded
     flagged = web[web["extra"].fillna("").str.contains("caption_invalid_utf8")]

@@ -3,9 +3,10 @@
 - `url_list` and `generated` sources (`url_shards.py`): the list planned into shards once, each shard
   downloaded by img2dataset's own per-shard downloader in a Ray task of ours (concurrency and retries
   are the stage's), written whole to `shards/NNNNN.parquet`. The demo set is generated under `_source/`
-  and served on loopback for the run.
+  and served on loopback for the run. URLs are fetched by `fetch.py` (http(s) only, no internal address
+  unless the manifest opts in, bodies capped at `max_image_bytes`).
 - `archives` sources (SA-1B, JourneyDB; `archives.py`): one Ray Data task per local archive writes
-  `shards/<archive>.parquet`.
+  `shards/<archive>.parquet`; no member is read past `max_member_bytes`, a sparse one not at all.
 
 Output schema (`schema.py`): `key` (img2dataset's key prefixed with the data set's name, so keys stay
 unique when several downloads feed one filter), `dataset, url, caption, width, height, original_width,
@@ -64,6 +65,10 @@ class DownloadConfig(StrictModel):
     max_shard_retry: int = Field(2, ge=0, description="url lists: tries after the first for a failed shard, then the stage fails")
     max_decode_pixels: int = Field(178_956_970, ge=1, description="images larger than this are rejected from their header, "
                                    "before any decoder sees them (PIL's bomb limit; cv2's limit is set to it too)")
+    max_image_bytes: int = Field(64 << 20, ge=1, description="url lists: a response body larger than this is refused "
+                                 "(from its Content-Length, else by a capped read): a failed row, reason too_large")
+    max_member_bytes: int = Field(64 << 20, ge=1, description="archives: an image member larger than this (its size "
+                                  "once expanded) is not read: a failed row, reason too_large")
 
     @field_validator("dataset")
     @classmethod
@@ -95,11 +100,13 @@ def _download_url_list(ctx: StageContext, cfg: DownloadConfig, ds: UrlListSource
             plan = plan_shards(ctx.stage_dir, [str(source / "urls.parquet")], "parquet", "path", "caption", extra_cols, None,
                                cfg.number_sample_per_shard)
             settings["url_prefix"] = base_url + "/"
+            settings["allow_private_addresses"] = True  # the stage's own server, on `serve_host`
             t1 = time.time()
             metrics = download_all(ctx, plan, settings, cfg.dataset, extra_cols, cfg.max_shard_retry)
     else:
         extra_cols = list(ds.save_additional_columns)
         settings["rotation_col"] = ds.rotation_col
+        settings["allow_private_addresses"] = ds.allow_private_addresses
         files = list_files(ds)
         plan = plan_shards(ctx.stage_dir, files, ds.input_format, ds.url_col, ds.caption_col, extra_cols, ds.column_names,
                            cfg.number_sample_per_shard)
@@ -154,7 +161,7 @@ def run(ctx: StageContext) -> StageResult:
     before = {p.name for p in (ctx.stage_dir / SHARDS).glob("*.parquet")}
     t0 = time.time()
     if isinstance(ds, ArchiveSource):
-        metrics = ingest_archives(ctx, cfg.dataset, cfg.rows_per_part, cfg.max_decode_pixels)
+        metrics = ingest_archives(ctx, cfg.dataset, cfg.rows_per_part, cfg.max_decode_pixels, cfg.max_member_bytes)
     else:
         metrics = _download_url_list(ctx, cfg, ds)
     elapsed = time.time() - t0

@@ -4,7 +4,12 @@ Images are put upright (EXIF orientation) and refused from their header above `m
 Each archive gets a receipt (`_archives/<stem>.json`: its size and mtime): a re-downloaded archive is
 ingested again. Bad input becomes rows, never a failed stage: a truncated or unreadable archive ends
 with a failed row saying so, a member name that is not UTF-8 is kept with replacement characters, and a
-malformed line of a JSONL caption file is skipped and counted.
+malformed line of a JSONL caption file (deep nesting and huge numbers included) is skipped and counted.
+
+No member is read whole on its header's word: a sparse member (a few bytes on disk that expand to any
+size; a 10 KB tar held 6 GiB) and one larger than `max_member_bytes` become failed rows unread, every
+read is capped, and an extended header (pax, GNU long name) tarfile would read whole is refused above
+`MAX_HEADER_BYTES`. A webdataset caption archive has only its caption members read.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json
 log = logging.getLogger("simplear.stage.download")
 
 RECEIPTS = "_archives"
-
+MAX_HEADER_BYTES = 1 << 20  # real pax / long-name headers hold a few hundred bytes
+_HEADER_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                 tarfile.GNUTYPE_LONGLINK)
 
 _CAPTIONS: dict[str, dict[str, str]] = {}
 
@@ -53,32 +60,76 @@ def _member_key(name: str, match: str) -> str:
     return os.path.splitext(base)[0] if match == "stem" else base
 
 
-def _webdataset_records(path: str, key_field: str, caption_field: str) -> list[dict]:
-    """One record per stem of a webdataset-layout tar: {key_field: stem, caption_field: caption}."""
+class HeaderTooLarge(Exception):
+    """An extended header over `MAX_HEADER_BYTES`. Not a TarError: tarfile would turn that into "not a tar file"."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's member header, refusing an extended header before tarfile reads it whole into memory
+    (`_proc_member` is the entry point tarfile's own source names for subclasses to override)."""
+
+    def _proc_member(self, tar):
+        if self.type in _HEADER_TYPES and self.size > MAX_HEADER_BYTES:
+            raise HeaderTooLarge(f"an extended header of {self.size} bytes (more than {MAX_HEADER_BYTES})")
+        return super()._proc_member(tar)
+
+
+def open_archive(path: str) -> tarfile.TarFile:
+    return tarfile.open(path, "r:*", tarinfo=_BoundedTarInfo)
+
+
+def member_problem(member: tarfile.TarInfo, max_bytes: int) -> tuple[str, str] | None:
+    """(reason, message) for a member not to be read, from its header alone; None for one to read."""
+    if member.issparse():
+        return "sparse_member", f"a sparse archive member ({member.size} bytes once expanded) is not read"
+    if member.size > max_bytes:
+        return "too_large", f"archive member of {member.size} bytes > max_member_bytes {max_bytes}"
+    return None
+
+
+def _webdataset_records(path: str, key_field: str, caption_field: str, max_bytes: int) -> list[dict]:
+    """One record per stem of a webdataset-layout tar: {key_field: stem, caption_field: caption}. Only the caption
+    members (`.txt`, or `.json` for a dotted field) are read; a damaged one costs that caption only, a damaged
+    archive the captions after the damage (their images are kept, left to recaption)."""
+    wanted = "txt" if caption_field == "txt" else "json"
     by_stem: dict[str, dict] = {}
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = _utf8(os.path.basename(member.name))
-            stem, _, ext = name.partition(".")
+    skipped = 0
+    with open_archive(path) as tar:
+        members = iter(tar)
+        while True:
             try:
-                data = tar.extractfile(member).read()
-                if caption_field == "txt" and ext == "txt":
+                member = next(members, None)
+            except Exception as e:  # noqa: BLE001 - whatever the bytes make tarfile raise
+                log.warning("%s: caption archive unreadable after %d captions: %s: %s", path, len(by_stem),
+                            type(e).__name__, e)
+                break
+            if member is None:
+                break
+            stem, _, ext = _utf8(os.path.basename(member.name)).partition(".")
+            if not member.isfile() or ext != wanted:
+                continue
+            if member_problem(member, max_bytes):
+                skipped += 1
+                continue
+            try:
+                data = tar.extractfile(member).read(max_bytes)
+                if wanted == "txt":
                     value = data.decode("utf-8", "replace").strip()
-                elif caption_field != "txt" and ext == "json":
-                    value = _dig(json.loads(data), caption_field)
                 else:
-                    continue
-            except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError):
-                continue  # a damaged caption costs that caption only: the image is kept, left to recaption
+                    value = _dig(json.loads(data), caption_field)
+            except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError, MemoryError):
+                skipped += 1
+                continue
             if value is not None:
                 by_stem[stem] = {key_field: stem, caption_field: value}
+    if skipped:
+        log.warning("%s: %d caption members skipped (damaged, sparse or over max_member_bytes)", path, skipped)
     return list(by_stem.values())
 
 
-def load_captions(ds: ArchiveSource) -> dict[str, str]:
-    """The side file of captions as {member key: caption}, read once per worker process."""
+def load_captions(ds: ArchiveSource, max_bytes: int) -> dict[str, str]:
+    """The side file of captions as {member key: caption}, read once per worker process. A record that cannot be
+    read (a malformed or hostile line: deep nesting, a huge number) costs that record only."""
     if ds.captions is None:
         return {}
     spec = ds.captions
@@ -86,25 +137,24 @@ def load_captions(ds: ArchiveSource) -> dict[str, str]:
     if path in _CAPTIONS:
         return _CAPTIONS[path]
     records: list[dict]
-    if spec.format == "jsonl":  # a malformed or non-UTF-8 line costs that record only
-        records, bad = [], 0
+    bad = 0
+    if spec.format == "jsonl":
+        records = []
         with open(path, "rb") as f:
             for line in f:
                 if not line.strip():
                     continue
                 try:
                     records.append(json.loads(line.decode("utf-8")))
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                except (ValueError, RecursionError, MemoryError):  # JSON and UTF-8 errors are ValueErrors
                     bad += 1
-        if bad:
-            log.warning("%s: %d malformed lines skipped", path, bad)
     elif spec.format == "json":
         loaded = json.loads(Path(path).read_text())
         records = loaded if isinstance(loaded, list) else [{spec.key_field: k, spec.caption_field: v} for k, v in loaded.items()]
     elif spec.format == "parquet":
         records = pq.read_table(path).to_pylist()
     elif spec.format == "webdataset":
-        records = _webdataset_records(path, spec.key_field, spec.caption_field)
+        records = _webdataset_records(path, spec.key_field, spec.caption_field, max_bytes)
     else:
         import csv
 
@@ -112,9 +162,14 @@ def load_captions(ds: ArchiveSource) -> dict[str, str]:
             records = list(csv.DictReader(f, delimiter="\t" if spec.format == "tsv" else ","))
     out = {}
     for r in records:
-        key, caption = _dig(r, spec.key_field), _dig(r, spec.caption_field)
-        if key is not None and caption is not None:
-            out[_member_key(str(key), spec.match)] = str(caption)
+        try:
+            key, caption = _dig(r, spec.key_field), _dig(r, spec.caption_field)
+            if key is not None and caption is not None:
+                out[_member_key(str(key), spec.match)] = str(caption)
+        except (ValueError, RecursionError, MemoryError):
+            bad += 1
+    if bad:
+        log.warning("%s: %d malformed records skipped", path, bad)
     _CAPTIONS[path] = out
     return out
 
@@ -134,62 +189,93 @@ def _receipt(archive: str) -> dict:
     return {"archive": archive, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _archive_rows(archive: str, stem: str, dataset: str, ds: ArchiveSource, captions: dict[str, str], max_pixels: int):
-    """One row per image member; an unreadable or truncated archive ends with a failed row saying so."""
-    from PIL import Image
-
+def archive_rows(archive: str, stem: str, dataset: str, ds: ArchiveSource, captions: dict[str, str], max_pixels: int,
+                  max_bytes: int):
+    """One row per image member; whatever the archive's bytes make tarfile raise ends it with a failed row saying so."""
     exts = tuple(e.lower() for e in ds.image_extensions)
     match = ds.captions.match if ds.captions else "basename"
     try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as e:
-        yield _failed_read(dataset, f"{stem}-archive", archive, "bad_archive", e)
+        tar = open_archive(archive)
+    except Exception as e:  # noqa: BLE001 - an archive that cannot be opened is a row
+        yield _failed_read(dataset, f"{stem}-archive", archive, _archive_reason(e, "bad_archive"), e)
         return
     index = 0
+
+    def ended(e: Exception) -> dict:
+        reason = _archive_reason(e, "truncated_archive")
+        return _failed_read(dataset, f"{stem}-{index:06d}-truncated", archive, reason, e)
+
     with tar:
         members = iter(tar)
         while True:
             try:
                 member = next(members, None)
-                if member is None:
-                    return
-                if not member.isfile() or not member.name.lower().endswith(exts):
-                    continue
-                data = tar.extractfile(member).read()
-                name = _utf8(member.name)
-            except (tarfile.TarError, OSError, EOFError) as e:
-                yield _failed_read(dataset, f"{stem}-{index:06d}-truncated", archive, "truncated_archive", e)
+            except Exception as e:  # noqa: BLE001 - the archive ends here, with a row
+                yield ended(e)
                 return
-            width = height = None
-            image, error = upright(data, max_pixels)
-            if error is None:
+            if member is None:
+                return
+            if not member.isfile() or not member.name.lower().endswith(exts):
+                continue
+            problem, data = member_problem(member, max_bytes), b""
+            if problem is None:
                 try:
-                    with Image.open(io.BytesIO(image)) as im:
-                        width, height = im.size
-                except Exception as e:  # noqa: BLE001 - every bad image is recorded, never raised
-                    error = f"{type(e).__name__}: {e}"
-            status = "success" if error is None else "failed_to_decode"
-            yield {
-                "key": f"{dataset}-{stem}-{index:06d}",
-                "dataset": dataset,
-                "url": f"file://{archive}#{name}",
-                "caption": captions.get(_member_key(name, match)),
-                "width": width,
-                "height": height,
-                "original_width": width,
-                "original_height": height,
-                "status": status,
-                "error_message": error,
-                "reason": None if error is None else ("empty_file" if not data else classify(status, error)),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "extra": json.dumps({"archive": os.path.basename(archive), "member": name}),
-                "image": image if error is None else None,
-            }
+                    data = tar.extractfile(member).read(max_bytes)  # the header said at most this much: never more
+                except MemoryError as e:  # this member only
+                    problem = ("too_large", f"MemoryError: {e}")
+                except Exception as e:  # noqa: BLE001 - the archive ends here, with a row
+                    yield ended(e)
+                    return
+            name = _utf8(member.name)
+            yield _member_row(f"{dataset}-{stem}-{index:06d}", dataset, archive, name,
+                              captions.get(_member_key(name, match)), data, max_pixels, problem)
             index += 1
 
 
+def _archive_reason(error: Exception, default: str) -> str:
+    if isinstance(error, (HeaderTooLarge, MemoryError)):
+        return "too_large"
+    return default if isinstance(error, (tarfile.TarError, OSError, EOFError)) else "bad_archive"
+
+
+def _member_row(key: str, dataset: str, archive: str, name: str, caption: str | None, data: bytes, max_pixels: int,
+                problem: tuple[str, str] | None) -> dict:
+    """The row of one image member: decoded and upright, or failed with the reason `problem` gives or decoding finds."""
+    from PIL import Image
+
+    width = height = image = None
+    if problem:
+        status, (reason, error) = "failed_to_read", problem
+    else:
+        image, error = upright(data, max_pixels)
+        if error is None:
+            try:
+                with Image.open(io.BytesIO(image)) as im:
+                    width, height = im.size
+            except Exception as e:  # noqa: BLE001 - every bad image is recorded, never raised
+                error = f"{type(e).__name__}: {e}"
+        status = "success" if error is None else "failed_to_decode"
+        reason = None if error is None else ("empty_file" if not data else classify(status, error))
+    return {
+        "key": key,
+        "dataset": dataset,
+        "url": f"file://{archive}#{name}",
+        "caption": caption,
+        "width": width,
+        "height": height,
+        "original_width": width,
+        "original_height": height,
+        "status": status,
+        "error_message": error,
+        "reason": reason,
+        "sha256": None if problem else hashlib.sha256(data).hexdigest(),
+        "extra": json.dumps({"archive": os.path.basename(archive), "member": name}),
+        "image": image if status == "success" else None,
+    }
+
+
 def _ingest_archive(batch: dict, *, stage_dir: str, dataset: str, manifest_path: str, rows_per_part: int,
-                    max_pixels: int) -> dict:
+                    max_pixels: int, max_bytes: int) -> dict:
     """Ray Data task: one archive to `shards/<archive>.parquet`, written in row groups and renamed into place whole."""
     ds = load_dataset_manifest(manifest_path)
     assert isinstance(ds, ArchiveSource)
@@ -198,19 +284,19 @@ def _ingest_archive(batch: dict, *, stage_dir: str, dataset: str, manifest_path:
     rel = f"{SHARDS}/{stem}.parquet"
     seen = _receipt(archive)  # before reading: an archive replaced meanwhile is ingested again next run
     with atomic_path(Path(stage_dir) / rel) as tmp:
-        _write_archive_rows(tmp, archive, stem, dataset, ds, counts, rows_per_part, max_pixels)
+        _write_archive_rows(tmp, archive, stem, dataset, ds, counts, rows_per_part, max_pixels, max_bytes)
         record_entry(Path(stage_dir), tmp, rel)
     atomic_write_json(Path(stage_dir) / RECEIPTS / f"{stem}.json", seen)
     return {"archive": [archive], "counts": [json.dumps(dict(counts))]}
 
 
 def _write_archive_rows(tmp: Path, archive: str, stem: str, dataset: str, ds: ArchiveSource, counts: Counter,
-                        rows_per_part: int, max_pixels: int) -> None:
+                        rows_per_part: int, max_pixels: int, max_bytes: int) -> None:
     from pipelines.resumable_parquet import to_arrow
 
     rows: list[dict] = []
     with pq.ParquetWriter(tmp, SCHEMA) as writer:
-        for row in _archive_rows(archive, stem, dataset, ds, load_captions(ds), max_pixels):
+        for row in archive_rows(archive, stem, dataset, ds, load_captions(ds, max_bytes), max_pixels, max_bytes):
             counts[row["status"] if row["reason"] is None else f"{row['status']}:{row['reason']}"] += 1
             rows.append(row)
             if len(rows) >= rows_per_part:
@@ -220,10 +306,34 @@ def _write_archive_rows(tmp: Path, archive: str, stem: str, dataset: str, ds: Ar
             writer.write_table(to_arrow({k: [r.get(k) for r in rows] for k in SCHEMA.names}, SCHEMA), IMAGE_ROW_GROUP)
 
 
-def ingest_archives(ctx, dataset: str, rows_per_part: int, max_pixels: int) -> dict:
-    import ray.data
-
+def archive_stems(archives: list[str], receipts: Path) -> dict[str, str]:
+    """Each archive's shard name. An archive keeps the name a receipt gave one of its file name (matched by name, so
+    a data folder that moved keeps its names), so nothing done is ingested again; another takes its name up to the
+    first dot (`000.tgz` -> `000`) unless that is taken (`a.tar` beside `a.tgz`), then its whole file name, then
+    that with a hash of its path (one name in two folders). A receipt whose archive is gone keeps its name: its
+    shard is kept."""
     from pipelines.resumable_parquet import safe_name
+
+    by_name: dict[str, list[str]] = {}
+    for archive in sorted(archives):
+        by_name.setdefault(Path(archive).name, []).append(archive)
+    stems: dict[str, str] = {}
+    for receipt in sorted(receipts.glob("*.json")):
+        name = Path((read_json(receipt) or {}).get("archive") or "").name
+        unclaimed = [a for a in by_name.get(name, []) if a not in stems]
+        if unclaimed:
+            stems[unclaimed[0]] = receipt.stem
+    taken = {receipt.stem for receipt in receipts.glob("*.json")}
+    for archive in sorted(a for a in archives if a not in stems):
+        name = Path(archive).name
+        candidates = (name.split(".")[0], name, f"{name}-{hashlib.sha256(archive.encode()).hexdigest()[:8]}")
+        stems[archive] = next(stem for stem in map(safe_name, candidates) if stem not in taken)
+        taken.add(stems[archive])
+    return stems
+
+
+def ingest_archives(ctx, dataset: str, rows_per_part: int, max_pixels: int, max_bytes: int) -> dict:
+    import ray.data
 
     ds = load_dataset_manifest(ctx.dataset_files[dataset])
 
@@ -236,7 +346,8 @@ def ingest_archives(ctx, dataset: str, rows_per_part: int, max_pixels: int) -> d
         missing = sorted(n for n in listed if n not in have)
         if missing:
             ctx.log.warning("%s: %d archives of %s are not on disk (first: %s)", ctx.name, len(missing), ds.links_file, missing[0])
-    items = [{"archive": a, "stem": safe_name(Path(a).name.split(".")[0])} for a in archives]
+    stems = archive_stems(archives, ctx.stage_dir / RECEIPTS)
+    items = [{"archive": a, "stem": stems[a]} for a in archives]
     todo = [it for it in items if not (ctx.stage_dir / SHARDS / f"{it['stem']}.parquet").exists()
             or read_json(ctx.stage_dir / RECEIPTS / f"{it['stem']}.json") != _receipt(it["archive"])]
     ctx.log.info("%s: %d archives, %d to ingest (new, changed or not done)", ctx.name, len(items), len(todo))
@@ -251,7 +362,7 @@ def ingest_archives(ctx, dataset: str, rows_per_part: int, max_pixels: int) -> d
             num_cpus=ctx.resources.cpus,
             fn_kwargs={"stage_dir": str(ctx.stage_dir), "dataset": dataset,
                        "manifest_path": str(ctx.dataset_files[dataset]), "rows_per_part": rows_per_part,
-                       "max_pixels": max_pixels},
+                       "max_pixels": max_pixels, "max_bytes": max_bytes},
         )
         out.set_name(ctx.name)
         for _ in out.iter_batches(batch_size=None):

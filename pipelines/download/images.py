@@ -1,26 +1,31 @@
-"""Images as downloaded or ingested: upright (EXIF orientation applied) and bounded in pixels before any decode."""
+"""Images as downloaded or ingested: upright (EXIF orientation applied), 8 bits deep (`pipelines.pixels.eight_bit`),
+bounded in pixels before any decode."""
 
 from __future__ import annotations
 
 import io
+
+from pipelines.pixels import WIDE, eight_bit
 
 ORIENTATION = 0x0112
 
 
 def upright(data: bytes, max_pixels: int) -> tuple[bytes, str | None]:
     """(bytes to keep, error): the header is read first, so an image over `max_pixels` is refused undecoded;
-    one stored sideways (EXIF orientation) is turned upright and re-encoded losslessly (PNG). Bytes PIL
-    cannot read come back as they are, for the caller's decoder to judge."""
+    one stored sideways (EXIF orientation) is turned upright, and one deeper than 8 bits scaled to 8 bits
+    (`eight_bit`), both re-encoded losslessly (PNG). Bytes PIL cannot read come back as they are, for the
+    caller's decoder to judge."""
     from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(data)) as im:  # reads the header only
             if im.size[0] * im.size[1] > max_pixels:
                 return data, f"image area too large ({im.size[0]}x{im.size[1]} > {max_pixels} pixels, before decoding)"
-            if im.getexif().get(ORIENTATION, 1) in (1, None):
+            turned = im.getexif().get(ORIENTATION, 1) not in (1, None)
+            if not turned and im.mode not in WIDE:
                 return data, None
             buf = io.BytesIO()
-            ImageOps.exif_transpose(im).save(buf, format="PNG")
+            eight_bit(ImageOps.exif_transpose(im) if turned else im).save(buf, format="PNG")
             return buf.getvalue(), None
     except Exception:  # noqa: BLE001 - not readable here: the caller's decoder gives the reason
         return data, None

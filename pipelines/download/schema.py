@@ -33,7 +33,10 @@ def classify(status: str | None, error: str | None) -> str | None:
     e = (error or "").lower()
     if e.startswith("http error "):
         return "http_" + e.split()[2].rstrip(":")
-    rules = [
+    rules = [  # the download's own refusals first (pipelines.download.fetch): their messages may name anything
+        ("unsupported url scheme", "unsupported_scheme"),
+        ("blocked address", "blocked_address"),
+        ("response body too large", "too_large"),
         ("timed out", "timeout"),
         ("!buf.empty()", "empty_file"),
         ("cv_io_max_image_pixels", "too_large"),

@@ -10,6 +10,8 @@ row per planned input row:
 - the list is read as bytes: a caption that is not valid UTF-8 is kept, decoded with replacement and
   flagged in `extra`; a URL that is not, or a malformed line, becomes a failed row with its reason;
 - a row img2dataset drops on an exception of its own comes back as a failed row (`img2dataset_error`);
+- URLs are fetched by `fetch.py`'s guarded fetch in place of img2dataset's (http(s) only, no internal
+  address unless the manifest opts in, bodies capped at `max_image_bytes`), each refusal a failed row;
 - images are put upright (EXIF orientation) before img2dataset resizes or re-encodes them, and no
   decoder sees more than `max_decode_pixels` (read from the header first; cv2's own limit is set too);
   a list that says how its images are turned (`rotation_col`, Open Images' Rotation) has them turned after.
@@ -32,6 +34,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.download.fetch import FetchPolicy, guarded
 from pipelines.download.images import rotate, rotation_degrees, upright
 from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA, SHARDS, classify
 from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json, record_entry
@@ -87,21 +90,33 @@ def read_list(path: str, input_format: str, columns: list[str], column_names: li
             urls = [line.rstrip(b"\r\n") for line in f.read().split(b"\n") if line.strip()]
         yield {columns[0]: urls}
     else:  # json / jsonl
-        opener = pa.input_stream(path, compression=compression)
-        with opener as f:
+        with pa.input_stream(path, compression=compression) as f:
             raw = f.read()
         records = []
-        if base == "json":
-            records = json.loads(raw)
+        if base == "json":  # one document: a list of records, each judged on its own
+            for i, item in enumerate(json.loads(raw)):
+                try:
+                    records.append(_json_record(item, columns))
+                except (ValueError, RecursionError) as e:
+                    malformed.append(f"record {i} of the JSON list: {e}")
         else:
             for line in raw.split(b"\n"):
                 if not line.strip():
                     continue
                 try:
-                    records.append(json.loads(line))
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                    records.append(_json_record(json.loads(line), columns))
+                except (ValueError, RecursionError, MemoryError):  # a hostile line (deep nesting, a huge number) too
                     malformed.append(line.decode("utf-8", errors="replace"))
-        yield {c: [r.get(c) if isinstance(r, dict) else None for r in records] for c in columns}
+        yield {c: [r[c] for r in records] for c in columns}
+
+
+def _json_record(record, columns: list[str]) -> dict:
+    """A JSON list's record as text by column (a number or a nested value as its JSON text), None where absent;
+    a record that is not an object raises ValueError (a malformed line)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a {type(record).__name__}, not an object")
+    return {c: v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+            for c in columns for v in [record.get(c)]}
 
 
 def plan_shards(stage_dir: Path, files: list[str], input_format: str, url_col: str, caption_col: str | None,
@@ -221,7 +236,8 @@ def download_shard(shard_id: int, stage_dir: str, settings: dict, dataset: str, 
         "sha256", None, settings["encode_format"], settings["retries"], settings["user_agent_token"],
         settings["disallowed_header_directives"],
     )
-    ok, _ = downloader((shard_id, str(work / "input.arrow")))
+    with guarded(FetchPolicy(settings["allow_private_addresses"], settings["max_image_bytes"])):
+        ok, _ = downloader((shard_id, str(work / "input.arrow")))
     raw = work / f"{shard_id:0{oom_shard_count}d}.parquet"
     if not ok or not raw.exists():
         raise RuntimeError(f"img2dataset failed on shard {shard_id:05d} (see the task's log)")
@@ -337,6 +353,6 @@ def settings_of(cfg) -> dict:
     quality = cfg.encode_quality if cfg.encode_quality is not None else (3 if cfg.encode_format == "png" else 95)
     keys = ("thread_count", "timeout", "retries", "number_sample_per_shard", "resize_mode", "image_size", "resize_only_if_bigger",
             "encode_format", "skip_reencode", "min_image_size", "max_image_area", "max_aspect_ratio", "user_agent_token",
-            "disallowed_header_directives", "max_decode_pixels")
+            "disallowed_header_directives", "max_decode_pixels", "max_image_bytes")
     return {**{k: getattr(cfg, k) for k in keys}, "encode_quality": quality}
 
