@@ -80,15 +80,24 @@ def _selection_args(args) -> list[str]:
 def cmd_submit(args) -> int:
     from ray.exceptions import AuthenticationError
 
-    from simplear.jobs import follow, submit
+    from simplear.jobs import RUNTIME_ENV_FILE, follow, plan_upload, submit
     from simplear.workflow.engine import select
 
     wf = _load(args)  # fail here, before anything is uploaded, on a bad workflow or selection
     select(wf, from_=args.from_, only=args.only, force=args.force)
     job_args = (["--profile", wf.profile] if wf.profile else []) + (["--run-dir", args.run_dir] if args.run_dir else [])
     job_args += _selection_args(args)
+    upload = plan_upload(args.workflow)
+    if refusal := upload.refusal():
+        if not args.yes:
+            print(f"error: {refusal}.\nKeep the workflow in a project folder, exclude what the job does not need "
+                  f"({RUNTIME_ENV_FILE}'s excludes, a .gitignore or .rayignore), or pass --yes to upload anyway.",
+                  file=sys.stderr)
+            return 2
+        log.warning("uploading anyway (--yes): %s", refusal)
     try:
-        job_id = submit(args.workflow, args.address, job_args, metadata={"simplear_workflow": str(wf.path.name), "simplear_profile": wf.profile})
+        job_id = submit(upload, args.address, job_args,
+                        metadata={"simplear_workflow": str(wf.path.name), "simplear_profile": wf.profile})
     except (AuthenticationError, ConnectionError) as e:
         print(f"error: cannot submit to {args.address}: {e}", file=sys.stderr)
         return 2
@@ -168,7 +177,8 @@ def cmd_serve(args) -> int:
     import time
     from pathlib import Path
 
-    from simplear.serving import ServeConfig, load_api_keys, read_checkpoint_meta, resolve_checkpoint, start
+    from simplear.serving import (ServeConfig, load_api_keys, read_checkpoint_meta, resolve_checkpoint, start,
+                                  take_api_keys_from_env)
 
     cpus, gpus, replicas, run_dir, needs = 1.0, 0.0, 1, None, None
     base: dict = {}
@@ -188,27 +198,35 @@ def cmd_serve(args) -> int:
         return 2
     overrides = {"checkpoint": args.model, "engine": args.engine, "host": args.host, "port": args.port,
                  "sjd_window": args.sjd_window, "app_name": args.app_name, "route_prefix": args.route_prefix,
-                 "api_keys_file": args.api_keys_file}
+                 "api_keys_file": args.api_keys_file, "replace_existing": True if args.replace_existing else None}
     try:
         cfg = ServeConfig.model_validate({**base, **{k: v for k, v in overrides.items() if v is not None}})
-        load_api_keys(cfg)  # refuse a host beyond loopback without a key before Ray starts
+        keys = load_api_keys(cfg)  # refuse a host beyond loopback without a key before Ray starts
         checkpoint = resolve_checkpoint(cfg, Path(run_dir or "."), None if cfg.checkpoint else needs)
         read_checkpoint_meta(checkpoint)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    take_api_keys_from_env()  # an embedded Ray's workers would inherit $SIMPLEAR_API_KEYS; `keys` holds them
 
     import ray
     from ray import serve
 
+    from simplear.ray_env import init_ray
+
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, namespace="simplear")
+        init_ray(address, namespace="simplear")
     else:  # a Ray of its own, even when another runs on this machine
-        ray.init(address="local", num_cpus=args.num_cpus, namespace="simplear", include_dashboard=False)
-    start(checkpoint, cfg, blocking=False, cpus=cpus, gpus=gpus, replicas=replicas)
-    print(f"serving {checkpoint} ({cfg.engine}) at {cfg.url}/  (API: POST {cfg.url}/v1/images/generations; Ctrl-C stops)",
-          flush=True)
+        init_ray(None, num_cpus=args.num_cpus, namespace="simplear", include_dashboard=False)
+    try:
+        served = start(checkpoint, cfg, keys, cpus=cpus, gpus=gpus, replicas=replicas)
+    except ValueError as e:  # the running Serve's proxy is beyond loopback and there is no key, or the name is taken
+        print(f"error: {e}", file=sys.stderr)
+        ray.shutdown()
+        return 2
+    print(f"serving {checkpoint} ({cfg.engine}) at {served.url}/  (API: POST {served.url}/v1/images/generations; "
+          "Ctrl-C stops)", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -221,6 +239,8 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from simplear.sampling.spec import MIN_TEMPERATURE
+
     parser = argparse.ArgumentParser(prog="simplear", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     selection_args(p)
     address_arg(p)
     p.add_argument("--wait", action="store_true", help="stream the job's logs until it ends; exit with its status")
+    p.add_argument("--yes", action="store_true",
+                   help="upload even a home folder, or files that may be secrets (dotfiles, keys) not excluded")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="Ray jobs of the cluster: list, logs, stop")
@@ -280,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--size", type=int, default=64, help="image side in pixels (a multiple of the tokenizer's downsample)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help=f"0 = greedy; otherwise at least {MIN_TEMPERATURE:g}")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of CFG (default: empty)")
@@ -303,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--app-name", help="Serve application name (default simplear)")
     p.add_argument("--route-prefix", help="URL prefix of the app (default /)")
+    p.add_argument("--replace-existing", action="store_true",
+                   help="deploy over a running Serve app of the same name (default: refuse)")
     p.add_argument("--address", help="attach to this Ray cluster instead of starting one here (then Ctrl-C removes only this app)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.set_defaults(func=cmd_serve)
@@ -310,8 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from simplear.ray_env import phone_home_off
     from simplear.workflow.engine import configure_logging
 
+    phone_home_off()  # before the libraries read their switches: huggingface_hub reads its own on import
     args = build_parser().parse_args(argv)
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     from simplear.workflow.lock import FencedOut, RunLocked

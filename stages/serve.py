@@ -11,40 +11,48 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simplear.serving import ServeConfig, load_api_keys, read_checkpoint_meta, resolve_checkpoint, start
+from simplear.serving.app import read_checkpoint_meta, resolve_checkpoint, start
+from simplear.serving.auth import load_api_keys
+from simplear.serving.config import ServeConfig
 from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.registry import register_stage
 
 
-@register_stage("serve", ServeConfig, version=3,
-                operational=("max_batch_size", "batch_wait_timeout_s", "max_concurrent_requests", "retry_after_s",
-                             "request_timeout_s", "max_body_bytes"))
-def run(ctx: StageContext) -> StageResult:
+def send_check_request(api: str, prompt: str, key: str | None, timeout_s: float = 600) -> dict:
+    """One generation request straight to the app, never through $http_proxy: a proxy would see the key and the
+    answer, and one that cannot reach the app's loopback address would fail the stage."""
     import urllib.request
 
+    body = json.dumps({"prompt": prompt, "seed": 0}).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(urllib.request.Request(api, data=body, headers=headers), timeout=timeout_s) as r:
+        return json.loads(r.read())
+
+
+@register_stage("serve", ServeConfig, version=3,
+                operational=("max_batch_size", "batch_wait_timeout_s", "max_concurrent_requests", "retry_after_s",
+                             "request_timeout_s", "max_body_bytes", "body_timeout_s", "replace_existing"))
+def run(ctx: StageContext) -> StageResult:
     cfg: ServeConfig = ctx.config
     checkpoint = resolve_checkpoint(cfg, ctx.run_dir, ctx.needs)
     read_checkpoint_meta(checkpoint)  # fail here, before Serve starts, on a missing checkpoint
     keys = load_api_keys(cfg)  # and on a host beyond loopback without a key
     t0 = time.time()
-    start(checkpoint, cfg, blocking=False, cpus=ctx.resources.cpus, gpus=ctx.resources.gpus,
-          replicas=ctx.resources.concurrency)
+    served = start(checkpoint, cfg, keys, cpus=ctx.resources.cpus, gpus=ctx.resources.gpus,
+                   replicas=ctx.resources.concurrency)
     deploy_s = time.time() - t0
-    ctx.log.info("serving %s (%s engine) at %s", checkpoint, cfg.engine, cfg.url)
-    metrics: dict[str, Any] = {"url": cfg.url, "engine": cfg.engine, "deploy_s": round(deploy_s, 2)}
+    api = f"{served.url}/v1/images/generations"
+    ctx.log.info("serving %s (%s engine) at %s", checkpoint, cfg.engine, served.url)
+    metrics: dict[str, Any] = {"url": served.url, "engine": cfg.engine, "deploy_s": round(deploy_s, 2)}
     if cfg.smoke_prompt:
-        body = json.dumps({"prompt": cfg.smoke_prompt, "seed": 0}).encode()
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {keys[0]}"} if keys else {})}
-        req = urllib.request.Request(f"{cfg.url}/v1/images/generations", data=body, headers=headers)
         t1 = time.time()
-        with urllib.request.urlopen(req, timeout=600) as r:
-            answer = json.loads(r.read())
+        answer = send_check_request(api, cfg.smoke_prompt, keys[0] if keys else None)
         metrics["smoke_latency_s"] = round(time.time() - t1, 3)
         with ctx.output("sample.png") as tmp:
             Path(tmp).write_bytes(base64.b64decode(answer["data"][0]["b64_json"]))
-    endpoint = {"url": cfg.url, "api": f"{cfg.url}/v1/images/generations", "app_name": cfg.app_name,
-                "checkpoint": str(checkpoint), "engine": cfg.engine, "sizes": cfg.sizes,
-                "auth": "bearer" if keys else None}
+    endpoint = {"url": served.url, "api": api, "app_name": cfg.app_name, "checkpoint": str(checkpoint),
+                "engine": cfg.engine, "sizes": cfg.sizes, "auth": "bearer" if keys else None}
     with ctx.output("endpoint.json") as tmp:
         Path(tmp).write_text(json.dumps(endpoint, indent=2) + "\n")
     return StageResult(metrics=metrics, artifacts=["endpoint.json", "sample.png"])

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from simplear.ray_env import phone_home_off
 from simplear.workflow.ray_session import stop_ray_session
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+phone_home_off()  # the suite's clusters are started by `ray start`, with this environment
 # The suite SIGKILLs drivers on purpose. A killed driver's Ray Data reservation (with the cluster-wide
 # autoscaling coordinator) lives on for this long, 180 s by default, and the datasets that run meanwhile
 # split the cluster with it. Every driver and worker of the suite's clusters inherits this.

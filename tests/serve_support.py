@@ -1,5 +1,5 @@
 """Helpers of the serving tests: a tiny checkpoint whose greedy picks are clear-cut, more apps on the session's
-Serve, and an API key file."""
+Serve (one whose engine fails), and an API key file."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from simplear.serving.app import ImageServer
+
+ENGINE_SECRET = "/secret/engine/state"  # what a failing engine's message holds and no client may see
 
 LEVELS = 4  # pixel-fsq: 64 codes, 8 px per code
 
@@ -37,9 +41,9 @@ def deployed(base, name: str, **updates) -> Iterator:
     from simplear.serving import ServeConfig, start
 
     cfg = ServeConfig.model_validate({**base.config.model_dump(), "app_name": name, "route_prefix": f"/{name}", **updates})
-    start(base.checkpoint, cfg, cpus=0)
+    served = start(base.checkpoint, cfg, cpus=0)
     try:
-        yield ServedApp(url=cfg.url, checkpoint=base.checkpoint, config=cfg, port=base.port)
+        yield ServedApp(url=served.url, checkpoint=base.checkpoint, config=served, port=served.port)
     finally:
         serve.delete(name)
 
@@ -47,3 +51,33 @@ def deployed(base, name: str, **updates) -> Iterator:
 def write_keys(path: Path, *keys: str) -> str:
     path.write_text("# one API key per line\n" + "".join(f"{k}\n" for k in keys))
     return str(path)
+
+
+class FailingEngine:
+    """Fails as a real engine can (a GPU fault, a dead vLLM engine), with details meant for the log only."""
+
+    def generate_images(self, prompts, size, params):
+        raise RuntimeError(f"engine state lost at {ENGINE_SECRET}")
+
+
+class FailingImageServer(ImageServer):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.engine = FailingEngine()
+
+
+@contextmanager
+def deployed_failing(base, name: str) -> Iterator[str]:
+    """The app over `base`'s checkpoint with an engine that fails every batch, at route prefix /<name>; yields its
+    URL and removes it afterwards."""
+    from ray import serve
+
+    cfg = base.config.model_copy(update={"app_name": name, "route_prefix": f"/{name}"})
+    deployment = serve.deployment(FailingImageServer, name="ImageServer", ray_actor_options={"num_cpus": 0},
+                                  graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=0.1)
+    serve.run(deployment.bind(str(base.checkpoint), cfg.model_dump(mode="json"), []), name=name,
+              route_prefix=cfg.route_prefix)
+    try:
+        yield cfg.url
+    finally:
+        serve.delete(name)

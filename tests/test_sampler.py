@@ -243,3 +243,53 @@ def test_sampler_on_gpu(vocab):
     captured = TorchSampler(m32, vocab).generate_codes([LONG, SHORT], (8, 8), p, return_logprobs=True)
     eager = TorchSampler(m32, vocab, capture=False).generate_codes([LONG, SHORT], (8, 8), p, return_logprobs=True)
     assert torch.equal(captured[0], eager[0]) and torch.allclose(captured[1], eager[1], atol=1e-5)
+
+
+def test_a_temperature_too_small_to_divide_by_is_refused(sampler, model, vocab):
+    """1e-300 is 0 as the float32 divisor of the log-probs: NaN, and a blank image. 0 stays greedy; the smallest
+    temperature allowed above it draws finite log-probs even from the flattest distribution."""
+    from pydantic import ValidationError
+
+    from simplear.grpo.config import SamplingSpec as GRPOSampling
+    from simplear.sampling.draw import DrawSettings
+    from simplear.sampling.spec import MIN_TEMPERATURE, SamplingSpec
+
+    for t in (1e-300, 1e-40, MIN_TEMPERATURE / 2):
+        with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or at least 1e-05, got"):
+            SamplingParams(temperature=t)
+        for spec in (SamplingSpec, GRPOSampling):  # workflow configs fail at load, naming the key
+            with pytest.raises(ValidationError, match="temperature"):
+                spec(temperature=t)
+    K = vocab.codebook_size
+    flat = torch.zeros(1, K)
+    logp = DrawSettings.of([SamplingParams(temperature=MIN_TEMPERATURE)], K, "cpu").final_logprobs(flat)
+    assert torch.isfinite(logp).all()
+    greedy = sampler.generate_codes([LONG], GRID, SamplingParams(temperature=0, cfg_scale=2.0))
+    assert torch.equal(greedy, sampler.generate_codes([LONG], GRID, SamplingParams(temperature=MIN_TEMPERATURE,
+                                                                                    cfg_scale=2.0, seed=3)))
+
+
+def test_a_request_with_such_a_temperature_gets_a_400():
+    """What the server answers before a request is admitted needs no engine and no Serve: the request path alone."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    from simplear.serving.app import ImageServer
+    from simplear.serving.auth import BearerAuth
+    from simplear.serving.config import ServeConfig
+
+    server = object.__new__(ImageServer)
+    server.cfg, server.auth = ServeConfig(engine="torch"), BearerAuth([])
+    body = json.dumps({"prompt": "a red circle", "temperature": 1e-300}).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = [(b"content-type", b"application/json")]
+    request = Request({"type": "http", "method": "POST", "path": "/v1/images/generations", "headers": headers}, receive)
+    response = asyncio.run(server._generation(request))
+    assert response.status_code == 400
+    message = json.loads(response.body)["error"]["message"]
+    assert message == "temperature must be 0 (greedy) or at least 1e-05, got 1e-300"

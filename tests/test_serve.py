@@ -91,10 +91,10 @@ def test_torch_engine_weights_dtype(tmp_path):
 
 
 def test_page_escapes_its_config():
-    page = render_page(ServeConfig(sizes=["64x64"]), api_root="/x")
+    page, _ = render_page(ServeConfig(sizes=["64x64"]), api_root="/x")
     assert '"/x/v1/images/generations"' in page and "<form" in page and '"auth": false' in page
-    assert '"auth": true' in render_page(ServeConfig(), auth=True)
-    assert "</script><script>" not in render_page(ServeConfig(app_name="</script><script>"))
+    assert '"auth": true' in render_page(ServeConfig(), auth=True)[0]
+    assert "</script><script>" not in render_page(ServeConfig(sizes=["64x64"]), api_root="/</script><script>")[0]
 
 
 def test_stage_is_registered():
@@ -170,8 +170,9 @@ def test_routes(serve_torch_app):
     page = requests.get(serve_torch_app.url + "/", timeout=30)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="prompt"' in page.text and "/v1/images/generations" in page.text
-    health = requests.get(serve_torch_app.url + "/v1/health", timeout=30).json()
+    health = requests.get(serve_torch_app.url + "/v1/health", timeout=30).json()  # an open API: the details
     assert health["engine"] == "torch" and health["sizes"] == ["32x32", "64x64"] and health["max_n"] == 4
+    assert str(serve_torch_app.checkpoint) not in json.dumps(health)
     assert requests.get(serve_torch_app.url + API, timeout=30).status_code == 405
     assert requests.get(serve_torch_app.url + "/nope", timeout=30).status_code == 404
 
@@ -223,16 +224,22 @@ def test_vllm_app_serves_and_matches_the_torch_app(serve_vllm_app, serve_torch_a
 # -- the stage and the CLI --------------------------------------------------------------------------
 
 
-def test_stage_deploys_checks_and_returns(serve_torch_app, tmp_path):
-    """The serve stage run by the workflow engine (a Ray task): deploys with an API key, checks one request (with
-    the key), records, returns; the key is in no file of the run."""
+def test_stage_deploys_checks_and_returns(serve_torch_app, tmp_path, monkeypatch):
+    """The serve stage run by the workflow engine (a Ray task): deploys with API keys, checks one request (with
+    a key), records, returns; the keys are in no file of the run. One key comes from $SIMPLEAR_API_KEYS, which
+    the driver took out of its environment as before Ray starts: it reaches the stage with its config."""
     import yaml
     from ray import serve
 
+    from simplear.serving import API_KEYS_ENV, auth
     from simplear.workflow.engine import run_workflow, select
     from simplear.workflow.spec import load_workflow
 
-    key = "stage-" + secrets.token_hex(16)
+    key, env_key = "stage-" + secrets.token_hex(16), "stage-env-" + secrets.token_hex(16)
+    monkeypatch.setattr(auth, "_taken_from_env", [])
+    monkeypatch.setenv(API_KEYS_ENV, env_key)
+    auth.take_api_keys_from_env()  # what engine.connect_ray does before ray.init
+    assert API_KEYS_ENV not in os.environ
     config = {"checkpoint": str(serve_torch_app.checkpoint), "engine": "torch", "port": serve_torch_app.port,
               "app_name": "stage", "route_prefix": "/stage", "sizes": ["32x32"],
               "api_keys_file": write_keys(tmp_path / "keys", key)}
@@ -249,11 +256,14 @@ def test_stage_deploys_checks_and_returns(serve_torch_app, tmp_path):
     assert endpoint["url"] == f"http://127.0.0.1:{serve_torch_app.port}/stage" and endpoint["auth"] == "bearer"
     assert endpoint["checkpoint"] == str(serve_torch_app.checkpoint)
     assert Image.open(stage_dir / "sample.png").size == (32, 32)
-    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
-    # the app outlives the stage's task, under its own route prefix, wants the key, and its page calls its own API
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file() and (key.encode() in p.read_bytes()
+                                                                              or env_key.encode() in p.read_bytes())]
+    # the app outlives the stage's task, under its own route prefix, wants a key, and its page calls its own API
     assert requests.post(endpoint["api"], json={"prompt": "a blue disc"}, timeout=120).status_code == 401
-    r = requests.post(endpoint["api"], json={"prompt": "a blue disc"}, headers={"Authorization": f"Bearer {key}"}, timeout=120)
-    assert r.status_code == 200
+    for k in (key, env_key):
+        r = requests.post(endpoint["api"], json={"prompt": "a blue disc"}, headers={"Authorization": f"Bearer {k}"},
+                          timeout=120)
+        assert r.status_code == 200
     assert '"/stage/v1/images/generations"' in requests.get(endpoint["url"], timeout=30).text
     serve.delete("stage")
 

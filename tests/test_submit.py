@@ -116,3 +116,79 @@ def test_submit_a_workflow_outside_the_project_waits_and_jobs_lists_it(auth_head
     assert stop.strip() == f"{job_id}: not running"
     missing = subprocess.run(cli + ["jobs", "logs", "raysubmit_nosuchjob"], env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+@pytest.fixture
+def fake_jobs_api(monkeypatch):
+    """The jobs API as `simplear submit` calls it, recording each submission instead of uploading anything."""
+    from simplear import jobs
+
+    submitted = []
+
+    class Client:
+        def submit_job(self, **kwargs):
+            submitted.append(kwargs)
+            return "raysubmit_fake"
+
+    monkeypatch.setattr(jobs, "job_client", lambda address: Client())
+    return submitted
+
+
+def workflow_folder(folder: Path) -> Path:
+    """A workflow of the tests' stage kinds in `folder` (outside the project, so the folder is the working dir)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "tests" / "stage_kinds.py", folder / "stage_kinds.py")
+    (folder / "workflow.yaml").write_text((ROOT / WORKFLOW).read_text().replace("../runs/engine-test", "runs"))
+    return folder / "workflow.yaml"
+
+
+def test_submit_refuses_secrets_it_would_upload_unless_told_yes(tmp_path, fake_jobs_api, capsys):
+    from simplear.cli import main
+
+    workflow = workflow_folder(tmp_path / "proj")
+    proj = workflow.parent
+    for name in [".ssh/id_rsa", ".ssh/config", ".env", "keys/server.pem", "notes/id_ed25519", "ignored.key",
+                 "data/a.txt", "data/b.txt"]:
+        (proj / name).parent.mkdir(parents=True, exist_ok=True)
+        (proj / name).write_text("x")
+    (proj / ".gitignore").write_text("ignored.key\n")  # Ray leaves what .gitignore names out of the upload
+    submit = ["submit", str(workflow), "--address", "http://127.0.0.1:1"]
+
+    assert main(submit) == 2
+    err = capsys.readouterr().err
+    assert f"error: {proj} holds files that may be secrets: " in err and "--yes" in err
+    # not .gitignore, nor ignored.key, which Ray leaves out; the project's packages go along as py_modules
+    assert "may be secrets: .env, .ssh/, keys/server.pem, notes/id_ed25519; the job would get " in err
+    assert ".ssh/ (2), data/ (2), keys/, notes/, pipelines/ (" in err and "workflow.yaml" in err
+    assert fake_jobs_api == []
+
+    assert main(submit + ["--yes"]) == 0
+    assert [s["runtime_env"]["working_dir"] for s in fake_jobs_api] == [str(proj)]
+    assert capsys.readouterr().out.splitlines()[0] == "raysubmit_fake"
+
+
+def test_submit_refuses_a_home_folder(tmp_path, fake_jobs_api, monkeypatch, capsys):
+    from simplear.cli import main
+
+    workflow = workflow_folder(tmp_path / "home")
+    monkeypatch.setenv("HOME", str(workflow.parent))
+    assert main(["submit", str(workflow), "--address", "http://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {workflow.parent} is your home folder or holds it: the job would get all of it " \
+           "(stage_kinds.py, workflow.yaml)" in err
+    monkeypatch.setenv("HOME", str(workflow.parent / "sub"))  # a folder that holds the home folder is no better
+    assert main(["submit", str(workflow), "--address", "http://127.0.0.1:1"]) == 2
+    assert fake_jobs_api == []
+
+
+def test_the_project_itself_uploads_without_a_question():
+    """What the project keeps beside its code (.gitignore, .ci/ excluded, .git/ and .venv/ excluded) is no secret."""
+    from simplear.jobs import plan_upload
+
+    upload = plan_upload(ROOT / WORKFLOW)
+    files = {str(f) for f in upload.files()}
+    assert upload.working_dir == ROOT and upload.refusal() is None
+    assert {"simplear/jobs.py", "ray_jobs/runtime_env.yaml", ".gitignore"} <= files
+    assert not any(f.startswith((".git/", ".venv/", ".ci/")) for f in files)

@@ -15,7 +15,8 @@ stream, so one seed names one image whatever else is in the batch and on any dev
 noise in the logits. A request with cfg_scale == 1 gets no unconditional row at all: it is exactly
 plain conditional sampling, and costs half.
 
-Greedy: `greedy=True` or `temperature=0` takes the argmax of the CFG-combined log-probs.
+Greedy: `greedy=True` or `temperature=0` takes the argmax of the CFG-combined log-probs (a temperature
+between 0 and `MIN_TEMPERATURE` is refused: see simplear.sampling.spec).
 
 No function here reads a tensor back to the host: which rows are truncated or greedy is known when
 the batch is built (`DrawSettings`), so a decode step never waits for the device.
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from simplear.sampling.spec import check_temperature
 
 
 @dataclass
@@ -40,8 +43,7 @@ class SamplingParams:
     greedy: bool = False
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        check_temperature(self.temperature)
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -13,15 +13,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from simplear.serving.auth import BearerAuth, key_digest, load_api_keys
+from simplear.serving.auth import (BearerAuth, host_header_is_loopback, is_loopback, key_digest, load_api_keys,
+                                   refuse_open_api)
 from simplear.serving.config import RequestError, ServeConfig, error_body, parse_request
-from simplear.serving.limits import Admission, BodyTooLarge, deployment_limits, read_body
+from simplear.serving.limits import Admission, BodyTooLarge, BodyTooSlow, deployment_limits, read_body
 from simplear.serving.metrics import ServeMetrics
 from simplear.serving.page import render_page
 
 # Serve's replica logger: its records go to the replica's log file (logs/serve/) and stderr with the request id
 # attached (the client's X-Request-Id, or one Serve's proxy made and returns in the response's X-Request-ID).
 log = logging.getLogger("ray.serve")
+deploy_log = logging.getLogger(__name__)  # start()'s, in the process that deploys
 
 
 def read_checkpoint_meta(path: Path) -> dict:
@@ -84,17 +86,22 @@ def _png_b64(img) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _is_json(content_type: str | None) -> bool:
+    return (content_type or "").partition(";")[0].strip().lower() == "application/json"
+
+
 class ImageServer:
-    """The Serve deployment (wrapped by `serve.deployment` in `build_app`): routing by path, the key check, the
-    bounded queue and the timeout, batching, the page."""
+    """The Serve deployment (wrapped by `serve.deployment` in `build_app`): routing by path, the Host and key checks,
+    the bounded queue and the timeouts, batching, the page. `config` is the config as served: its host is the one
+    Serve's proxy listens on."""
 
     def __init__(self, checkpoint: str, config: dict, key_digests: list[str]):
         from ray import serve
 
         self.cfg = ServeConfig.model_validate(config)
-        self.checkpoint = Path(checkpoint)
-        self.engine = build_engine(self.checkpoint, self.cfg)
+        self.engine = build_engine(Path(checkpoint), self.cfg)
         self.auth = BearerAuth(key_digests)
+        self.loopback_only = is_loopback(self.cfg.host)
         self.metrics = ServeMetrics(self.cfg.app_name, serve.get_replica_context().replica_id.unique_id)
         self.admission = Admission(self.cfg.max_concurrent_requests, self.metrics.queue_depth.set)
         self.stats = {"requests": 0, "images": 0, "batches": 0, "max_batch_requests": 0, "rejected_busy": 0,
@@ -104,8 +111,21 @@ class ImageServer:
                                     batch_wait_timeout_s=self.cfg.batch_wait_timeout_s)(self._run_batch)
 
     async def __call__(self, request):
+        """Any failure answers a 500 that says nothing of it but the request id; the log has the rest."""
+        try:
+            return await self._answer(request)
+        except Exception:  # noqa: BLE001 - an engine failure or a bug: the replica stays up
+            request_id = request.headers.get("x-request-id", "")  # set by Serve's proxy when the client sent none
+            log.exception("%s %s: failed", request.method, request.url.path)
+            return _error(500, f"internal server error (request id {request_id}); the server's log has the details",
+                          kind="server_error", code="internal_error")
+
+    async def _answer(self, request):
         from starlette.responses import HTMLResponse, JSONResponse
 
+        if self.loopback_only and not host_header_is_loopback(request.headers.get("host")):
+            return _error(421, "this server listens on loopback: the Host header must name a loopback address "
+                               "(127.0.0.1, localhost, [::1])", code="misdirected_request")
         path = request.scope.get("path", "/")
         root = request.scope.get("root_path", "")
         if root and path.startswith(root):
@@ -117,27 +137,37 @@ class ImageServer:
             known = [p for (_, p) in routes]
             status = 405 if path in known else 404
             msg = f"{request.method} {path} is not allowed" if status == 405 else f"no route {path}"
-            return JSONResponse(error_body(msg, kind="not_found" if status == 404 else "method_not_allowed"), status_code=status)
+            return _error(status, msg, kind="not_found" if status == 404 else "method_not_allowed")
         if route == "page":
-            return HTMLResponse(render_page(self.cfg, api_root=root.rstrip("/"), auth=self.auth.required))
+            html, headers = render_page(self.cfg, api_root=root.rstrip("/"), auth=self.auth.required)
+            return HTMLResponse(html, headers=headers)
         if route == "health":
-            return JSONResponse(self.health())
+            return JSONResponse(self.health(detailed=self.auth.refusal(request.headers.get("authorization")) is None))
         return await self._generation(request)
 
     async def _generation(self, request):
-        """401, 413, 400, 429, 504 or the images, in that order: a request is admitted to the queue only once it
-        is known to be allowed and well formed, so the queue holds nothing but work."""
+        """401, 415, 413, 408, 400, 429, 504 or the images, in that order: a request is admitted to the queue only
+        once it is known to be allowed and well formed, so the queue holds nothing but work. Only JSON is taken: a
+        browser sends a cross-site JSON request only after a preflight, which this server never grants."""
         from starlette.responses import JSONResponse
 
         refusal = self.auth.refusal(request.headers.get("authorization"))
         if refusal:
             log.info("generation: 401 %s", refusal)
             return _error(401, refusal, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if not _is_json(request.headers.get("content-type")):
+            return _error(415, "the body must be JSON: send 'Content-Type: application/json'",
+                          code="unsupported_media_type")
         try:
-            req, size = parse_request(await read_body(request, self.cfg.max_body_bytes), self.cfg)
+            body = await read_body(request, self.cfg.max_body_bytes, self.cfg.body_timeout_s)
+            req, size = parse_request(body, self.cfg)
             job = self._job(req, size)
         except BodyTooLarge:
-            return _error(413, f"the request body is larger than {self.cfg.max_body_bytes} bytes", code="request_too_large")
+            return _error(413, f"the request body is larger than {self.cfg.max_body_bytes} bytes",
+                          code="request_too_large")
+        except BodyTooSlow:
+            return _error(408, f"the request body did not arrive within body_timeout_s = {self.cfg.body_timeout_s} s",
+                          code="request_timeout")
         except RequestError as e:
             return _error(400, str(e), e.param)
         except ValueError as e:
@@ -161,10 +191,8 @@ class ImageServer:
             status = 504
             self.stats["timed_out"] += 1
             return _error(504, f"no answer within request_timeout_s = {self.cfg.request_timeout_s} s (waiting for a "
-                               "batch and generating); retry, or ask for fewer images", kind="server_error", code="timeout")
-        except Exception as e:  # noqa: BLE001 - the clients of the batch get a message, the replica stays up
-            log.exception("generation: the engine failed")
-            return _error(500, f"{type(e).__name__}: {e}", kind="server_error")
+                               "batch and generating); retry, or ask for fewer images", kind="server_error",
+                          code="timeout")
         finally:
             self.admission.leave()
             seconds = time.perf_counter() - t0
@@ -173,11 +201,14 @@ class ImageServer:
         data = [{"b64_json": b64, "seed": p.seed} for b64, p in zip(images, job.params)]
         return JSONResponse({"created": int(time.time()), "data": data})
 
-    def health(self) -> dict:
+    def health(self, detailed: bool) -> dict:
+        """`detailed`: for a caller the API would take (with a key, or any on an open API): the engine, limits, queue
+        and counters. Anyone else learns only that the server is up; no caller learns where the checkpoint is."""
+        if not detailed:
+            return {"status": "ok"}
         return {
             "status": "ok",
             "engine": self.cfg.engine if not self.cfg.sjd_window else f"torch+sjd(window={self.cfg.sjd_window})",
-            "checkpoint": str(self.checkpoint),
             "sizes": self.cfg.sizes,
             "defaults": self.cfg.defaults.model_dump(),
             "max_n": self.cfg.max_n,
@@ -247,17 +278,36 @@ def build_app(checkpoint: str | Path, cfg: ServeConfig, api_keys: list[str], cpu
     return deployment.bind(str(checkpoint), cfg.model_dump(mode="json"), [key_digest(k) for k in api_keys])
 
 
-def start(checkpoint: str | Path, cfg: ServeConfig, blocking: bool = False, **app_kwargs):
-    """Start Serve's proxy on cfg.host:cfg.port (if Serve is not up yet) and run the app; returns its handle.
-    The keys are loaded here, whoever calls, so that no path can deploy beyond loopback without one."""
+def start(checkpoint: str | Path, cfg: ServeConfig, keys: list[str] | None = None, **app_kwargs) -> ServeConfig:
+    """Start Serve's proxy on cfg.host:cfg.port (if Serve is not up yet) and run the app; returns the config as
+    served, with the host and port the proxy really listens on. A running Serve keeps its proxy as it is (serve.start
+    only logs a warning), so the rule that refuses an open API beyond loopback is applied to that host, read back
+    from Serve's controller. `keys`: what the caller's `load_api_keys(cfg)` gave; None: loaded here, so that no
+    path deploys without the rule. An app of the same name is replaced only where `cfg.replace_existing` says so."""
     from ray import serve
+    from ray.serve.context import _get_global_client  # no public API reads the proxy's HTTP options back
 
-    keys = load_api_keys(cfg)
-    logging.getLogger(__name__).info("app %s: %s", cfg.app_name,
-                                     f"{len(keys)} API key(s)" if keys else "no API key: the API is open (loopback only)")
+    keys = load_api_keys(cfg) if keys is None else keys
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    return serve.run(build_app(checkpoint, cfg, keys, **app_kwargs), name=cfg.app_name, route_prefix=cfg.route_prefix,
-                     blocking=blocking)
+    listening = _get_global_client().http_config
+    if listening.host is None:
+        raise ValueError("Serve runs on this cluster with its HTTP proxy disabled: the app could not be reached")
+    where = f"{listening.host}:{listening.port}"
+    if (listening.host, listening.port) != (cfg.host, cfg.port):
+        deploy_log.warning("Serve already runs on this cluster with its proxy on %s: the app is served there, not on "
+                           "the configured %s:%s", where, cfg.host, cfg.port)
+    refuse_open_api(listening.host, keys, f"Serve's proxy on this cluster listens on {where} (a running Serve keeps "
+                                          f"its own; configured: {cfg.host}), which")
+    existing = serve.status().applications.get(cfg.app_name)
+    if existing is not None and not cfg.replace_existing:
+        raise ValueError(f"a Serve app named {cfg.app_name!r} already runs on this cluster ({existing.status.value}): "
+                         "refusing to replace it; set replace_existing: true (simplear serve: --replace-existing) to "
+                         "deploy over it, or choose another app_name")
+    served = cfg.model_copy(update={"host": listening.host, "port": listening.port})
+    deploy_log.info("app %s on %s: %s", cfg.app_name, where,
+                    f"{len(keys)} API key(s)" if keys else "no API key: the API is open (loopback only)")
+    serve.run(build_app(checkpoint, served, keys, **app_kwargs), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    return served
 
 
 def resolve_checkpoint(cfg: ServeConfig, run_dir: Path, needs: list[str] | None = None) -> Path:

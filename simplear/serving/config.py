@@ -6,9 +6,10 @@ import json
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from simplear.config import StrictModel
+from simplear.serving.auth import env_api_keys
 from simplear.vllm_engine import VLLMOptions
 from simplear.vocab import MAX_TEXT_TOKENS
 
@@ -19,37 +20,69 @@ SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
 class GenerationDefaults(StrictModel):
     """What a request that leaves a parameter out gets."""
 
-    guidance_scale: float = Field(1.5, ge=0, le=50)  # 1.5 beat 3 on held-out demo prompts (ENVIRONMENT.md)
-    temperature: float = Field(1.0, ge=0, le=10)
-    top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
+    guidance_scale: float = Field(1.5, ge=0, le=50, description="CFG scale; 1.5 beat 3 on held-out demo prompts "
+                                                                "(ENVIRONMENT.md)")
+    temperature: float = Field(1.0, ge=0, le=10, description="0 = greedy")
+    top_k: int | None = Field(None, ge=1, description="keep the k likeliest visual tokens; None: all")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling; None: off")
 
 
 class ServeConfig(StrictModel):
-    checkpoint: str | None = None  # a checkpoint folder; None: `<run_dir>/<from_stage>/final`
-    from_stage: str = "grpo"  # the stage whose final checkpoint is served (must be in `needs`)
-    engine: Literal["vllm", "torch"] = "vllm"
-    sjd_window: int | None = Field(None, ge=1)  # torch engine: speculative Jacobi decoding with this many drafts
-    device: str = "auto"  # torch engine: "auto" = cuda when the replica has a GPU, else cpu
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # torch engine's weights: "auto" = bf16 on a GPU, else the checkpoint's
-    host: str = "127.0.0.1"  # where the HTTP proxy listens; 0.0.0.0 exposes it (and then needs an API key)
-    api_keys_file: str | None = None  # one API key per line, read at start (keys also come from $SIMPLEAR_API_KEYS)
-    port: int = Field(8000, ge=1, le=65535)
-    app_name: str = "simplear"
-    route_prefix: str = "/"
-    sizes: list[str] = Field(["64x64"], min_length=1)  # "WxH" in pixels; the first is the default
-    max_prompt_chars: int = Field(1000, ge=1)
-    max_n: int = Field(4, ge=1)
-    max_text_tokens: int = Field(MAX_TEXT_TOKENS, ge=1)  # caption tokens the model sees (longer ones are cut), as trained
-    max_batch_size: int = Field(16, ge=1)  # requests gathered into one engine call
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
-    max_concurrent_requests: int = Field(64, ge=1)  # per replica, generating or waiting for a batch; the next gets 429
-    retry_after_s: int = Field(2, ge=1)  # the Retry-After header of a 429
-    request_timeout_s: float = Field(300, gt=0)  # an admitted request not answered by then (wait + generation) gets 504
-    max_body_bytes: int = Field(1 << 20, ge=1024)  # a longer request body gets 413
-    defaults: GenerationDefaults = GenerationDefaults()
-    vllm: VLLMOptions = VLLMOptions()
-    smoke_prompt: str | None = "a red circle on a blue background"  # the stage's check request; None: no check
+    """The serve stage's and `simplear serve`'s config: the checkpoint and engine, where and to whom the app answers,
+    its limits. No key is a field (a file or the environment holds them), so none reaches a manifest."""
+
+    checkpoint: str | None = Field(None, description="a checkpoint folder; None: `<run_dir>/<from_stage>/final`")
+    from_stage: str = Field("grpo", description="the stage whose final checkpoint is served (must be in `needs`)")
+    engine: Literal["vllm", "torch"] = Field("vllm", description="vLLM, or the project's torch sampler")
+    sjd_window: int | None = Field(None, ge=1, description="torch engine: speculative Jacobi decoding with this "
+                                                           "many drafts")
+    device: str = Field("auto", description='torch engine: "auto" = cuda when the replica has a GPU, else cpu')
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description='torch engine\'s weights: "auto" = bf16 on a GPU, else the checkpoint\'s')
+    host: str = Field("127.0.0.1", description="where Serve's HTTP proxy listens if this starts it (a running "
+                                               "Serve keeps its own); beyond loopback an API key is required")
+    api_keys_file: str | None = Field(None, description="one API key per line, read at start (keys also come from "
+                                                        "$SIMPLEAR_API_KEYS); keep it private (mode 600)")
+    port: int = Field(8000, ge=1, le=65535, description="the proxy's port if this starts Serve")
+    app_name: str = Field("simplear", description="the Serve application's name")
+    replace_existing: bool = Field(False, description="deploy over a running Serve app of the same app_name; "
+                                                      "false: refuse to")
+    route_prefix: str = Field("/", description="URL prefix of the app")
+    sizes: list[str] = Field(["64x64"], min_length=1, description='"WxH" in pixels; the first is the default')
+    max_prompt_chars: int = Field(1000, ge=1, description="a longer prompt or negative prompt gets 400")
+    max_n: int = Field(4, ge=1, description="images per request")
+    max_text_tokens: int = Field(MAX_TEXT_TOKENS, ge=1, description="caption tokens the model sees (longer ones are "
+                                                                    "cut), as trained")
+    max_batch_size: int = Field(16, ge=1, description="requests gathered into one engine call")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill")
+    max_concurrent_requests: int = Field(64, ge=1, description="per replica, generating or waiting for a batch; the "
+                                                               "next gets 429")
+    retry_after_s: int = Field(2, ge=1, description="the Retry-After header of a 429")
+    request_timeout_s: float = Field(300, gt=0, description="an admitted request not answered by then (wait + "
+                                                            "generation) gets 504")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="a longer request body gets 413")
+    body_timeout_s: float = Field(10, gt=0, description="a request body not in whole by then gets 408: a slow "
+                                                        "sender would hold one of the replica's request slots")
+    defaults: GenerationDefaults = Field(GenerationDefaults(), description="what a request leaves out gets")
+    vllm: VLLMOptions = Field(VLLMOptions(), description="the vLLM engine's options")
+    smoke_prompt: str | None = Field("a red circle on a blue background", description="the stage's check request; "
+                                                                                       "None: no check")
+
+    _driver_api_keys: list[str] = PrivateAttr(default_factory=list)
+
+    def __getstate__(self) -> dict:
+        """A ServeConfig pickled for a Ray task (the serve stage's) carries this process's $SIMPLEAR_API_KEYS: the
+        driver took them out of its environment before Ray started, so the task cannot read them from its own.
+        A private attribute is never dumped: no manifest, fingerprint, log or Serve controller sees it."""
+        state = super().__getstate__()
+        private = dict(state["__pydantic_private__"] or {})
+        private["_driver_api_keys"] = list(dict.fromkeys(self._driver_api_keys + env_api_keys()))
+        return {**state, "__pydantic_private__": private}
+
+    @property
+    def driver_api_keys(self) -> list[str]:
+        """The $SIMPLEAR_API_KEYS of the driver that sent this config to a task (none where it was made here)."""
+        return list(self._driver_api_keys)
 
     @field_validator("sizes")
     @classmethod
@@ -146,8 +179,8 @@ def parse_request(body: bytes, cfg: ServeConfig) -> tuple[ImageRequest, tuple[in
     except ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        msgs = [f"{'.'.join(str(p) for p in err['loc'])}: {'unknown parameter' if err['type'] == 'extra_forbidden' else err['msg']}"
-                for err in e.errors()]
+        msgs = [f"{'.'.join(str(p) for p in err['loc'])}: "
+                f"{'unknown parameter' if err['type'] == 'extra_forbidden' else err['msg']}" for err in e.errors()]
         raise RequestError("; ".join(msgs), param) from None
     if not req.prompt.strip():
         raise RequestError("prompt must not be empty", "prompt")
@@ -168,5 +201,6 @@ def parse_request(body: bytes, cfg: ServeConfig) -> tuple[ImageRequest, tuple[in
     return req, (w, h)
 
 
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None) -> dict:
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
+               code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -1,8 +1,10 @@
 """Overload and abuse: our bounded queue per replica (429 with Retry-After), Ray Serve's own limits set behind
-it, and the cap on a request body (413). The request timeout (504) is applied around the batch in the app."""
+it, the cap on a request body (413) and the deadline for it to arrive (408). The request timeout (504) is applied
+around the batch in the app."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -49,15 +51,25 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The body, or BodyTooLarge as soon as it passes `limit` bytes (it is never read in whole)."""
+class BodyTooSlow(Exception):
+    pass
+
+
+async def read_body(request, limit: int, timeout_s: float) -> bytes:
+    """The body, or BodyTooLarge as soon as it passes `limit` bytes (it is never read in whole), or BodyTooSlow
+    when it is not in whole within `timeout_s`: Serve streams a body from the proxy to the replica, so a sender
+    that trickles it would otherwise hold one of the replica's request slots for as long as it likes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTooSlow from None
     return b"".join(chunks)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from simplear.config import ConfigError
+from simplear.ray_env import init_ray
 from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.fingerprint import SCHEME
 from simplear.workflow.lock import FENCE_ENV, RunLock, RunLocked, describe_holder, read_lock
@@ -124,16 +125,17 @@ def connect_ray(settings: RaySettings, metadata: dict[str, str], extra_sys_path:
         # Ray Train's helpers find "their" cluster through RAY_ADDRESS (else /tmp/ray): with several
         # clusters on one host they could pick another one and tear down this run's placement group.
         env_vars["RAY_ADDRESS"] = address
-    if env_vars:
-        kwargs["runtime_env"] = {"env_vars": env_vars}
+    from simplear.serving.auth import take_api_keys_from_env  # serving (issue 19): no worker inherits the API keys;
+    take_api_keys_from_env()  # the serve stage gets them with its pickled ServeConfig
     if address:
         log.info("attaching to Ray at %s", address)
-        ray.init(address=address, **kwargs)
+        init_ray(address, env_vars, **kwargs)
         return None
     else:
         log.info("starting an embedded Ray")
-        ray.init(
-            address="local",  # a Ray of its own, even when another cluster runs on this host
+        init_ray(
+            None,  # a Ray of its own, even when another cluster runs on this host
+            env_vars,
             num_cpus=settings.num_cpus,
             num_gpus=settings.num_gpus,
             include_dashboard=settings.include_dashboard,
