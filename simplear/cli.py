@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from simplear.config import ConfigError
 
@@ -85,6 +86,11 @@ def cmd_submit(args) -> int:
 
     wf = _load(args)  # fail here, before anything is uploaded, on a bad workflow or selection
     select(wf, from_=args.from_, only=args.only, force=args.force)
+    if not Path(wf.body.run_dir).is_absolute() and not args.run_dir_in_job:
+        print(f"error: run_dir {wf.body.run_dir!r} is relative: under a job it would lie in the job's working dir, "
+              "on whichever node runs the driver, and be lost when the job ends. Give --run-dir an absolute path "
+              "every node mounts (or pass --run-dir-in-job to keep it there)", file=sys.stderr)
+        return 2
     job_args = (["--profile", wf.profile] if wf.profile else []) + (["--run-dir", args.run_dir] if args.run_dir else [])
     job_args += _selection_args(args)
     upload = plan_upload(args.workflow)
@@ -284,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     selection_args(p)
     address_arg(p)
     p.add_argument("--wait", action="store_true", help="stream the job's logs until it ends; exit with its status")
+    p.add_argument("--run-dir-in-job", action="store_true",
+                   help="let a relative run_dir lie in the job's working dir (lost when the job ends)")
     p.add_argument("--yes", action="store_true",
                    help="upload even a home folder, or files that may be secrets (dotfiles, keys) not excluded")
     p.set_defaults(func=cmd_submit)
@@ -342,10 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     from simplear.workflow.lock import FencedOut, RunLocked
+    from simplear.workflow.preflight import UnsupportedRunDir
 
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, UnsupportedRunDir) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (RunLocked, FencedOut) as e:

@@ -154,7 +154,7 @@ def test_submit_refuses_secrets_it_would_upload_unless_told_yes(tmp_path, fake_j
         (proj / name).parent.mkdir(parents=True, exist_ok=True)
         (proj / name).write_text("x")
     (proj / ".gitignore").write_text("ignored.key\n")  # Ray leaves what .gitignore names out of the upload
-    submit = ["submit", str(workflow), "--address", "http://127.0.0.1:1"]
+    submit = ["submit", str(workflow), "--address", "http://127.0.0.1:1", "--run-dir", str(tmp_path / "runs")]
 
     assert main(submit) == 2
     err = capsys.readouterr().err
@@ -174,13 +174,27 @@ def test_submit_refuses_a_home_folder(tmp_path, fake_jobs_api, monkeypatch, caps
 
     workflow = workflow_folder(tmp_path / "home")
     monkeypatch.setenv("HOME", str(workflow.parent))
-    assert main(["submit", str(workflow), "--address", "http://127.0.0.1:1"]) == 2
+    submit = ["submit", str(workflow), "--address", "http://127.0.0.1:1", "--run-dir", str(tmp_path / "runs")]
+    assert main(submit) == 2
     err = capsys.readouterr().err
     assert f"error: {workflow.parent} is your home folder or holds it: the job would get all of it " \
            "(stage_kinds.py, workflow.yaml)" in err
     monkeypatch.setenv("HOME", str(workflow.parent / "sub"))  # a folder that holds the home folder is no better
-    assert main(["submit", str(workflow), "--address", "http://127.0.0.1:1"]) == 2
+    assert main(submit) == 2
     assert fake_jobs_api == []
+
+
+def test_submit_refuses_a_run_dir_the_job_would_lose_unless_told(tmp_path, fake_jobs_api, capsys):
+    from simplear.cli import main
+
+    workflow = workflow_folder(tmp_path / "proj")  # its run_dir: "runs", relative
+    submit = ["submit", str(workflow), "--address", "http://127.0.0.1:1"]
+    assert main(submit) == 2
+    assert "run_dir 'runs' is relative: under a job it would lie in the job's working dir" in capsys.readouterr().err
+    assert main(submit + ["--run-dir", "elsewhere/runs"]) == 2 and fake_jobs_api == []
+    assert main(submit + ["--run-dir-in-job"]) == 0
+    assert main(submit + ["--run-dir", str(tmp_path / "shared" / "runs")]) == 0
+    assert fake_jobs_api[-1]["entrypoint"].endswith(f"--run-dir {tmp_path / 'shared' / 'runs'}")
 
 
 def test_the_project_itself_uploads_without_a_question():

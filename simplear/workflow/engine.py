@@ -24,6 +24,7 @@ from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.fingerprint import SCHEME
 from simplear.workflow.lock import FENCE_ENV, RunLock, RunLocked, describe_holder, read_lock
 from simplear.workflow.manifest import FAILED, MANIFEST, STARTED, atomic_write_json, describe_outputs, read_json
+from simplear.workflow.preflight import check_every_node_sees_the_run
 from simplear.workflow.previous import move_aside
 from simplear.workflow.ray_session import claim_session
 from simplear.workflow.spec import RaySettings, ResolvedWorkflow
@@ -284,6 +285,8 @@ def _run(wf: ResolvedWorkflow, selection: Selection, lock: RunLock) -> dict[str,
                 )
                 if session_dir:
                     lock.update(ray_session=claim_session(session_dir))
+                else:  # a cluster: every node must see the run dir before any stage writes to it
+                    check_every_node_sees_the_run(lock.path, lock.run_id)
                 remote = ray.remote(_execute_stage)
             prepare_stage_dir(wf.stage_dir(name), st, action, _why_rerun(st, action, selection), wf.body.keep_previous)
             ctx = StageContext(

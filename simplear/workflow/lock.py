@@ -11,6 +11,7 @@ lock stops writing instead of mixing its shards into the new run's.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -25,11 +26,17 @@ from pydantic import Field
 
 from simplear.config import StrictModel
 from simplear.workflow.manifest import read_json
+from simplear.workflow.preflight import UnsupportedRunDir, mount_of
 from simplear.workflow.ray_session import end_dead_session
 
 log = logging.getLogger("simplear.lock")
 
 LOCK = "_LOCK.json"
+# FUSE file systems over object storage (their type in /proc/self/mountinfo): no hard links, folder renames not atomic
+OBJECT_STORE_FUSE = ("fuse.gcsfuse", "fuse.mountpoint-s3", "fuse.blobfuse2", "fuse.s3fs", "fuse.goofys",
+                     "fuse.rclone")
+RUN_DIR_STORAGE = ("a run dir must be on a local disk (one machine) or a POSIX shared file system every node "
+                   "mounts at the same path (NFS, CephFS, Lustre, JuiceFS ...)")
 FENCE_ENV = "SIMPLEAR_FENCE"  # {"lock": path, "run_id": id}: set for the driver and every task of a run
 
 
@@ -102,6 +109,7 @@ class RunLock:
     @classmethod
     def acquire(cls, run_dir: Path, settings: LockSettings, purpose: str = "run") -> "RunLock":
         run_dir.mkdir(parents=True, exist_ok=True)
+        check_storage(run_dir)
         path = run_dir / LOCK
         pid = os.getpid()
         info = {
@@ -195,10 +203,29 @@ def _create_exclusive(path: Path, info: dict) -> bool:
     try:
         os.link(tmp, path)
         return True
-    except FileExistsError:
-        return False
+    except FileExistsError:  # NFS answers a retransmitted link() that succeeded with EEXIST: the link count tells
+        return os.stat(tmp).st_nlink == 2
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        raise UnsupportedRunDir(f"{path.parent}: {_storage(path.parent)} makes no hard links ({e.strerror}), which "
+                                f"the run lock needs: {RUN_DIR_STORAGE}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _storage(folder: Path) -> str:
+    point, fstype = mount_of(folder)
+    return f"the file system there ({fstype}, mounted on {point})"
+
+
+def check_storage(run_dir: Path) -> None:
+    """Refuse, before any work, a run dir on a FUSE mount of object storage: it has no hard links and renames a
+    folder file by file (copy then delete), so neither the lock nor a commit would be atomic there."""
+    fstype = mount_of(run_dir)[1]
+    if fstype in OBJECT_STORE_FUSE:
+        raise UnsupportedRunDir(f"{run_dir}: {_storage(run_dir)} is a FUSE mount of object storage: "
+                                f"{RUN_DIR_STORAGE}")
 
 
 def read_lock(run_dir: Path, settings: LockSettings) -> tuple[dict | None, bool]:
@@ -221,7 +248,11 @@ def check_fence() -> None:
     if not token:
         return
     fence = json.loads(token)
-    holder = read_json(Path(fence["lock"]))
+    lock = Path(fence["lock"])
+    holder = read_json(lock)
+    if holder is None and not lock.parent.exists():
+        raise FencedOut(f"the run dir {lock.parent} is not visible on this node ({socket.gethostname()}): a run on "
+                        f"a cluster needs a run dir every node mounts at the same path; not writing")
     if holder is None or holder.get("run_id") != fence["run_id"]:
         who = describe_holder(holder) if holder else "nobody"
         raise FencedOut(f"run {fence['run_id']} lost the lock {fence['lock']} (now held by {who}): not writing")

@@ -7,9 +7,11 @@ The manifest is written last and atomically, so its presence is the one proof a 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import time
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,11 +52,19 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def read_json(path: Path, tries: int = 4) -> dict | None:
+    """The JSON object in `path`, None when missing or damaged. On NFS a file replaced by rename can answer ESTALE
+    to a reader holding the old handle: looked up again, a few times, before that is an error."""
+    for attempt in range(tries):
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        except OSError as e:
+            if e.errno != errno.ESTALE or attempt == tries - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
