@@ -14,11 +14,14 @@ log = logging.getLogger("simplear")
 
 
 def _load(args):
-    from simplear.workflow.spec import load_workflow
+    from simplear.workflow.spec import check_run_dir, load_workflow
 
     wf = load_workflow(args.workflow, args.profile)
     if getattr(args, "run_dir", None):
-        wf.body.run_dir = args.run_dir
+        try:
+            wf.body.run_dir = check_run_dir(args.run_dir)
+        except ValueError as e:
+            raise ConfigError(f"--run-dir: {e}") from None
     return wf
 
 

@@ -114,3 +114,22 @@ def test_a_node_that_does_not_see_the_run_dir_is_refused_before_any_work(tmp_pat
         assert not any((hidden / "runs").glob("*/_MANIFEST.json")) and not (hidden / "runs" / "a").exists()
     finally:
         head.stop()
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/runs/x", "gs://b/r", "abfs://c@acct.dfs.core.windows.net/r"])
+def test_a_run_dir_uri_is_refused_not_made_a_local_folder(tmp_path, uri, capsys):
+    import yaml
+
+    from simplear.cli import main
+    from simplear.config import ConfigError
+    from simplear.workflow.spec import load_workflow
+
+    path = tmp_path / "workflow.yaml"
+    body = {"plugins": ["stage_kinds"], "stages": {"a": {"uses": "test_shards"}}}
+    path.write_text(yaml.safe_dump({"run_dir": uri, **body}))
+    with pytest.raises(ConfigError, match="is a URI: object storage is not a run dir yet"):
+        load_workflow(path)
+    path.write_text(yaml.safe_dump({"run_dir": "runs", **body}))
+    assert main(["run", str(path), "--run-dir", uri, "--dry-run"]) == 2
+    assert "--run-dir: run_dir" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*:")) and not (Path.cwd() / uri.split("/")[0]).exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,11 @@ class WorkflowBody(StrictModel):
     progress_interval_s: float = Field(30.0, gt=0, description="seconds between progress lines in logs (no terminal)")
     stages: dict[str, StageSpec]
 
+    @field_validator("run_dir")
+    @classmethod
+    def _local_run_dir(cls, value: str) -> str:
+        return check_run_dir(value)
+
     @field_validator("stages")
     @classmethod
     def _stage_names(cls, stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
@@ -78,6 +84,14 @@ class WorkflowBody(StrictModel):
         for name in names:
             check_name(name, "dataset name")
         return names
+
+
+def check_run_dir(value: str) -> str:
+    """A run dir is a path: a URI (s3://, gs://, ...) would silently become a local folder named after its scheme."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+        raise ValueError(f"run_dir {value!r} is a URI: object storage is not a run dir yet (it would become a local "
+                         f"folder named {value.split('/')[0]!r}); use a path on a file system every node mounts")
+    return value
 
 
 @dataclass
