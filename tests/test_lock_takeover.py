@@ -111,3 +111,11 @@ def test_names_path_is_not_a_substring_match():
     assert not ray_session.names_path("/tmp/ray/s10", "/tmp/ray/s1")
     assert not ray_session.names_path("python", "/")
     assert not ray_session.names_path("-c", "/tmp/ray/s1")
+
+
+def test_a_home_where_no_key_can_be_kept_costs_the_takeover_not_the_run(tmp_path, monkeypatch, caplog):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("HOME", str(tmp_path / "file"))  # ~/.simplear cannot be made under a file
+    claim = ray_session.claim_session(str(tmp_path))
+    assert "signature" not in claim and "cannot keep a signing key" in caplog.text
+    assert "cannot be read or made" in ray_session.why_not_ours({**claim, "signature": "0" * 64}, 1)

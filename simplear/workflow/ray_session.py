@@ -117,7 +117,11 @@ def claim_session(session_dir: str) -> dict:
         "dir": resolved,
         "processes": [{"pid": p.pid, "started": p.create_time()} for p in session_processes(resolved)],
     }
-    claim["signature"] = _signature(claim)
+    try:
+        claim["signature"] = _signature(claim)
+    except OSError as e:  # e.g. a read-only home: the run goes on, but nothing can prove this Ray is its own
+        log.warning("cannot keep a signing key at %s (%s): if this run dies, the next one will leave its Ray's "
+                    "processes running", key_path(), e)
     return claim
 
 
@@ -133,7 +137,11 @@ def why_not_ours(claim: dict, holder_pid) -> str | None:
         return "the lock records no embedded Ray session"
     if claim.get("host") != socket.gethostname():
         return f"the dead run's Ray ran on host {claim.get('host')!r}, not here"
-    if not isinstance(claim.get("signature"), str) or not hmac.compare_digest(claim["signature"], _signature(claim)):
+    try:
+        signed = isinstance(claim.get("signature"), str) and hmac.compare_digest(claim["signature"], _signature(claim))
+    except OSError as e:
+        return f"this user's signing key {key_path()} cannot be read or made: {e}"
+    if not signed:
         return f"the claim is not signed with this user's key ({key_path()}): forged, or written by another user"
     if claim.get("uid") != os.getuid():
         return f"the dead run ran as uid {claim.get('uid')}, not as this user"
