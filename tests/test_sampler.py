@@ -269,6 +269,16 @@ def test_a_temperature_too_small_to_divide_by_is_refused(sampler, model, vocab):
                                                                                     cfg_scale=2.0, seed=3)))
 
 
+def test_a_serving_default_temperature_too_small_fails_where_the_config_loads():
+    from pydantic import ValidationError
+
+    from simplear.serving.config import ServeConfig
+
+    with pytest.raises(ValidationError, match=r"defaults.temperature\n.*at least 1e-05, got 1e-09"):
+        ServeConfig.model_validate({"defaults": {"temperature": 1e-9}})
+    assert ServeConfig.model_validate({"defaults": {"temperature": 0}}).defaults.temperature == 0
+
+
 def test_a_request_with_such_a_temperature_gets_a_400():
     """What the server answers before a request is admitted needs no engine and no Serve: the request path alone."""
     import asyncio

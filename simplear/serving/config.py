@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from simplear.config import StrictModel
+from simplear.sampling.spec import check_temperature
 from simplear.serving.auth import env_api_keys
 from simplear.vllm_engine import VLLMOptions
 from simplear.vocab import MAX_TEXT_TOKENS
@@ -25,6 +26,11 @@ class GenerationDefaults(StrictModel):
     temperature: float = Field(1.0, ge=0, le=10, description="0 = greedy")
     top_k: int | None = Field(None, ge=1, description="keep the k likeliest visual tokens; None: all")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling; None: off")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:  # a bad default fails where the config loads, not at each request
+        return check_temperature(v)
 
 
 class ServeConfig(StrictModel):
