@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     from simplear.workflow.lock import FencedOut, RunLocked
-    from simplear.workflow.preflight import UnsupportedRunDir
+    from simplear.workflow.storage import UnsupportedRunDir
 
     try:
         return args.func(args)

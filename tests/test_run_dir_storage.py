@@ -15,7 +15,8 @@ import pytest
 from simplear.workflow import lock as lock_module
 from simplear.workflow.lock import FENCE_ENV, LOCK, FencedOut, LockSettings, RunLock, check_fence
 from simplear.workflow.manifest import read_json
-from simplear.workflow.preflight import UnsupportedRunDir, mount_of
+from simplear.workflow import storage as storage_module
+from simplear.workflow.storage import UnsupportedRunDir, mount_of
 
 
 def test_a_file_system_without_hard_links_is_named_not_a_raw_oserror(tmp_path, monkeypatch):
@@ -49,7 +50,7 @@ def test_an_nfs_link_that_answers_eexist_after_succeeding_still_takes_the_lock(t
 
 
 def test_a_fuse_mount_of_object_storage_is_refused_naming_the_mount(tmp_path, monkeypatch):
-    monkeypatch.setattr(lock_module, "mount_of", lambda path: ("/mnt/bucket", "fuse.gcsfuse"))
+    monkeypatch.setattr(storage_module, "mount_of", lambda path: ("/mnt/bucket", "fuse.gcsfuse"))
     with pytest.raises(UnsupportedRunDir, match=r"fuse.gcsfuse, mounted on /mnt/bucket.*FUSE mount of object"):
         RunLock.acquire(tmp_path / "runs", LockSettings())
     assert not (tmp_path / "runs" / LOCK).exists()
@@ -94,8 +95,7 @@ def test_a_node_that_does_not_see_the_run_dir_is_refused_before_any_work(tmp_pat
     hidden = tmp_path / "shared"
     hidden.mkdir()
     probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {hidden}"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"no mount namespaces here: {probe.stderr.decode()[-200:]}")
+    assert probe.returncode == 0, f"this test needs mount namespaces (root): {probe.stderr.decode()[-200:]}"
     head = start_ray_head(num_cpus=1)
     try:
         start = [RAY, "start", f"--address={head.address}", "--num-cpus=1", f"--temp-dir={head.temp_dir}",

@@ -26,17 +26,12 @@ from pydantic import Field
 
 from simplear.config import StrictModel
 from simplear.workflow.manifest import read_json
-from simplear.workflow.preflight import UnsupportedRunDir, mount_of
+from simplear.workflow.storage import RUN_DIR_STORAGE, UnsupportedRunDir, check_storage, describe_storage
 from simplear.workflow.ray_session import end_dead_session
 
 log = logging.getLogger("simplear.lock")
 
 LOCK = "_LOCK.json"
-# FUSE file systems over object storage (their type in /proc/self/mountinfo): no hard links, folder renames not atomic
-OBJECT_STORE_FUSE = ("fuse.gcsfuse", "fuse.mountpoint-s3", "fuse.blobfuse2", "fuse.s3fs", "fuse.goofys",
-                     "fuse.rclone")
-RUN_DIR_STORAGE = ("a run dir must be on a local disk (one machine) or a POSIX shared file system every node "
-                   "mounts at the same path (NFS, CephFS, Lustre, JuiceFS ...)")
 FENCE_ENV = "SIMPLEAR_FENCE"  # {"lock": path, "run_id": id}: set for the driver and every task of a run
 
 
@@ -208,24 +203,10 @@ def _create_exclusive(path: Path, info: dict) -> bool:
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
-        raise UnsupportedRunDir(f"{path.parent}: {_storage(path.parent)} makes no hard links ({e.strerror}), which "
+        raise UnsupportedRunDir(f"{path.parent}: {describe_storage(path.parent)} makes no hard links ({e.strerror}), which "
                                 f"the run lock needs: {RUN_DIR_STORAGE}") from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _storage(folder: Path) -> str:
-    point, fstype = mount_of(folder)
-    return f"the file system there ({fstype}, mounted on {point})"
-
-
-def check_storage(run_dir: Path) -> None:
-    """Refuse, before any work, a run dir on a FUSE mount of object storage: it has no hard links and renames a
-    folder file by file (copy then delete), so neither the lock nor a commit would be atomic there."""
-    fstype = mount_of(run_dir)[1]
-    if fstype in OBJECT_STORE_FUSE:
-        raise UnsupportedRunDir(f"{run_dir}: {_storage(run_dir)} is a FUSE mount of object storage: "
-                                f"{RUN_DIR_STORAGE}")
 
 
 def read_lock(run_dir: Path, settings: LockSettings) -> tuple[dict | None, bool]:
@@ -248,14 +229,22 @@ def check_fence() -> None:
     if not token:
         return
     fence = json.loads(token)
-    lock = Path(fence["lock"])
+    problem = fence_problem(Path(fence["lock"]), fence["run_id"])
+    if problem:
+        raise FencedOut(f"{problem}: not writing")
+
+
+def fence_problem(lock: Path, run_id: str) -> str | None:
+    """Why a process on this node may not write for run `run_id` of `lock` (None: it may): the run dir is not
+    there, or the lock is another run's. Read by every commit, and by the cluster preflight on each node."""
     holder = read_json(lock)
     if holder is None and not lock.parent.exists():
-        raise FencedOut(f"the run dir {lock.parent} is not visible on this node ({socket.gethostname()}): a run on "
-                        f"a cluster needs a run dir every node mounts at the same path; not writing")
-    if holder is None or holder.get("run_id") != fence["run_id"]:
+        return (f"the run dir {lock.parent} is not visible on this node ({socket.gethostname()}): it does not exist "
+                "on this node; a run on a cluster needs a run dir every node mounts at the same path")
+    if holder is None or holder.get("run_id") != run_id:
         who = describe_holder(holder) if holder else "nobody"
-        raise FencedOut(f"run {fence['run_id']} lost the lock {fence['lock']} (now held by {who}): not writing")
+        return f"run {run_id} lost the lock {lock} (now held by {who})"
+    return None
 
 
 def check_inside_run(path: str | os.PathLike) -> None:
