@@ -23,6 +23,7 @@ import os
 import tarfile
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.parquet as pq
 
@@ -78,6 +79,28 @@ def open_archive(path: str) -> tarfile.TarFile:
     return tarfile.open(path, "r:*", tarinfo=_BoundedTarInfo)
 
 
+class ArchiveEnded(Exception):
+    """Reading the next member header failed: whatever the archive's bytes made tarfile raise is its `cause`."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+
+
+def members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The archive's members in order; a header tarfile cannot read ends them with ArchiveEnded, so a caller tells
+    the archive's end apart from its own errors."""
+    it = iter(tar)
+    while True:
+        try:
+            member = next(it, None)
+        except Exception as e:  # noqa: BLE001 - whatever the bytes make tarfile raise
+            raise ArchiveEnded(e) from e
+        if member is None:
+            return
+        yield member
+
+
 def member_problem(member: tarfile.TarInfo, max_bytes: int) -> tuple[str, str] | None:
     """(reason, message) for a member not to be read, from its header alone; None for one to read."""
     if member.issparse():
@@ -95,33 +118,27 @@ def _webdataset_records(path: str, key_field: str, caption_field: str, max_bytes
     by_stem: dict[str, dict] = {}
     skipped = 0
     with open_archive(path) as tar:
-        members = iter(tar)
-        while True:
-            try:
-                member = next(members, None)
-            except Exception as e:  # noqa: BLE001 - whatever the bytes make tarfile raise
-                log.warning("%s: caption archive unreadable after %d captions: %s: %s", path, len(by_stem),
-                            type(e).__name__, e)
-                break
-            if member is None:
-                break
-            stem, _, ext = _utf8(os.path.basename(member.name)).partition(".")
-            if not member.isfile() or ext != wanted:
-                continue
-            if member_problem(member, max_bytes):
-                skipped += 1
-                continue
-            try:
-                data = tar.extractfile(member).read(max_bytes)
-                if wanted == "txt":
-                    value = data.decode("utf-8", "replace").strip()
-                else:
-                    value = _dig(json.loads(data), caption_field)
-            except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError, MemoryError):
-                skipped += 1
-                continue
-            if value is not None:
-                by_stem[stem] = {key_field: stem, caption_field: value}
+        try:
+            for member in members(tar):
+                stem, _, ext = _utf8(os.path.basename(member.name)).partition(".")
+                if not member.isfile() or ext != wanted:
+                    continue
+                if member_problem(member, max_bytes):
+                    skipped += 1
+                    continue
+                try:
+                    data = tar.extractfile(member).read(max_bytes)
+                    if wanted == "txt":
+                        value = data.decode("utf-8", "replace").strip()
+                    else:
+                        value = _dig(json.loads(data), caption_field)
+                except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError, MemoryError):
+                    skipped += 1
+                    continue
+                if value is not None:
+                    by_stem[stem] = {key_field: stem, caption_field: value}
+        except ArchiveEnded as e:
+            log.warning("%s: caption archive unreadable after %d captions: %s", path, len(by_stem), e)
     if skipped:
         log.warning("%s: %d caption members skipped (damaged, sparse or over max_member_bytes)", path, skipped)
     return list(by_stem.values())
@@ -206,30 +223,25 @@ def archive_rows(archive: str, stem: str, dataset: str, ds: ArchiveSource, capti
         return _failed_read(dataset, f"{stem}-{index:06d}-truncated", archive, reason, e)
 
     with tar:
-        members = iter(tar)
-        while True:
-            try:
-                member = next(members, None)
-            except Exception as e:  # noqa: BLE001 - the archive ends here, with a row
-                yield ended(e)
-                return
-            if member is None:
-                return
-            if not member.isfile() or not member.name.lower().endswith(exts):
-                continue
-            problem, data = member_problem(member, max_bytes), b""
-            if problem is None:
-                try:
-                    data = tar.extractfile(member).read(max_bytes)  # the header said at most this much: never more
-                except MemoryError as e:  # this member only
-                    problem = ("too_large", f"MemoryError: {e}")
-                except Exception as e:  # noqa: BLE001 - the archive ends here, with a row
-                    yield ended(e)
-                    return
-            name = _utf8(member.name)
-            yield _member_row(f"{dataset}-{stem}-{index:06d}", dataset, archive, name,
-                              captions.get(_member_key(name, match)), data, max_pixels, problem)
-            index += 1
+        try:
+            for member in members(tar):
+                if not member.isfile() or not member.name.lower().endswith(exts):
+                    continue
+                problem, data = member_problem(member, max_bytes), b""
+                if problem is None:
+                    try:
+                        data = tar.extractfile(member).read(max_bytes)  # the header said at most this: never more
+                    except MemoryError as e:  # this member only
+                        problem = ("too_large", f"MemoryError: {e}")
+                    except Exception as e:  # noqa: BLE001 - the archive ends here, with a row
+                        yield ended(e)
+                        return
+                name = _utf8(member.name)
+                yield _member_row(f"{dataset}-{stem}-{index:06d}", dataset, archive, name,
+                                  captions.get(_member_key(name, match)), data, max_pixels, problem)
+                index += 1
+        except ArchiveEnded as e:  # the archive ends here, with a row
+            yield ended(e.cause)
 
 
 def _archive_reason(error: Exception, default: str) -> str:
