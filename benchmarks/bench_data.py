@@ -48,6 +48,7 @@ from pipelines.pixels import record_pixel_files  # noqa: E402
 from pipelines.resumable_parquet import (SRC, SRC_FILE, PartsWriter, SplitByReason, input_sources, read_process_write,  # noqa: E402
                                          read_sources, to_arrow)
 from simplear.workflow.context import StageContext  # noqa: E402
+from simplear.storage.local import LocalStore  # noqa: E402
 from simplear.workflow.manifest import atomic_write_json, describe_outputs  # noqa: E402
 from simplear.workflow.spec import Resources  # noqa: E402
 
@@ -105,7 +106,7 @@ def make_download(folder: Path, first: int, n: int, size: int) -> int:
             for k in range((n + SHARD_ROWS - 1) // SHARD_ROWS)]
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         pool.map(_shard, jobs, chunksize=1)
-    atomic_write_json(stage / "_MANIFEST.json", {"fingerprint": "bench", "outputs": describe_outputs(stage)})
+    atomic_write_json(stage / "_MANIFEST.json", {"fingerprint": "bench", "outputs": describe_outputs(LocalStore(stage.parent), stage.name)})
     return n
 
 
@@ -127,7 +128,7 @@ def run_dir_for(data: Path, out: Path) -> Path:
 
 
 def record(ctx: StageContext) -> None:
-    atomic_write_json(ctx.stage_dir / "_MANIFEST.json", {"fingerprint": "bench", "outputs": describe_outputs(ctx.stage_dir)})
+    atomic_write_json(ctx.stage_dir / "_MANIFEST.json", {"fingerprint": "bench", "outputs": describe_outputs(ctx.store, ctx.name)})
 
 
 def source_batch(s) -> dict[str, list]:

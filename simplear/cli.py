@@ -31,7 +31,7 @@ def cmd_run(args) -> int:
 
     wf = _load(args)
     selection = select(wf, from_=args.from_, only=args.only, force=args.force)
-    log.info("workflow %s, profile %s, run_dir %s", wf.path, wf.profile or "-", wf.run_dir)
+    log.info("workflow %s, profile %s, run_dir %s", wf.path, wf.profile or "-", wf.run_uri)
     if args.dry_run:
         for name, state, action in plan(wf, selection):
             print(f"{name:<16} {state:<8} {action}")
@@ -62,11 +62,11 @@ def cmd_clean(args) -> int:
     total = 0
     with holding_run_dir(wf, purpose="clean"):
         for name in wf.stages:
-            sets, freed = clean(wf.stage_dir(name))
+            sets, freed = clean(wf.store, name)
             if sets:
                 print(f"{name}: removed {sets} set(s) of previous outputs, {freed / 2**20:.1f} MiB")
             total += freed
-    print(f"freed {total / 2**20:.1f} MiB under {wf.run_dir}")
+    print(f"freed {total / 2**20:.1f} MiB under {wf.run_uri}")
     return 0
 
 
@@ -85,11 +85,12 @@ def cmd_submit(args) -> int:
     from ray.exceptions import AuthenticationError
 
     from simplear.jobs import RUNTIME_ENV_FILE, follow, plan_upload, submit
+    from simplear.storage import is_uri
     from simplear.workflow.engine import select
 
     wf = _load(args)  # fail here, before anything is uploaded, on a bad workflow or selection
     select(wf, from_=args.from_, only=args.only, force=args.force)
-    if not Path(wf.body.run_dir).is_absolute() and not args.run_dir_in_job:
+    if not Path(wf.body.run_dir).is_absolute() and not is_uri(wf.body.run_dir) and not args.run_dir_in_job:
         print(f"error: run_dir {wf.body.run_dir!r} is relative: under a job it would lie in the job's working dir, "
               "on whichever node runs the driver, and be lost when the job ends. Give --run-dir an absolute path "
               "every node mounts (or pass --run-dir-in-job to keep it there)", file=sys.stderr)
@@ -353,11 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     from simplear.workflow.lock import FencedOut, RunLocked
-    from simplear.workflow.storage import UnsupportedRunDir
+    from simplear.storage import StoreError
+    from simplear.storage.mounts import UnsupportedRunDir
 
     try:
         return args.func(args)
-    except (ConfigError, UnsupportedRunDir) as e:
+    except (ConfigError, UnsupportedRunDir, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (RunLocked, FencedOut) as e:

@@ -76,13 +76,14 @@ def demo_rows(n: int, seed: int = 0) -> dict[str, list]:
 def write_input_stage(run_dir: Path, name: str, parts: list[dict[str, list]], schema, row_group_size: int = 4) -> None:
     """A finished stage `name` whose `shards/` hold `parts` (what a stage run by the engine would leave)."""
     from pipelines.resumable_parquet import to_arrow
+    from simplear.storage.local import LocalStore
     from simplear.workflow.manifest import atomic_write_json, describe_outputs
 
     stage = run_dir / name
     (stage / "shards").mkdir(parents=True)
     for i, rows in enumerate(parts):
         pq.write_table(to_arrow(rows, schema), stage / f"shards/part-{i:03d}.parquet", row_group_size=row_group_size)
-    atomic_write_json(stage / "_MANIFEST.json", {"fingerprint": name, "outputs": describe_outputs(stage)})
+    atomic_write_json(stage / "_MANIFEST.json", {"fingerprint": name, "outputs": describe_outputs(LocalStore(stage.parent), stage.name)})
 
 
 def write_filtered_stage(run_dir: Path, rows: dict[str, list], name: str = "filter") -> None:
@@ -91,6 +92,7 @@ def write_filtered_stage(run_dir: Path, rows: dict[str, list], name: str = "filt
     from pipelines.download.schema import SCHEMA as DOWNLOAD_SCHEMA
     from pipelines.filter import KEPT_SCHEMA
     from pipelines.pixels import PIXELS_JSON
+    from simplear.storage.local import LocalStore
     from simplear.workflow.manifest import atomic_write_json, describe_outputs
 
     n = len(rows["key"])
@@ -98,9 +100,9 @@ def write_filtered_stage(run_dir: Path, rows: dict[str, list], name: str = "filt
     refs = {k: v for k, v in rows.items() if k != "image"}
     refs.update(image_file=["download/shards/part-000.parquet"] * n, image_row=list(range(n)))
     write_input_stage(run_dir, name, [refs], KEPT_SCHEMA)
-    download = {f"download/{o['path']}": o for o in describe_outputs(run_dir / "download")}
+    download = {f"download/{o['path']}": o for o in describe_outputs(LocalStore(run_dir), "download")}
     atomic_write_json(run_dir / name / PIXELS_JSON, {"files": download})
-    atomic_write_json(run_dir / name / "_MANIFEST.json", {"fingerprint": name, "outputs": describe_outputs(run_dir / name)})
+    atomic_write_json(run_dir / name / "_MANIFEST.json", {"fingerprint": name, "outputs": describe_outputs(LocalStore(run_dir), name)})
 
 
 def stage_context(run_dir: Path, name: str, kind: str, config, needs: list[str], **resources):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -11,6 +10,7 @@ import pyarrow.parquet as pq
 
 from simplear.config import StrictModel
 from simplear.workflow import StageContext, StageResult, register_stage
+from simplear.workflow.manifest import commit_json
 
 
 class ShardsConfig(StrictModel):
@@ -26,8 +26,13 @@ def _read_inputs(ctx: StageContext) -> list[int]:
     values = []
     for need in ctx.needs:
         for f in ctx.input_files(need):
-            values += pq.read_table(f)["x"].to_pylist()
+            values += pq.read_table(f, filesystem=ctx.filesystem)["x"].to_pylist()
     return values
+
+
+def shard_log(store, stage: str) -> list[dict]:
+    """Which process wrote which shard, in the order they were written (bookkeeping objects under `_log/`)."""
+    return [store.read_json(item.key) for item in store.list(f"{stage}/_log")]
 
 
 def shards_progress(stage_dir) -> str | None:
@@ -35,7 +40,8 @@ def shards_progress(stage_dir) -> str | None:
     return f"{n} shards written" if n else None
 
 
-@register_stage("test_shards", ShardsConfig, operational=("seconds_per_shard", "fail_after"), progress=shards_progress)
+@register_stage("test_shards", ShardsConfig, operational=("seconds_per_shard", "fail_after"), progress=shards_progress,
+                object_store=True)
 def run_shards(ctx: StageContext) -> StageResult:
     """Writes `shards` Parquet shards one by one, each atomically; a rerun writes only the missing ones."""
     cfg = ctx.config
@@ -45,7 +51,7 @@ def run_shards(ctx: StageContext) -> StageResult:
     written = 0
     for i in range(cfg.shards):
         rel = f"part-{i:05d}.parquet"
-        if (ctx.stage_dir / rel).exists():
+        if ctx.has_output(rel):
             continue
         if cfg.fail_after is not None and i >= cfg.fail_after:
             raise RuntimeError(f"asked to fail after {cfg.fail_after} shards")
@@ -54,6 +60,5 @@ def run_shards(ctx: StageContext) -> StageResult:
         with ctx.output(rel) as tmp:
             pq.write_table(pa.table({"x": rows}), tmp)
         written += 1
-        with open(ctx.stage_dir / "_log.jsonl", "a") as f:  # bookkeeping: which process wrote which shard
-            f.write(json.dumps({"pid": os.getpid(), "shard": i}) + "\n")
+        commit_json(ctx.store, ctx.key(f"_log/{time.time_ns():020d}-{os.getpid()}.json"), {"pid": os.getpid(), "shard": i})
     return StageResult(metrics={"shards_written": written})

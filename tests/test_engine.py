@@ -19,6 +19,8 @@ from simplear.workflow.engine import RunFailed, plan, run_workflow, select, work
 from simplear.workflow import ray_session
 from simplear.workflow.manifest import FAILED, MANIFEST
 from simplear.workflow.spec import load_workflow
+from simplear.storage.local import LocalStore
+from stage_kinds import shard_log
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,7 +203,7 @@ def test_driver_killed_mid_stage_then_rerun_at_once_takes_over_and_matches_an_un
     assert not lock_file.exists()
     assert _simplear(["run", str(clean)], env).wait(timeout=300) == 0
 
-    log = [json.loads(line) for line in (stage_a / "_log.jsonl").read_text().splitlines()]
+    log = shard_log(LocalStore(stage_a.parent), "a")
     assert sorted(e["shard"] for e in log) == list(range(6)), "a shard was written twice or never"
     assert len({e["pid"] for e in log}) == 2
     for stage in "abcd":

@@ -24,6 +24,8 @@ from simplear.workflow.registry import BUILTIN_STAGE_MODULES, StageKind
 from simplear.workflow.spec import load_workflow
 from simplear.workflow.status import format_status, status_json, workflow_status
 from test_engine import make_workflow, run, states, values
+from simplear.storage.local import LocalStore
+from stage_kinds import shard_log
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,7 +178,7 @@ def test_only_on_a_half_done_stage_resumes_and_only_force_starts_afresh(ray_sess
     path = make_workflow(tmp_path, a={"shards": 5})  # fail_after is operational: the same fingerprint
     assert plan(load_workflow(path), select(load_workflow(path), only="a")) == [("a", "failed", "resume")]
     run(path, only="a")
-    log = [json.loads(line) for line in (a / "_log.jsonl").read_text().splitlines()]
+    log = shard_log(LocalStore(a.parent), "a")
     assert [e["shard"] for e in log] == [0, 1, 2, 3, 4]  # the two shards of the failed try were kept
     assert not (a / ".previous").exists()
     assert states(path)["a"] == "done"
@@ -189,7 +191,7 @@ def test_only_on_a_half_done_stage_resumes_and_only_force_starts_afresh(ray_sess
     path = make_workflow(tmp_path, a={"shards": 5})
     run(path, only="a", force=["a"])
     assert len(list((a / ".previous").iterdir())) == 2  # the done outputs, then the half-done ones
-    assert len((a / "_log.jsonl").read_text().splitlines()) == 5  # all five written again by the forced run
+    assert len(shard_log(LocalStore(a.parent), "a")) == 5  # all five written again by the forced run
 
 
 def test_dry_run_refuses_what_a_run_refuses(tmp_path):
@@ -245,12 +247,32 @@ def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path):
         assert lock.holds() and json.loads((run_dir / LOCK).read_text())["run_id"] == lock.run_id
     finally:
         lock.release()
-    # on another host, only the heartbeat tells: fresh means alive, old means dead
-    (run_dir / LOCK).write_text(json.dumps({"run_id": "far", "host": "elsewhere", "pid": 1, "heartbeat": time.time()}))
-    with pytest.raises(RunLocked, match="run far"):
-        RunLock.acquire(run_dir, LockSettings(stale_after_s=60))
-    (run_dir / LOCK).write_text(json.dumps({"run_id": "far", "host": "elsewhere", "pid": 1, "heartbeat": time.time() - 120}))
-    RunLock.acquire(run_dir, LockSettings(stale_after_s=60)).release()
+    # on another host only the lock's own changes tell, timed by the taker's clock, never by the holder's
+    # heartbeat field: a lock that keeps changing is alive although its clock says 1970 ...
+    stop = threading.Event()
+
+    def beating() -> None:
+        n = 0
+        while not stop.wait(0.3):
+            n += 1
+            (run_dir / LOCK).write_text(json.dumps({"run_id": "far", "host": "elsewhere", "pid": 1, "heartbeat": n}))
+
+    (run_dir / LOCK).write_text(json.dumps({"run_id": "far", "host": "elsewhere", "pid": 1, "heartbeat": 0}))
+    beat = threading.Thread(target=beating)
+    beat.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RunLocked, match="run far.*its lock changed"):
+            RunLock.acquire(run_dir, LockSettings(stale_after_s=30))
+        assert time.monotonic() - t0 < 5  # refused at its first heartbeat, not after stale_after_s
+    finally:
+        stop.set()
+        beat.join()
+    # ... and one that stays still for stale_after_s is dead although its clock says the far future
+    (run_dir / LOCK).write_text(json.dumps({"run_id": "far", "host": "elsewhere", "pid": 1, "heartbeat": 1e12}))
+    t0 = time.monotonic()
+    RunLock.acquire(run_dir, LockSettings(stale_after_s=2)).release()
+    assert time.monotonic() - t0 >= 2
 
 
 def test_a_writer_fenced_out_commits_nothing(tmp_path):

@@ -139,7 +139,7 @@ def test_eval_draws_scores_resumes_and_takes_back_unchanged_checkpoints(tmp_path
     assert (images / "sft" / "held_out" / "00000" / "samples" / "0000.png").read_bytes() == b
 
     # SFT trained again (new fingerprint): the engine moves the outputs aside; pretrain's images come back, sft's are drawn
-    move_aside(ctx.stage_dir, "old", "inputs changed")
+    move_aside(ctx.store, ctx.name, "old", "inputs changed")
     save_stage_checkpoint(run, "sft", seed=3)
     third = run_eval_stage(ctx)
     assert third.metrics["drawn_prompts"] == {"sft/held_out": 6}

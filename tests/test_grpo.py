@@ -338,6 +338,7 @@ def test_prompts_come_from_the_kept_parts_of_the_chosen_resolution(tmp_path):
     import pyarrow.parquet as pq
 
     from pipelines_support import stage_context
+    from simplear.storage.local import LocalStore
     from simplear.workflow.manifest import atomic_write_json, describe_outputs
     from simplear.grpo.config import PromptSpec
     from simplear.grpo.prompts import resolve_prompts
@@ -348,7 +349,7 @@ def test_prompts_come_from_the_kept_parts_of_the_chosen_resolution(tmp_path):
         pq.write_table(pa.table({"key": captions, "caption": captions}), stage / folder / "part-0.parquet")
     (stage / "rejected").mkdir()
     pq.write_table(pa.table({"key": ["x"], "reason": ["encode_error"]}), stage / "rejected/part-0.parquet")  # no caption
-    atomic_write_json(stage / "_MANIFEST.json", {"fingerprint": "t", "outputs": describe_outputs(stage)})
+    atomic_write_json(stage / "_MANIFEST.json", {"fingerprint": "t", "outputs": describe_outputs(LocalStore(stage.parent), stage.name)})
     ctx = stage_context(tmp_path, "grpo", "grpo", None, ["tokenize"])
     train, held_out = resolve_prompts(ctx, PromptSpec(stage="tokenize", resolution=128, eval_count=2), "stages.grpo.config")
     assert sorted(train + held_out) == [f"big {i}" for i in range(6)] and len(held_out) == 2

@@ -64,7 +64,7 @@ def test_every_commit_of_a_run_stays_inside_its_run_dir(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     (run_dir / "stage").mkdir(parents=True)
     (run_dir / "stage" / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
-    monkeypatch.setenv(FENCE_ENV, json.dumps({"lock": str(run_dir / "_LOCK.json"), "run_id": "r"}))
+    monkeypatch.setenv(FENCE_ENV, json.dumps({"run": str(run_dir), "run_id": "r"}))
     (run_dir / "_LOCK.json").write_text(json.dumps({"run_id": "r"}))
     with atomic_path(run_dir / "stage" / "ok.txt") as tmp:
         tmp.write_text("ok")

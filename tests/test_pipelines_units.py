@@ -267,6 +267,7 @@ def test_tiny_spec_rejects_head_dims_vllm_cannot_run():
 
 
 def test_describe_outputs_uses_the_entries_tasks_recorded_and_rereads_a_changed_file(tmp_path):
+    from simplear.storage.local import LocalStore
     from simplear.workflow.manifest import describe_outputs, sha256_file
 
     (tmp_path / "shards").mkdir()
@@ -274,7 +275,7 @@ def test_describe_outputs_uses_the_entries_tasks_recorded_and_rereads_a_changed_
     (tmp_path / "shards" / "b.bin").write_bytes(b"defg")
     known = {"shards/a.bin": {"path": "shards/a.bin", "bytes": 3, "sha256": "from-the-task"},
              "shards/b.bin": {"path": "shards/b.bin", "bytes": 99, "sha256": "stale"}}
-    out = {o["path"]: o for o in describe_outputs(tmp_path, known=known)}
+    out = {o["path"]: o for o in describe_outputs(LocalStore(tmp_path.parent), tmp_path.name, known=known)}
     assert out["shards/a.bin"]["sha256"] == "from-the-task"  # not read again
     assert out["shards/b.bin"]["sha256"] == sha256_file(tmp_path / "shards" / "b.bin")  # its size changed: read
 

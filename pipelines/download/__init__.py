@@ -178,7 +178,7 @@ def run(ctx: StageContext) -> StageResult:
         rows_per_s=round(rows_this_run / elapsed, 2) if rows_this_run and elapsed > 0 else None,
     )
     ctx.log.info("%s: %s", ctx.name, metrics["by_status"])
-    return StageResult(metrics=metrics, files=recorded_entries(ctx.stage_dir))
+    return StageResult(metrics=metrics, files=recorded_entries(ctx.store, ctx.name))
 
 
 __all__ = ["DownloadConfig", "SCHEMA", "classify"]

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from pipelines.download.images import upright
 from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA, SHARDS, classify
 from simplear.datasets import ArchiveSource, load_dataset_manifest
+from simplear.storage.local import LocalStore
 from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json, record_entry
 
 log = logging.getLogger("simplear.stage.download")
@@ -297,7 +298,7 @@ def _ingest_archive(batch: dict, *, stage_dir: str, dataset: str, manifest_path:
     seen = _receipt(archive)  # before reading: an archive replaced meanwhile is ingested again next run
     with atomic_path(Path(stage_dir) / rel) as tmp:
         _write_archive_rows(tmp, archive, stem, dataset, ds, counts, rows_per_part, max_pixels, max_bytes)
-        record_entry(Path(stage_dir), tmp, rel)
+        record_entry(LocalStore(Path(stage_dir).parent), Path(stage_dir).name, tmp, rel)
     atomic_write_json(Path(stage_dir) / RECEIPTS / f"{stem}.json", seen)
     return {"archive": [archive], "counts": [json.dumps(dict(counts))]}
 

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from pipelines.download.fetch import FetchPolicy, guarded
 from pipelines.download.images import rotate, rotation_degrees, upright
 from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA, SHARDS, classify
+from simplear.storage.local import LocalStore
 from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json, record_entry
 
 log = logging.getLogger("simplear.stage.download")
@@ -250,7 +251,7 @@ def download_shard(shard_id: int, stage_dir: str, settings: dict, dataset: str, 
     rel = f"{SHARDS}/{shard_id:05d}.parquet"
     with atomic_path(stage / rel) as tmp:
         pq.write_table(table, tmp, row_group_size=IMAGE_ROW_GROUP)
-        record_entry(stage, tmp, rel)
+        record_entry(LocalStore(stage.parent), stage.name, tmp, rel)
     shutil.rmtree(work, ignore_errors=True)
     return {"shard": shard_id, "rows": table.num_rows}
 

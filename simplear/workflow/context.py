@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from simplear.config import StrictModel
-from simplear.workflow.manifest import MANIFEST, atomic_path, read_json
+from simplear.storage import Store, join, open_store
+from simplear.workflow.manifest import MANIFEST, committed
 from simplear.workflow.spec import Resources
 
 
@@ -26,14 +27,17 @@ class StageResult:
 
 @dataclass
 class StageContext:
-    """Everything a stage needs, picklable so the stage can run as a Ray task anywhere in the cluster."""
+    """Everything a stage needs, picklable so the stage can run as a Ray task anywhere in the cluster.
+
+    `stage_dir` and `run_dir` are folders only for a run dir on a POSIX file system (None on object storage);
+    what works on every storage goes through `store`, `output`, `has_output` and `input_files`."""
 
     name: str
     kind: str
     config: StrictModel
     resources: Resources
-    stage_dir: Path
-    run_dir: Path
+    stage_dir: Path | None
+    run_dir: Path | None
     needs: list[str]
     fingerprint: str
     dataset_files: dict[str, Path]
@@ -42,6 +46,11 @@ class StageContext:
     fingerprint_parts: dict = field(default_factory=dict)  # what the fingerprint hashes (kept in the manifest)
     interactive: bool = False  # the driver writes to a terminal: progress bars; else a progress line every interval
     progress_interval_s: float = 30.0
+    run_uri: str | None = None  # the run dir as a path or URI (default: run_dir)
+
+    @property
+    def store(self) -> Store:
+        return open_store(self.run_uri or self.run_dir)
 
     @property
     def log(self) -> logging.Logger:
@@ -53,21 +62,39 @@ class StageContext:
         return path if path.is_absolute() else self.workflow_path.parent / path
 
     def input_dir(self, need: str) -> Path:
-        if need not in self.needs:
-            raise KeyError(f"stage {self.name!r} does not need {need!r} (needs: {self.needs})")
+        self._check_need(need)
         return self.run_dir / need
 
+    def _check_need(self, need: str) -> None:
+        if need not in self.needs:
+            raise KeyError(f"stage {self.name!r} does not need {need!r} (needs: {self.needs})")
+
     def input_manifest(self, need: str) -> dict:
-        manifest = read_json(self.input_dir(need) / MANIFEST)
+        self._check_need(need)
+        manifest = self.store.read_json(join(need, MANIFEST))
         if manifest is None:
             raise FileNotFoundError(f"stage {self.name!r}: input stage {need!r} has no manifest: run it first")
         return manifest
 
-    def input_files(self, need: str, suffix: str = ".parquet") -> list[Path]:
-        """The files an input stage recorded in its manifest, so half-written leftovers are never read."""
-        base = self.input_dir(need)
-        return [base / o["path"] for o in self.input_manifest(need)["outputs"] if o["path"].endswith(suffix)]
+    def input_files(self, need: str, suffix: str = ".parquet") -> list:
+        """The files an input stage recorded in its manifest, so half-written leftovers are never read: paths on
+        `filesystem` (pyarrow and Ray Data take them with `filesystem=ctx.filesystem`)."""
+        fs, root = self.store.filesystem()
+        base = Path(root) / need if fs is None else f"{root}/{need}"
+        return [base / o["path"] if fs is None else f"{base}/{o['path']}"
+                for o in self.input_manifest(need)["outputs"] if o["path"].endswith(suffix)]
+
+    @property
+    def filesystem(self):
+        """The pyarrow filesystem of the run dir (None: the local one)."""
+        return self.store.filesystem()[0]
+
+    def key(self, rel: str) -> str:
+        return join(self.name, rel)
+
+    def has_output(self, rel: str) -> bool:
+        return self.store.exists(self.key(rel))
 
     def output(self, rel: str):
         """`with ctx.output("shards/00001.parquet") as tmp:` write to tmp; it appears under the stage folder whole."""
-        return atomic_path(self.stage_dir / rel)
+        return committed(self.store, self.key(rel))

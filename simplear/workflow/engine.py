@@ -23,7 +23,8 @@ from simplear.ray_env import init_ray
 from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.fingerprint import SCHEME
 from simplear.workflow.lock import FENCE_ENV, RunLock, RunLocked, describe_holder, read_lock
-from simplear.workflow.manifest import FAILED, MANIFEST, STARTED, atomic_write_json, describe_outputs, read_json
+from simplear.storage import Store, join
+from simplear.workflow.manifest import FAILED, MANIFEST, STARTED, commit_json, describe_outputs
 from simplear.workflow.preflight import check_every_node_sees_the_run
 from simplear.workflow.previous import move_aside
 from simplear.workflow.ray_session import claim_session
@@ -85,13 +86,27 @@ def _action(st: StageStatus, selection: Selection, upstream_runs: bool) -> str:
     return "run"
 
 
+def check_kinds_fit_storage(wf: ResolvedWorkflow, selection: Selection) -> None:
+    """Refuse, before any work, to run a stage kind that still writes its run dir as a local folder when the run
+    dir is on object storage (it would fail at its first write, or write to a node's disk)."""
+    if wf.store.is_local:
+        return
+    folder_only = [n for n in selection.run if not wf.stages[n].kind.object_store]
+    if folder_only:
+        raise ConfigError(f"run_dir {wf.run_uri}: stages {', '.join(folder_only)} (kinds "
+                          f"{', '.join(sorted({wf.stages[n].kind.name for n in folder_only}))}) write their run dir as "
+                          "a folder and cannot run on object storage yet: give them a run dir on a POSIX file system "
+                          "every node mounts")
+
+
 def plan(wf: ResolvedWorkflow, selection: Selection) -> list[tuple[str, str, str]]:
     """(stage, current state, action) for a dry run; refuses what a real run would refuse."""
     statuses = workflow_status(wf)
     check_needs(wf, selection, statuses)
-    holder, alive = read_lock(wf.run_dir, wf.body.lock)
+    check_kinds_fit_storage(wf, selection)
+    holder, alive = read_lock(wf.store, wf.body.lock)
     if alive:
-        raise RunLocked(f"{wf.run_dir} is in use by {describe_holder(holder)}: a run now would refuse")
+        raise RunLocked(f"{wf.run_uri} is in use by {describe_holder(holder)}: a run now would refuse")
     rows = []
     will_run: set[str] = set()
     for name in selection.run:
@@ -154,12 +169,12 @@ def _execute_stage(ctx: StageContext, plugins: list[str]) -> dict:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     import_plugins(plugins)
     kind = get_stage_kind(ctx.kind)
-    started = read_json(ctx.stage_dir / STARTED) or {}
+    started = ctx.store.read_json(ctx.key(STARTED)) or {}
     t0 = time.time()
     sources = kind.sources(ctx.config, ctx.dataset_files) if kind.sources else None  # as they were when it began
     result = kind.run(ctx) or StageResult()
     t1 = time.time()
-    outputs = describe_outputs(ctx.stage_dir, result.outputs, known=result.files)
+    outputs = describe_outputs(ctx.store, ctx.name, result.outputs, known=result.files)
     manifest = {
         "stage": ctx.name,
         "kind": ctx.kind,
@@ -183,7 +198,7 @@ def _execute_stage(ctx: StageContext, plugins: list[str]) -> dict:
         "finished_at": t1,
         "duration_s": round(t1 - t0, 3),
     }
-    atomic_write_json(ctx.stage_dir / MANIFEST, manifest)
+    commit_json(ctx.store, ctx.key(MANIFEST), manifest)
     return manifest
 
 
@@ -191,7 +206,7 @@ class RunFailed(RuntimeError):
     pass
 
 
-def prepare_stage_dir(stage_dir: Path, st: StageStatus, action: str, reason: str, keep_previous: bool) -> None:
+def prepare_stage_dir(store: Store, st: StageStatus, action: str, reason: str, keep_previous: bool) -> None:
     """Resume on what a previous try of this very fingerprint left; refresh in place (sources changed);
     otherwise move the old outputs aside first."""
     started = st.started or {}
@@ -201,22 +216,21 @@ def prepare_stage_dir(stage_dir: Path, st: StageStatus, action: str, reason: str
                         "`--force %s` starts afresh)", st.name, st.name)
         else:
             log.info("%s: resuming on what a previous run left", st.name)
-        (stage_dir / FAILED).unlink(missing_ok=True)
+        store.delete(join(st.name, FAILED))
         return
     if action == "refresh":  # outputs kept; no manifest until it finishes again, so a kill leaves it partial
         log.info("%s: refreshing in place (%s)", st.name, "; ".join(st.reasons[:3]))
-        (stage_dir / MANIFEST).unlink(missing_ok=True)
+        store.delete(join(st.name, MANIFEST))
     else:
         old = (st.manifest or started).get("fingerprint") or "unknown"
-        move_aside(stage_dir, old[:16], reason, keep=keep_previous)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(stage_dir / STARTED, {"scheme": SCHEME, "fingerprint": st.fingerprint, "started_at": time.time()})
+        move_aside(store, st.name, old[:16], reason, keep=keep_previous)
+    commit_json(store, join(st.name, STARTED), {"scheme": SCHEME, "fingerprint": st.fingerprint, "started_at": time.time()})
 
 
 @contextmanager
 def holding_run_dir(wf: ResolvedWorkflow, purpose: str = "run") -> Iterator[RunLock]:
     """Hold the run dir's lock; meanwhile this process, and every task it launches, is fenced by its run id."""
-    lock = RunLock.acquire(wf.run_dir, wf.body.lock, purpose)
+    lock = RunLock.acquire(wf.store, wf.body.lock, purpose)
     saved = os.environ.get(FENCE_ENV)
     os.environ[FENCE_ENV] = lock.fence_token
     try:
@@ -246,11 +260,12 @@ def _why_rerun(st: StageStatus, action: str, selection: Selection) -> str:
 def _run(wf: ResolvedWorkflow, selection: Selection, lock: RunLock) -> dict[str, StageStatus]:
     import ray
 
+    check_kinds_fit_storage(wf, selection)
     statuses = workflow_status(wf)
     check_needs(wf, selection, statuses)
     for st in statuses.values():
         if st.migrated:
-            atomic_write_json(wf.stage_dir(st.name) / MANIFEST, st.manifest)
+            commit_json(wf.store, join(st.name, MANIFEST), st.manifest)
             log.info("%s: manifest from an older simplear re-fingerprinted; still done", st.name)
 
     remote = None  # Ray starts (or is attached) only once a stage really has to run
@@ -286,16 +301,17 @@ def _run(wf: ResolvedWorkflow, selection: Selection, lock: RunLock) -> dict[str,
                 if session_dir:
                     lock.update(ray_session=claim_session(session_dir))
                 else:  # a cluster: every node must see the run dir before any stage writes to it
-                    check_every_node_sees_the_run(lock.path, lock.run_id)
+                    check_every_node_sees_the_run(wf.store, lock.run_id)
                 remote = ray.remote(_execute_stage)
-            prepare_stage_dir(wf.stage_dir(name), st, action, _why_rerun(st, action, selection), wf.body.keep_previous)
+            prepare_stage_dir(wf.store, st, action, _why_rerun(st, action, selection), wf.body.keep_previous)
             ctx = StageContext(
                 name=name,
                 kind=stage.kind.name,
                 config=stage.config,
                 resources=stage.resources,
-                stage_dir=wf.stage_dir(name),
-                run_dir=wf.run_dir,
+                stage_dir=wf.stage_dir(name) if wf.store.is_local else None,
+                run_dir=wf.run_dir if wf.store.is_local else None,
+                run_uri=wf.run_uri,
                 needs=stage.needs,
                 fingerprint=st.fingerprint,
                 fingerprint_parts=st.parts,
@@ -323,8 +339,8 @@ def _run(wf: ResolvedWorkflow, selection: Selection, lock: RunLock) -> dict[str,
         except Exception as e:  # a stage failure is recorded, the run stops launching new stages
             failed.append(name)
             cause = getattr(e, "cause", None) or e
-            atomic_write_json(
-                wf.stage_dir(name) / FAILED,
+            commit_json(
+                wf.store, join(name, FAILED),
                 {"error": f"{type(cause).__name__}: {cause}", "traceback": traceback.format_exc(), "at": time.time()},
             )
             log.error("%s: failed: %s", name, cause)

@@ -1,25 +1,30 @@
-"""Stage state on disk: `_MANIFEST.json` (done), `_STARTED.json` (which fingerprint the shards belong to), `_FAILED.json`.
+"""Stage state in the run dir: `_MANIFEST.json` (done), `_STARTED.json` (which fingerprint the shards belong to),
+`_FAILED.json`; and how outputs are committed, on any storage (simplear.storage).
 
-Every commit (`atomic_path`) first checks the run still holds its run dir's lock (lock.check_fence).
-
-The manifest is written last and atomically, so its presence is the one proof a stage finished.
+Every commit first checks the run still holds its run dir's lock (lock.check_fence). An output appears whole or
+not at all: on a POSIX run dir by temp name + rename, on object storage as one PUT per file (a folder's files one
+by one: readers trust only what a manifest lists). The manifest is written last, so its presence is the one proof
+a stage finished.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import time
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from simplear.storage import Store, dump_json, join
+from simplear.storage.local import read_bytes
+
 MANIFEST = "_MANIFEST.json"
 STARTED = "_STARTED.json"
 FAILED = "_FAILED.json"
+STAGING_ENV = "SIMPLEAR_STAGING_DIR"
 
 
 @contextmanager
@@ -28,7 +33,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     Works for files and folders (a checkpoint folder appears whole or not at all).
     """
-    from simplear.workflow.lock import check_fence, check_inside_run  # (lock.py reads its file with read_json below)
+    from simplear.workflow.lock import check_fence, check_inside_run  # (lock.py reads manifests' helpers)
 
     path = Path(path)
     check_inside_run(path)
@@ -41,30 +46,88 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
+        remove(tmp)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def staging_dir() -> Path:
+    """Node-local scratch space for what is written before it goes to object storage: `SIMPLEAR_STAGING_DIR`,
+    else the Ray session's own folder on this node (Ray's temp dir), else the system's temp folder."""
+    configured = os.environ.get(STAGING_ENV)
+    if configured:
+        root = Path(configured)
+    else:
+        try:
+            import ray
+
+            root = Path(ray._private.worker._global_node.get_session_dir_path()) / "simplear-staging"
+        except AttributeError:  # no Ray in this process
+            root = Path(tempfile.gettempdir()) / "simplear-staging"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextmanager
+def committed(store: Store, key: str) -> Iterator[Path]:
+    """`with committed(store, "pretrain/final") as tmp:` write a file or a folder at tmp; on success it appears
+    under `key` (a folder's stale files removed), checked against the run's fence first."""
+    if store.is_local:
+        with atomic_path(store.local_root / key) as tmp:
+            yield tmp
+        return
+    from simplear.workflow.lock import check_fence
+
+    scratch = Path(tempfile.mkdtemp(prefix="commit-", dir=staging_dir()))
+    tmp = scratch / Path(key).name
+    try:
+        yield tmp
+        check_fence()
         if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
+            files = {str(f.relative_to(tmp)): f for f in sorted(tmp.rglob("*")) if f.is_file()}
+            before = [item.key for item in store.list(key)]
+            for rel, f in files.items():
+                store.upload(f, join(key, rel))
+            for old in before:
+                if old[len(key) + 1:] not in files:
+                    store.delete(old)
         elif tmp.exists():
-            tmp.unlink()
+            store.upload(tmp, key)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        tmp.write_bytes(dump_json(data))
 
 
-def read_json(path: Path, tries: int = 4) -> dict | None:
-    """The JSON object in `path`, None when missing or damaged. On NFS a file replaced by rename can answer ESTALE
-    to a reader holding the old handle: looked up again, a few times, before that is an error."""
-    for attempt in range(tries):
-        try:
-            return json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        except OSError as e:
-            if e.errno != errno.ESTALE or attempt == tries - 1:
-                raise
-            time.sleep(0.05 * 2**attempt)
-    return None
+def commit_json(store: Store, key: str, data: Any) -> None:
+    """A bookkeeping object (manifest, receipt, failure), written whole after the fence check."""
+    if store.is_local:
+        atomic_write_json(store.local_root / key, data)
+        return
+    from simplear.workflow.lock import check_fence
+
+    check_fence()
+    store.write_json(key, data)
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in a local file, None when missing or damaged (ESTALE on NFS is looked up again)."""
+    data = read_bytes(Path(path))
+    if data is None:
+        return None
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -100,42 +163,51 @@ def file_entry(path: Path, rel: str) -> dict[str, Any]:
 ENTRIES = "_entries"  # <stage>/_entries/<rel>.json: entries recorded by the tasks that wrote the files
 
 
-def record_entry(stage_dir: Path, tmp: Path, rel: str) -> dict[str, Any]:
-    """In a writing task, before its file is renamed into place: compute and keep the file's manifest entry."""
+def record_entry(store: Store, stage: str, tmp: Path, rel: str) -> dict[str, Any]:
+    """In a writing task, before its file is committed: compute and keep the file's manifest entry."""
     entry = file_entry(tmp, rel)
-    atomic_write_json(Path(stage_dir) / ENTRIES / f"{rel}.json", entry)
+    commit_json(store, join(stage, ENTRIES, f"{rel}.json"), entry)
     return entry
 
 
-def recorded_entries(stage_dir: Path) -> dict[str, dict]:
-    root = Path(stage_dir) / ENTRIES
-    entries = (read_json(f) for f in sorted(root.rglob("*.json"))) if root.is_dir() else ()
+def recorded_entries(store: Store, stage: str) -> dict[str, dict]:
+    entries = (store.read_json(item.key) for item in store.list(join(stage, ENTRIES)) if item.key.endswith(".json"))
     return {e["path"]: e for e in entries if e}
 
 
-def describe_outputs(stage_dir: Path, only: list[str] | None = None, known: dict[str, dict] | None = None) -> list[dict[str, Any]]:
-    """Every output file (or those under the given relative paths) with its size, checksum and Parquet row count.
+def remote_entry(store: Store, key: str, rel: str) -> dict[str, Any]:
+    """The entry of a file on object storage that no writing task recorded: fetched once to hash it."""
+    scratch = Path(tempfile.mkdtemp(prefix="hash-", dir=staging_dir()))
+    try:
+        local = scratch / Path(rel).name
+        store.download(key, local)
+        return file_entry(local, rel)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def describe_outputs(store: Store, stage: str, only: list[str] | None = None,
+                     known: dict[str, dict] | None = None) -> list[dict[str, Any]]:
+    """Every output file of a stage (or those under the given relative paths) with its size, checksum and Parquet
+    row count.
 
     `known`: entries the writing tasks computed (by relative path); a file is re-read only when it has
     none or its size no longer matches, so a stage of thousands of parts is not hashed serially at the end.
     """
-    roots = [stage_dir / p for p in only] if only is not None else [stage_dir]
-    files: list[Path] = []
-    for root in roots:
-        if root.is_file():
-            files.append(root)
-        elif root.is_dir():
-            files += [p for p in root.rglob("*") if p.is_file()]
-        else:
-            raise FileNotFoundError(f"stage output {root} does not exist")
+    found: dict[str, int] = {}
+    for root in ([join(stage, p) for p in only] if only is not None else [stage]):
+        listed = {item.key: item.size for item in store.list(root)}
+        if not listed and only is not None and not (store.is_local and (store.local_root / root).exists()):
+            raise FileNotFoundError(f"stage output {store.child(root)} does not exist")
+        found.update(listed)
     known = known or {}
     outputs = []
-    for f in sorted(set(files)):
-        rel = f.relative_to(stage_dir)
-        if only is None and is_bookkeeping(rel):
+    for key in sorted(found):
+        rel = key[len(stage) + 1:]
+        if only is None and is_bookkeeping(Path(rel)):
             continue
-        entry = known.get(str(rel))
-        if entry is None or entry.get("bytes") != f.stat().st_size:
-            entry = file_entry(f, str(rel))
+        entry = known.get(rel)
+        if entry is None or entry.get("bytes") != found[key]:
+            entry = file_entry(store.local_root / key, rel) if store.is_local else remote_entry(store, key, rel)
         outputs.append(entry)
     return outputs

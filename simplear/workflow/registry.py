@@ -43,7 +43,9 @@ class StageKind:
     reads how far a running or interrupted stage got from its folder (rows, step), for `status`.
     `sources(config, dataset_files)` lists the files outside the run the stage reads ({path: [bytes,
     mtime_ns]}, e.g. archives); when they change, a done stage is *refreshed*: run again in place, its
-    outputs kept, so it redoes only what its own receipts say changed.
+    outputs kept, so it redoes only what its own receipts say changed. `object_store`: the kind reads and
+    writes the run dir only through the storage-neutral context (ctx.output, ctx.input_files, ctx.store), so it
+    runs where the run dir is object storage too.
     """
 
     name: str
@@ -53,6 +55,7 @@ class StageKind:
     operational: frozenset[str] = frozenset()
     progress: Callable[[Path], str | None] | None = None
     sources: Callable[[Any, dict], dict[str, list]] | None = None
+    object_store: bool = False
 
     @property
     def code_version(self) -> str:
@@ -113,7 +116,7 @@ _KINDS: dict[str, StageKind] = {}
 
 def register_stage(name: str, config: type[StrictModel], *, version: int = 1, operational: tuple[str, ...] = (),
                    progress: Callable[[Path], str | None] | None = None,
-                   sources: Callable[[Any, dict], dict[str, list]] | None = None):
+                   sources: Callable[[Any, dict], dict[str, list]] | None = None, object_store: bool = False):
     """Decorator: `@register_stage("filter", FilterConfig, version=1, operational=("batch_size",)) def run(ctx): ...`."""
     unknown = [key for key in operational if not _config_has(config, key)]
     if unknown:
@@ -121,7 +124,7 @@ def register_stage(name: str, config: type[StrictModel], *, version: int = 1, op
 
     def wrap(fn: Callable) -> Callable:
         _KINDS[name] = StageKind(name=name, config=config, run=fn, version=version, operational=frozenset(operational),
-                                 progress=progress, sources=sources)
+                                 progress=progress, sources=sources, object_store=object_store)
         return fn
 
     return wrap

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ByteSize, Field, ValidationError, field_validator
@@ -21,6 +21,9 @@ from simplear.config import ConfigError, StrictModel, describe_validation_error
 from simplear.workflow.lock import LockSettings
 from simplear.workflow.names import check_name
 from simplear.workflow.registry import StageKind, get_stage_kind, import_plugins
+
+if TYPE_CHECKING:
+    from simplear.storage import Store
 
 
 class Resources(StrictModel):
@@ -68,7 +71,7 @@ class WorkflowBody(StrictModel):
 
     @field_validator("run_dir")
     @classmethod
-    def _local_run_dir(cls, value: str) -> str:
+    def _run_dir(cls, value: str) -> str:
         return check_run_dir(value)
 
     @field_validator("stages")
@@ -87,11 +90,11 @@ class WorkflowBody(StrictModel):
 
 
 def check_run_dir(value: str) -> str:
-    """A run dir is a path: a URI (s3://, gs://, ...) would silently become a local folder named after its scheme."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
-        raise ValueError(f"run_dir {value!r} is a URI: object storage is not a run dir yet (it would become a local "
-                         f"folder named {value.split('/')[0]!r}); use a path on a file system every node mounts")
-    return value
+    """A path, or a URI of a supported object store (s3://); any other scheme is refused, never turned into a local
+    folder named after it."""
+    from simplear.storage import check_uri, is_uri
+
+    return check_uri(value) if is_uri(value) else value
 
 
 @dataclass
@@ -123,8 +126,22 @@ class ResolvedWorkflow:
         return self.path.parent
 
     @property
+    def run_uri(self) -> str:
+        """The run dir as the user means it: an absolute path (relative ones are to workflow.yaml) or a URI."""
+        from simplear.storage import is_uri
+
+        return self.body.run_dir if is_uri(self.body.run_dir) else str((self.base_dir / self.body.run_dir).resolve())
+
+    @cached_property
+    def store(self) -> Store:
+        from simplear.storage import open_store
+
+        return open_store(self.run_uri)
+
+    @property
     def run_dir(self) -> Path:
-        return (self.base_dir / self.body.run_dir).resolve()
+        """The run dir as a folder of this node; only for a run dir on a POSIX file system (see `store`)."""
+        return self.store.local_root
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / name

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -25,7 +24,8 @@ from simplear.workflow.fingerprint import (
     stale_reasons,
 )
 from simplear.workflow.lock import read_lock
-from simplear.workflow.manifest import FAILED, MANIFEST, STARTED, read_json
+from simplear.storage import join
+from simplear.workflow.manifest import FAILED, MANIFEST, STARTED
 from simplear.workflow.spec import ResolvedStage, ResolvedWorkflow
 
 
@@ -103,10 +103,9 @@ def _source_changes(wf: ResolvedWorkflow, stage: ResolvedStage, manifest: dict) 
 
 def stage_status(wf: ResolvedWorkflow, name: str, upstream: dict[str, StageStatus], lock: tuple[dict | None, bool]) -> StageStatus:
     stage = wf.stages[name]
-    stage_dir = wf.stage_dir(name)
-    manifest = read_json(stage_dir / MANIFEST)
-    failure = read_json(stage_dir / FAILED)
-    started = read_json(stage_dir / STARTED)
+    manifest = wf.store.read_json(join(name, MANIFEST))
+    failure = wf.store.read_json(join(name, FAILED))
+    started = wf.store.read_json(join(name, STARTED))
     fp = parts = None
     not_done = [n for n in stage.needs if upstream[n].state != "done"]
     if not not_done:
@@ -142,13 +141,13 @@ def stage_status(wf: ResolvedWorkflow, name: str, upstream: dict[str, StageStatu
         st.state = "partial"
         if started.get("fingerprint") != fp and started.get("scheme") == SCHEME:
             st.notes.append("its partial outputs are for another configuration: a run moves them aside")
-    if st.state in ("running", "partial", "failed") and stage.kind.progress is not None:
-        st.progress = stage.kind.progress(stage_dir)
+    if st.state in ("running", "partial", "failed") and stage.kind.progress is not None and wf.store.is_local:
+        st.progress = stage.kind.progress(wf.stage_dir(name))  # (read from a folder: not shown on object storage)
     return st
 
 
 def workflow_status(wf: ResolvedWorkflow) -> dict[str, StageStatus]:
-    lock = read_lock(wf.run_dir, wf.body.lock)
+    lock = read_lock(wf.store, wf.body.lock)
     statuses: dict[str, StageStatus] = {}
     for name in wf.stages:
         statuses[name] = stage_status(wf, name, statuses, lock)
@@ -178,7 +177,7 @@ def artifacts(wf: ResolvedWorkflow, st: StageStatus) -> list[str]:
     """The paths a person opens, relative to the run dir, for stages that have them."""
     if not st.manifest:
         return []
-    return [str(Path(st.name) / a) for a in st.manifest.get("artifacts", []) if (wf.stage_dir(st.name) / a).exists()]
+    return [join(st.name, a) for a in st.manifest.get("artifacts", []) if any(True for _ in wf.store.list(join(st.name, a)))]
 
 
 def format_status(wf: ResolvedWorkflow, statuses: dict[str, StageStatus]) -> str:
@@ -191,7 +190,7 @@ def format_status(wf: ResolvedWorkflow, statuses: dict[str, StageStatus]) -> str
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     opened = [(n, artifacts(wf, st)) for n, st in statuses.items()]
     if any(paths for _, paths in opened):
-        lines += ["", f"open (under {wf.run_dir}):"] + [f"  {p}" for _, paths in opened for p in paths]
+        lines += ["", f"open (under {wf.run_uri}):"] + [f"  {p}" for _, paths in opened for p in paths]
     return "\n".join(lines)
 
 
@@ -205,4 +204,4 @@ def status_json(wf: ResolvedWorkflow, statuses: dict[str, StageStatus]) -> str:
             "error": (st.failure or {}).get("error") if st.state == "failed" else None,
             "artifacts": artifacts(wf, st),
         }
-    return json.dumps({"run_dir": str(wf.run_dir), "stages": out}, indent=2)
+    return json.dumps({"run_dir": wf.run_uri, "stages": out}, indent=2)
