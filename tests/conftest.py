@@ -6,6 +6,7 @@ temp dir in their command lines and ended one by one.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,9 +142,70 @@ def tiny_clip():
     return config, ClipReward(config)
 
 
+@dataclass
+class S3Server:
+    """A real S3 endpoint on loopback (moto's server app, tests/s3_server.py) that counts the requests it answers."""
+
+    url: str
+    env: dict
+
+    def bucket(self, name: str) -> str:
+        """A new empty bucket; returns its s3:// URI."""
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.url).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def requests(self) -> list[tuple[str, str, int]]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/_requests", timeout=10) as r:
+            return [tuple(x) for x in json.loads(r.read())]
+
+    def reset_requests(self) -> None:
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/_requests/reset", method="POST"), timeout=10).close()
+
+
 @pytest.fixture(scope="session")
-def ray_head():
-    """The session's Ray cluster (no dashboard, no auth); tests attach with ray.init(address=...)."""
+def s3_server():
+    """Started before the session's Ray cluster, whose nodes inherit its settings as a cluster's nodes carry their
+    own credentials: the standard AWS variables, with keys moto accepts. Stopped at the end of the session."""
+    import urllib.request
+
+    port = free_port()
+    log = open(tempfile.mkstemp(prefix="s3-server-", suffix=".log")[1], "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "s3_server.py"), str(port)], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/_requests", timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the S3 server did not start: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield S3Server(url, env)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server):
+    """The session's Ray cluster (no dashboard, no auth); tests attach with ray.init(address=...). Its nodes see
+    the session's S3 server (s3_server)."""
     head = start_ray_head(num_cpus=2)
     yield head
     import ray

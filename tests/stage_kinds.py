@@ -62,3 +62,10 @@ def run_shards(ctx: StageContext) -> StageResult:
         written += 1
         commit_json(ctx.store, ctx.key(f"_log/{time.time_ns():020d}-{os.getpid()}.json"), {"pid": os.getpid(), "shard": i})
     return StageResult(metrics={"shards_written": written})
+
+
+@register_stage("test_folder_only", ShardsConfig)
+def run_folder_only(ctx: StageContext) -> StageResult:
+    """Writes its stage folder with plain file calls: a kind that cannot run on object storage."""
+    (ctx.stage_dir / "out.txt").write_text("local")
+    return StageResult()
