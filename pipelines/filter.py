@@ -103,7 +103,8 @@ def filter_batch(batch, *, min_short_edge: int, max_aspect_ratio: float | None, 
     return batch.drop(columns=["image"])
 
 
-@register_stage("filter", FilterConfig, version=2, operational=("batch_size",), progress=parts_progress)
+@register_stage("filter", FilterConfig, version=2, operational=("batch_size",), progress=parts_progress,
+                object_store=True)
 def run(ctx: StageContext) -> StageResult:
     cfg: FilterConfig = ctx.config
     record_pixel_files(ctx)

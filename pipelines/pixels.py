@@ -24,7 +24,8 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simplear.workflow.manifest import atomic_write_json
+from simplear.storage import Store, join, open_store
+from simplear.workflow.manifest import commit_json
 
 IMAGE_FILE, IMAGE_ROW = "image_file", "image_row"
 REF_FIELDS = [pa.field(IMAGE_FILE, pa.string()), pa.field(IMAGE_ROW, pa.int64())]
@@ -33,15 +34,17 @@ WIDE = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey (PNG, TIFF): valu
 PNG_KEEPS = ("1", "L", "LA", "P", "RGB", "RGBA")  # modes a PNG stores as they are, 8 bits per channel
 
 
-def fetch(files: Sequence[str], rows: Sequence[int], run_dir: str | Path) -> list[bytes | None]:
-    """The image bytes at each (file, row), reading only the row groups that hold them; None for a missing row."""
+def fetch(files: Sequence[str], rows: Sequence[int], run: str | Path) -> list[bytes | None]:
+    """The image bytes at each (file, row), reading only the row groups that hold them; None for a missing row.
+    `run`: the run dir (a path or URI); `files` are relative to it."""
+    fs, root = open_store(run).filesystem()
     out: list[bytes | None] = [None] * len(files)
     wanted: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for i, (f, r) in enumerate(zip(files, rows)):
         if f is not None and r is not None:
             wanted[f].append((int(r), i))
     for f, pairs in wanted.items():
-        pf = pq.ParquetFile(str(Path(run_dir) / f))
+        pf = pq.ParquetFile(f"{root}/{f}", filesystem=fs)
         starts = [0]
         for g in range(pf.metadata.num_row_groups):
             starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
@@ -66,7 +69,7 @@ def pixel_files(ctx) -> dict[str, dict]:
         manifest = ctx.input_manifest(need)
         listed = {o["path"] for o in manifest["outputs"]}
         if PIXELS_JSON in listed:
-            files.update(json.loads((ctx.input_dir(need) / PIXELS_JSON).read_text())["files"])
+            files.update(ctx.store.read_json(join(need, PIXELS_JSON))["files"])
         else:
             for o in manifest["outputs"]:
                 if o["path"].startswith("shards/") and o["path"].endswith(".parquet"):
@@ -74,15 +77,17 @@ def pixel_files(ctx) -> dict[str, dict]:
     return files
 
 
-def check_pixel_files(run_dir: Path, files: dict[str, dict], stage: str) -> None:
-    """Every listed file is there with the size its manifest recorded, or the stage fails naming them."""
+def check_pixel_files(store: Store, files: dict[str, dict], stage: str) -> None:
+    """Every listed file is there with the size its manifest recorded, or the stage fails naming them. One listing
+    per folder, not a look-up per file: on object storage that is one request per thousand files."""
+    sizes = {item.key: item.size for folder in sorted({rel.rsplit("/", 1)[0] for rel in files})
+             for item in store.list(folder)}
     bad = []
     for rel, entry in files.items():
-        path = Path(run_dir) / rel
-        if not path.exists():
+        if rel not in sizes:
             bad.append(f"{rel} is missing")
-        elif entry.get("bytes") is not None and path.stat().st_size != entry["bytes"]:
-            bad.append(f"{rel} is {path.stat().st_size} bytes, its manifest says {entry['bytes']}")
+        elif entry.get("bytes") is not None and sizes[rel] != entry["bytes"]:
+            bad.append(f"{rel} is {sizes[rel]} bytes, its manifest says {entry['bytes']}")
     if bad:
         raise FileNotFoundError(f"{stage}: the images its input rows point to are gone or changed "
                                 f"({'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''}): rerun the stages that made them")
@@ -91,8 +96,8 @@ def check_pixel_files(run_dir: Path, files: dict[str, dict], stage: str) -> None
 def record_pixel_files(ctx) -> None:
     """Check the files this stage's input rows point into and list them in its `pixels.json`."""
     files = pixel_files(ctx)
-    check_pixel_files(ctx.run_dir, files, ctx.name)
-    atomic_write_json(ctx.stage_dir / PIXELS_JSON, {"files": files})
+    check_pixel_files(ctx.store, files, ctx.name)
+    commit_json(ctx.store, ctx.key(PIXELS_JSON), {"files": files})
 
 
 def eight_bit(im):
@@ -110,13 +115,13 @@ def eight_bit(im):
     return im if im.mode in PNG_KEEPS else im.convert("RGB")
 
 
-def open_images(table: pa.Table, run_dir: str | Path) -> tuple[list, list[str | None], list[str | None]]:
+def open_images(table: pa.Table, run: str | Path) -> tuple[list, list[str | None], list[str | None]]:
     """Each row's image, fetched by reference and decoded to RGB through `eight_bit` (None with a reason and message
     where not)."""
     from PIL import Image
 
     files, rows = table[IMAGE_FILE].to_pylist(), table[IMAGE_ROW].to_pylist()
-    data = fetch(files, rows, run_dir)
+    data = fetch(files, rows, run)
     images: list = [None] * len(data)
     reasons: list[str | None] = [None] * len(data)
     errors: list[str | None] = [None] * len(data)

@@ -24,7 +24,7 @@ from pipelines.resumable_parquet import PrepareOptions, parts_progress, run_stag
 from simplear.config import StrictModel
 from simplear.visual_tokenizers import VisualTokenizerConfig, load_visual_tokenizer, pil_to_tensor
 from simplear.workflow.context import StageContext, StageResult
-from simplear.workflow.manifest import atomic_write_json
+from simplear.workflow.manifest import commit_json
 from simplear.workflow.registry import register_stage
 
 SCHEMA = pa.schema(
@@ -96,11 +96,11 @@ def pixels_column(name: str) -> str:
     return f"_pixels@{name}"
 
 
-def prepare_crops(table: pa.Table, *, run_dir: str, resolutions: list[Resolution]) -> pa.Table:
+def prepare_crops(table: pa.Table, *, run: str, resolutions: list[Resolution]) -> pa.Table:
     """In the reader tasks, on CPU: fetch each row's image by reference, decode it and centre-crop it to every
     resolution it reaches (raw RGB), so the encoder's actor only runs the model. Rows that reach none,
     or cannot be read, get their reason here."""
-    images, reasons, errors = open_images(table, run_dir)
+    images, reasons, errors = open_images(table, run)
     for res in resolutions:
         crops = [center_crop_arr(im, res.size) if im is not None and min(im.size) >= res.threshold else None for im in images]
         table = table.append_column(pixels_column(res.name), raw_rgb(crops))
@@ -179,7 +179,7 @@ class Split:
 
 
 @register_stage("tokenize", TokenizeConfig, version=2, operational=("batch_size", "rows_per_part", "prepare.cpus", "prepare.tasks"),
-                progress=parts_progress)
+                progress=parts_progress, object_store=True)
 def run(ctx: StageContext) -> StageResult:
     cfg: TokenizeConfig = ctx.config
     # fails here, before any work, on a bad tokenizer folder; on CPU: the stage task itself holds no GPU
@@ -197,7 +197,7 @@ def run(ctx: StageContext) -> StageResult:
         },
     }
     del tok
-    check_pixel_files(ctx.run_dir, pixel_files(ctx), ctx.name)
+    check_pixel_files(ctx.store, pixel_files(ctx), ctx.name)
     folders = [r.name for r in cfg.resolutions] + ["rejected"]
     result = run_stage(
         ctx,
@@ -208,10 +208,10 @@ def run(ctx: StageContext) -> StageResult:
         batch_size=cfg.rows_per_part,
         rows_per_block=cfg.batch_size,
         prepare=prepare_crops,
-        prepare_kwargs={"run_dir": str(ctx.run_dir), "resolutions": cfg.resolutions},
+        prepare_kwargs={"run": ctx.store.uri, "resolutions": cfg.resolutions},
         prepare_options=cfg.prepare,
     )
-    atomic_write_json(ctx.stage_dir / "tokenizer.json", info)
+    commit_json(ctx.store, ctx.key("tokenizer.json"), info)
     result.metrics.update(tokenizer=info["name"], codebook_size=info["codebook_size"])
     return result
 

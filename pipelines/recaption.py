@@ -28,7 +28,9 @@ Training picks original or recaptioned text by its own config.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -40,7 +42,7 @@ from pipelines.pixels import from_raw_rgb, open_images, raw_rgb, record_pixel_fi
 from pipelines.resumable_parquet import PrepareOptions, SplitByReason, parts_progress, run_stage
 from simplear.config import StrictModel
 from simplear.workflow.context import StageContext, StageResult
-from simplear.workflow.manifest import atomic_path
+from simplear.storage.staging import staging_dir
 from simplear.workflow.registry import register_stage
 
 SCHEMA = pa.schema(
@@ -200,16 +202,26 @@ def build_tiny_qwen2vl(folder: Path, spec: TinyQwen2VL) -> Path:
     model = Qwen2VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = special["eos_token_id"]
     model.generation_config.pad_token_id = special["pad_token_id"]
-    with atomic_path(folder) as tmp:
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        os.rename(tmp, folder)  # whole or not at all; an actor that built it first keeps its copy
+    except OSError:
+        if not (folder / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def prepare_model(ctx: StageContext, cfg: RecaptionConfig) -> str:
+def model_folder(cfg: RecaptionConfig) -> str:
+    """The model each actor loads: the configured one, or the seeded tiny model built once per node in its own
+    scratch space (identical on every node, so it is never copied through the run dir)."""
     if cfg.model != TINY:
         return cfg.model
-    folder = ctx.stage_dir / "_model"
+    digest = hashlib.sha256(cfg.tiny.model_dump_json().encode()).hexdigest()[:16]
+    folder = staging_dir() / f"tiny-qwen2vl-{digest}"
     if not (folder / "config.json").exists():
         build_tiny_qwen2vl(folder, cfg.tiny)
     return str(folder)
@@ -304,13 +316,13 @@ class VllmEngine:
 PIXELS, PIXELS_H, PIXELS_W = "_pixels", "_pixels_h", "_pixels_w"
 
 
-def prepare_images(table: pa.Table, *, run_dir: str, min_pixels: int, max_pixels: int) -> pa.Table:
+def prepare_images(table: pa.Table, *, run: str, min_pixels: int, max_pixels: int) -> pa.Table:
     """In the reader tasks, on CPU: fetch each row's image by reference, decode it and resize it as Qwen2-VL
     takes it (qwen-vl-utils' `fetch_image`: sides multiples of 28 within the pixel bounds), so the
     engine's actor only runs the model. Unreadable rows get their reason here."""
     from qwen_vl_utils import fetch_image
 
-    images, reasons, errors = open_images(table, run_dir)
+    images, reasons, errors = open_images(table, run)
     for i, im in enumerate(images):
         if im is not None:
             images[i] = fetch_image({"image": im, "min_pixels": min_pixels, "max_pixels": max_pixels})
@@ -323,9 +335,9 @@ def prepare_images(table: pa.Table, *, run_dir: str, min_pixels: int, max_pixels
 class Recaptioner:
     """The actor of the pool: one engine, called on prepared rows (an Arrow table, see `prepare_images`)."""
 
-    def __init__(self, cfg: RecaptionConfig, model_path: str, cpus: float, writer=None):
+    def __init__(self, cfg: RecaptionConfig, cpus: float, writer=None):
         engine = VllmEngine if cfg.engine == "vllm" else TransformersEngine
-        self.engine = engine(model_path, cfg, cpus)
+        self.engine = engine(model_folder(cfg), cfg, cpus)
         self.cfg = cfg
         self.writer = writer  # writes the output's parts (in the pipeline); None returns the rows (tests)
 
@@ -371,24 +383,23 @@ class Recaptioner:
         return self.writer(table) if self.writer else table
 
 
-@register_stage("recaption", RecaptionConfig, version=2, progress=parts_progress,
+@register_stage("recaption", RecaptionConfig, version=2, progress=parts_progress, object_store=True,
                 operational=("batch_size", "rows_per_part", "prepare.cpus", "prepare.tasks", "vllm.tensor_parallel_size",
                              "vllm.gpu_memory_utilization", "vllm.enforce_eager", "vllm.cpu_kvcache_space_gib",
                              "vllm.engine_in_process"))
 def run(ctx: StageContext) -> StageResult:
     cfg: RecaptionConfig = ctx.config
-    model_path = prepare_model(ctx, cfg)
     record_pixel_files(ctx)
     result = run_stage(
         ctx,
         folders=["shards", "rejected"],
         split=SplitByReason(SCHEMA, REJECTED_SCHEMA),
         process=Recaptioner,
-        process_kwargs={"cfg": cfg, "model_path": model_path, "cpus": ctx.resources.cpus},
+        process_kwargs={"cfg": cfg, "cpus": ctx.resources.cpus},
         batch_size=cfg.rows_per_part,
         rows_per_block=cfg.batch_size,
         prepare=prepare_images,
-        prepare_kwargs={"run_dir": str(ctx.run_dir), "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels},
+        prepare_kwargs={"run": ctx.store.uri, "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels},
         prepare_options=cfg.prepare,
     )
     result.metrics.update(engine=cfg.engine, model=cfg.model)

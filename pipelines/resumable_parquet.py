@@ -2,10 +2,11 @@
 
 A stage reads the Parquet files an input stage recorded (its *sources*) and streams them through Ray
 Data; the last step, `write_parts`, groups each block by source and writes one part per (block,
-source) into each output folder (e.g. `shards/` and `rejected/`), each by temp name + rename, then a
-receipt `_receipts/<source>/<part>.json` holding how many input rows the part covers and each file's
-manifest entry (size, sha256, rows), computed by the task that wrote it. A part is
-named after its smallest key, so a Ray retry of the same block rewrites the same files.
+source) into each output folder (e.g. `shards/` and `rejected/`), each committed whole (manifest.committed: a
+rename on a POSIX run dir, one PUT on object storage), then a receipt `_receipts/<source>/<part>.json` holding how
+many input rows the part covers and each file's manifest entry (size, sha256, rows), computed by the task that
+wrote it. A part is named after its smallest key, so a Ray retry of the same block rewrites the same files.
+Receipts are one object per part, never per row: on object storage that is the request count that scales.
 
 On a rerun (`resume`), a source whose receipts add up to its row count is done; the parts of any
 other source, and files no receipt lists, are deleted and the source is done again. A killed run
@@ -31,7 +32,8 @@ from pydantic import Field
 
 from simplear.config import StrictModel
 from simplear.workflow.context import StageResult
-from simplear.workflow.manifest import atomic_path, atomic_write_json, file_entry
+from simplear.storage import Store, join, open_store
+from simplear.workflow.manifest import commit_json, committed, file_entry
 from simplear.workflow.metrics import ProgressLine, count_rows
 
 log = logging.getLogger("simplear.stage")
@@ -39,13 +41,14 @@ log = logging.getLogger("simplear.stage")
 RECEIPTS = "_receipts"
 SRC = "_src"  # column: the source a row came from
 SRC_FILE, SRC_ROW = "_src_file", "_src_row"  # columns: that source's file (relative to the run folder) and the row in it
+RUN = "_run"  # column of the reader's items only: the run dir (path or URI) whose filesystem the source is on
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True)
 class Source:
     id: str  # unique and file-name safe
-    path: str
+    path: str  # on the run dir's pyarrow filesystem (Store.filesystem)
     rows: int
     ref: str = ""  # the path relative to the run folder, which rows pointing into the file record
 
@@ -58,54 +61,54 @@ def input_sources(ctx, folder: str | None = "shards") -> list[Source]:
     """The Parquet files every input stage recorded (under `folder` when given), with their row counts."""
     out: list[Source] = []
     for need in ctx.needs:
-        base = ctx.input_dir(need)
         for o in ctx.input_manifest(need)["outputs"]:
             rel = o["path"]
             if not rel.endswith(".parquet") or (folder is not None and not rel.startswith(folder.rstrip("/") + "/")):
                 continue
             sid = safe_name(f"{need}.{rel[: -len('.parquet')]}".replace("/", "."))
-            out.append(Source(id=sid, path=str(base / rel), rows=int(o.get("rows") or 0), ref=f"{need}/{rel}"))
+            out.append(Source(id=sid, path=str(ctx.input_path(need, rel)), rows=int(o.get("rows") or 0), ref=f"{need}/{rel}"))
     return out
 
 
-def read_receipts(stage_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
-    by_src: dict[str, list[tuple[Path, dict]]] = {}
-    for f in sorted((stage_dir / RECEIPTS).glob("*/*.json")):
-        try:
-            data = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            f.unlink(missing_ok=True)
+Receipts = dict[str, list[tuple[str, dict]]]  # by source, (receipt key, receipt) pairs
+
+
+def read_receipts(store: Store, stage: str) -> Receipts:
+    by_src: Receipts = {}
+    for item in store.list(join(stage, RECEIPTS)):
+        if not item.key.endswith(".json"):
             continue
-        by_src.setdefault(data["source"], []).append((f, data))
+        data = store.read_json(item.key)
+        if data is None:  # damaged (a half-written file of an older release): its part is redone
+            store.delete(item.key)
+            continue
+        by_src.setdefault(data["source"], []).append((item.key, data))
     return by_src
 
 
-def resume(stage_dir: Path, sources: list[Source], folders: list[str]) -> list[Source]:
+def resume(store: Store, stage: str, sources: list[Source], folders: list[str]) -> list[Source]:
     """Keep what finished sources wrote, delete everything else under `folders`; return the sources to (re)do.
 
     What is deleted is the partial output of unfinished sources (redone from their input), counted in the log."""
-    receipts = read_receipts(stage_dir)
+    receipts = read_receipts(store, stage)
     done = {s.id for s in sources if sum(d["rows"] for _, d in receipts.get(s.id, [])) == s.rows and (s.rows == 0 or s.id in receipts)}
     keep: set[str] = set()
     for sid, recs in receipts.items():
-        for f, data in recs:
+        for key, data in recs:
             if sid in done:
-                keep.update(data["files"])
+                keep.update(join(stage, f) for f in data["files"])
             else:
-                f.unlink(missing_ok=True)
+                store.delete(key)
     partial = 0
     for folder in folders:
-        root = stage_dir / folder
-        if not root.exists():
-            continue
-        for f in root.rglob("*"):
-            if f.is_file() and str(f.relative_to(stage_dir)) not in keep:
-                f.unlink()
+        for item in list(store.list(join(stage, folder))):
+            if item.key not in keep:
+                store.delete(item.key)
                 partial += 1
     todo = [s for s in sources if s.id not in done]
     if receipts or partial:
         log.info("%s: resuming: %d of %d sources done and kept; %d partial files of the others deleted, those %d sources redone",
-                 stage_dir.name, len(done), len(sources), partial, len(todo))
+                 stage, len(done), len(sources), partial, len(todo))
     return todo
 
 
@@ -163,8 +166,9 @@ def read_sources(batch, *, columns: list[str] | None, rows_per_block: int, prepa
     Used instead of `ray.data.read_parquet`, whose file-listing step asks for a whole CPU and can wait
     forever behind an actor pool on a small machine.
     """
-    for path, sid, ref in zip(batch["path"], batch[SRC], batch[SRC_FILE]):
-        pf = pq.ParquetFile(str(path))
+    for path, sid, ref, run in zip(batch["path"], batch[SRC], batch[SRC_FILE], batch[RUN]):
+        fs = open_store(str(run)).filesystem()[0]
+        pf = pq.ParquetFile(str(path), filesystem=fs)
         offset = 0
         for rb in pf.iter_batches(batch_size=rows_per_block, columns=columns):
             table = pa.Table.from_batches([rb])
@@ -182,12 +186,12 @@ def _task_id() -> str | None:
     return ray.get_runtime_context().get_task_id() if ray.is_initialized() else None
 
 
-def write_parts(batch, *, stage_dir: str, split: Split, started: float | None = None) -> dict[str, list]:
+def write_parts(batch, *, run: str, stage: str, split: Split, started: float | None = None) -> dict[str, list]:
     """Last step of a stage's Ray Data DAG: write this block's parts and receipts; return one summary row per part.
 
     A receipt names the Ray task (or actor call) that wrote it and when that task started, so the work's
     real parallelism can be read back from the receipts."""
-    stage = Path(stage_dir)
+    store = open_store(run)
     task, started = _task_id(), started or time.time()
     summary: dict[str, list] = {"source": [], "part": [], "rows": [], "counts": []}
     for sid, rows in batch.groupby(SRC, sort=False):
@@ -201,21 +205,18 @@ def write_parts(batch, *, stage_dir: str, split: Split, started: float | None = 
             if table.num_rows == 0:
                 continue
             rel = f"{folder}/{part}.parquet"
-            with atomic_path(stage / rel) as tmp:
+            with committed(store, join(stage, rel)) as tmp:
                 pq.write_table(table, tmp)
                 entries[rel] = file_entry(tmp, rel)
             files.append(rel)
         receipt = {"source": sid, "part": part, "rows": len(rows), "files": files, "entries": entries,
                    "counts": dict(counts), "task": task, "started": started, "at": time.time()}
-        atomic_write_json(stage / RECEIPTS / sid / f"{part}.json", receipt)
+        commit_json(store, join(stage, RECEIPTS, sid, f"{part}.json"), receipt)
         summary["source"].append(sid)
         summary["part"].append(part)
         summary["rows"].append(len(rows))
         summary["counts"].append(json.dumps(dict(counts)))
     return summary
-
-
-Receipts = dict[str, list[tuple[Path, dict]]]  # what read_receipts gives: by source, (file, receipt) pairs
 
 
 def totals(receipts: Receipts) -> dict[str, Any]:
@@ -241,7 +242,7 @@ def receipt_entries(receipts: Receipts) -> dict[str, dict]:
 
 def parts_progress(stage_dir: Path) -> str | None:
     """Input rows finished so far (a running or interrupted data stage), from its receipts."""
-    recs = [d for rs in read_receipts(stage_dir).values() for _, d in rs]
+    recs = [d for rs in read_receipts(open_store(Path(stage_dir).parent), Path(stage_dir).name).values() for _, d in rs]
     if not recs:
         return None
     rejected = sum(d["counts"].get("rejected", 0) for d in recs)
@@ -260,16 +261,16 @@ def check_complete(receipts: Receipts, sources: list[Source], stage: str) -> Non
 class PartsWriter:
     """What a stage's actor calls last on its output: `write_parts` into the stage folder (no extra task per block)."""
 
-    def __init__(self, stage_dir: str, split: Split):
-        self.stage_dir, self.split = stage_dir, split
+    def __init__(self, run: str, stage: str, split: Split):
+        self.run, self.stage, self.split = run, stage, split
 
     def __call__(self, out) -> dict[str, list]:
         if isinstance(out, pa.Table):
             out = out.to_pandas()
-        return write_parts(out, stage_dir=self.stage_dir, split=self.split)
+        return write_parts(out, run=self.run, stage=self.stage, split=self.split)
 
 
-def read_process_write(batch, *, fn: Callable, fn_kwargs: dict, stage_dir: str, split: Split, columns: list[str] | None,
+def read_process_write(batch, *, fn: Callable, fn_kwargs: dict, run: str, stage: str, split: Split, columns: list[str] | None,
                        rows_per_block: int) -> dict[str, list]:
     """One Ray task per source: read it `rows_per_block` rows at a time, process each block, write its parts.
 
@@ -278,7 +279,7 @@ def read_process_write(batch, *, fn: Callable, fn_kwargs: dict, stage_dir: str, 
     started = time.time()
     out: dict[str, list] = {"source": [], "part": [], "rows": [], "counts": []}
     for table in read_sources(batch, columns=columns, rows_per_block=rows_per_block):
-        summary = write_parts(fn(table.to_pandas(), **fn_kwargs), stage_dir=stage_dir, split=split, started=started)
+        summary = write_parts(fn(table.to_pandas(), **fn_kwargs), run=run, stage=stage, split=split, started=started)
         for k in out:
             out[k] += summary[k]
     return out
@@ -312,7 +313,7 @@ def run_stage(
 
     res = ctx.resources
     sources = input_sources(ctx, source_folder)
-    todo = resume(ctx.stage_dir, sources, folders)
+    todo = resume(ctx.store, ctx.name, sources, folders)
     rows_todo = sum(s.rows for s in todo)
     ctx.log.info("%s: %d sources, %d to do (%d rows)", ctx.name, len(sources), len(todo), rows_todo)
     t0 = time.time()
@@ -321,7 +322,7 @@ def run_stage(
         data_ctx = ray.data.DataContext.get_current()
         data_ctx.enable_progress_bars = ctx.interactive  # in logs: the progress line below instead
         data_ctx.print_on_execution_start = False
-        items = [{"path": s.path, SRC: s.id, SRC_FILE: s.ref} for s in todo]
+        items = [{"path": s.path, SRC: s.id, SRC_FILE: s.ref, RUN: ctx.store.uri} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(todo))
         if isinstance(process, type):
             opts = prepare_options or PrepareOptions()
@@ -334,7 +335,7 @@ def run_stage(
                 fn_kwargs={"columns": columns, "rows_per_block": rows_per_block, "prepare": prepare,
                            "prepare_kwargs": prepare_kwargs},
             )
-            writer = PartsWriter(str(ctx.stage_dir), split)
+            writer = PartsWriter(ctx.store.uri, ctx.name, split)
             ds = ds.map_batches(process, batch_format="pyarrow", fn_constructor_kwargs={**process_kwargs, "writer": writer},
                                 **actor_options(res, batch_size))
         else:
@@ -344,22 +345,22 @@ def run_stage(
                 batch_format="pyarrow",
                 num_cpus=res.cpus,
                 compute=ray.data.TaskPoolStrategy(size=res.concurrency),
-                fn_kwargs={"fn": process, "fn_kwargs": process_kwargs, "stage_dir": str(ctx.stage_dir), "split": split,
+                fn_kwargs={"fn": process, "fn_kwargs": process_kwargs, "run": ctx.store.uri, "stage": ctx.name, "split": split,
                            "columns": columns, "rows_per_block": batch_size},
                 **({"memory": int(res.memory)} if res.memory else {}),
             )
         ds.set_name(ctx.name)  # the dashboard's Ray Data page tells stages apart
-        progress = ProgressLine(ctx.name, rows_todo, ctx.progress_interval_s, run=str(ctx.run_dir))
+        progress = ProgressLine(ctx.name, rows_todo, ctx.progress_interval_s, run=ctx.store.uri)
         for summary in ds.iter_batches(batch_size=None, batch_format="pandas"):
             done = int(summary["rows"].sum())
             rejected = sum(json.loads(c).get("rejected", 0) for c in summary["counts"])
-            count_rows(ctx.name, done, rejected, str(ctx.run_dir))
+            count_rows(ctx.name, done, rejected, ctx.store.uri)
             progress.add(done)
         progress.add(0, force=True)
         if os.environ.get("SIMPLEAR_DATA_STATS"):
             ctx.log.info("%s: Ray Data stats\n%s", ctx.name, ds.stats())
     elapsed = time.time() - t0
-    receipts = read_receipts(ctx.stage_dir)  # once: a stage at scale has thousands
+    receipts = read_receipts(ctx.store, ctx.name)  # once: a stage at scale has thousands
     check_complete(receipts, sources, ctx.name)
     metrics: dict[str, Any] = {"sources": len(sources), "sources_done_this_run": len(todo), "rows_this_run": rows_todo}
     metrics.update(totals(receipts))

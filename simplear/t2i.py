@@ -80,7 +80,9 @@ class T2ITask(TrainTask):
         from simplear.model import build_model, load_checkpoint
         from simplear.vocab import Vocabulary
 
-        source = resume_dir or self.checkpoint
+        from simplear.storage.staging import local_folder
+
+        source = resume_dir or (local_folder(self.checkpoint) if self.checkpoint else None)
         if source is not None:
             ck = load_checkpoint(source, device="cpu", dtype=torch.float32)
             return Bundle(ck.model, ck.vocab, ck.visual_tokenizer_config)
@@ -165,24 +167,29 @@ def has_final_checkpoint(manifest: dict) -> bool:
     return any(o["path"].startswith(f"{FINAL}/") for o in manifest["outputs"])
 
 
-def resolve_init(ctx, init: str, where: str) -> Path:
-    """The checkpoint folder a stage starts from (SFT from pretrain, GRPO from SFT); a wrong or missing one is a ConfigError naming the key."""
+def resolve_init(ctx, init: str, where: str) -> str:
+    """Where the checkpoint a stage starts from lies (SFT from pretrain, GRPO from SFT): a folder, or on object
+    storage `<run dir URI>/<stage>/final` (workers fetch it with `local_folder`); a wrong or missing one is a
+    ConfigError naming the key."""
+    from simplear.storage.staging import local_folder
+
     if init in ctx.needs:
         manifest = ctx.input_manifest(init)
         if not has_final_checkpoint(manifest):
             raise ConfigError(f"{where}.init: stage {init!r} recorded no {FINAL}/ checkpoint (is it a training stage?)")
-        path = ctx.input_dir(init) / FINAL
+        location = ctx.store.child(f"{init}/{FINAL}")
     else:
-        path = ctx.config_path(init)
-        if not path.exists():
+        location = str(ctx.config_path(init))
+        if not Path(location).exists():
             raise ConfigError(f"{where}.init: {init!r} is neither a stage this one needs ({', '.join(ctx.needs)}) "
-                              f"nor an existing checkpoint folder ({path} not found)")
+                              f"nor an existing checkpoint folder ({location} not found)")
     from simplear.model import is_checkpoint
 
+    path = local_folder(location)
     if not path.is_dir() or not is_checkpoint(path):
-        raise ConfigError(f"{where}.init: {path} is not a SimpleAR checkpoint (no valid {META_FILE}; "
+        raise ConfigError(f"{where}.init: {location} is not a SimpleAR checkpoint (no valid {META_FILE}; "
                           "expected a folder written by a pretrain/sft stage)")
-    return path
+    return location
 
 
 def train_progress(stage_dir: Path) -> str | None:
@@ -221,35 +228,32 @@ class TokenizedData:
 
 def tokenized_data(ctx, spec: DataSpec, where: str) -> TokenizedData:
     """The data stage's Parquet for this resolution, checked before any training starts."""
-    import pyarrow.parquet as pq
-
     if spec.stage not in ctx.needs:
         raise ConfigError(f"{where}.data.stage: {spec.stage!r} is not among the stage's needs {ctx.needs}")
-    base = ctx.input_dir(spec.stage)
     # the files the data stage recorded, with the row counts its manifest holds (no file is scanned)
-    rows_of = {str(base / o["path"]): int(o.get("rows") or 0) for o in ctx.input_manifest(spec.stage)["outputs"]
+    rows_of = {o["path"]: int(o.get("rows") or 0) for o in ctx.input_manifest(spec.stage)["outputs"]
                if o["path"].endswith(".parquet")}
-    files = [Path(f) for f in rows_of]
+    rels = list(rows_of)
     if spec.resolution is not None:
-        found = sorted({f.relative_to(base).parts[0] for f in files if len(f.relative_to(base).parts) > 1})
-        files = [f for f in files if f.relative_to(base).parts[0] == str(spec.resolution)]
-        if not files:
-            raise ConfigError(f"{where}.data.resolution: stage {spec.stage!r} has no Parquet under {base / str(spec.resolution)} "
-                              f"(resolutions it has: {', '.join(found) or 'none'})")
-    if not files:
+        found = sorted({r.split("/")[0] for r in rels if "/" in r})
+        rels = [r for r in rels if r.split("/")[0] == str(spec.resolution)]
+        if not rels:
+            raise ConfigError(f"{where}.data.resolution: stage {spec.stage!r} has no Parquet under "
+                              f"{spec.stage}/{spec.resolution} (resolutions it has: {', '.join(found) or 'none'})")
+    if not rels:
         raise ConfigError(f"{where}.data.stage: stage {spec.stage!r} recorded no Parquet outputs")
-    schema = pq.read_schema(files[0])
+    listed = [DataFile(str(ctx.input_path(spec.stage, r)), rows_of[r], ctx.store.uri) for r in rels]
+    schema = listed[0].parquet().schema_arrow
     needed = {"codes", "caption", CAPTION_COLUMNS[spec.caption], "height", "width"}
     missing = sorted(needed - set(schema.names))
     if missing:
-        raise ConfigError(f"{where}.data: {files[0]} lacks column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
+        raise ConfigError(f"{where}.data: {listed[0].path} lacks column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
     # sizes from one row: every row of a resolution's folder has that resolution's size
-    listed = [DataFile(str(f), rows_of[str(f)]) for f in files]
     rows = sum(f.rows for f in listed)
     if not rows:
         raise ConfigError(f"{where}.data: the Parquet of stage {spec.stage!r} has no rows")
     first_file = next(f for f in listed if f.rows)
-    first = pq.ParquetFile(first_file.path).read_row_group(0, columns=["codes", "height", "width"]).slice(0, 1).to_pylist()[0]
+    first = first_file.parquet().read_row_group(0, columns=["codes", "height", "width"]).slice(0, 1).to_pylist()[0]
     h, w = first["height"], first["width"]
     if h * w % len(first["codes"]):
         raise ConfigError(f"{where}.data: {first_file.path}: {len(first['codes'])} codes for a {h}x{w} image")
@@ -259,7 +263,7 @@ def tokenized_data(ctx, spec: DataSpec, where: str) -> TokenizedData:
 
 def _data_tokenizer(ctx, stage: str) -> dict | None:
     """The visual tokenizer config the data stage encoded with: its `tokenizer.json`, else its config's `tokenizer`."""
-    info = read_json_file(ctx.input_dir(stage) / "tokenizer.json") or {}
+    info = ctx.store.read_json(f"{stage}/tokenizer.json") or {}
     if isinstance(info.get("config"), dict):
         return info["config"]
     config = ctx.input_manifest(stage).get("config", {})
@@ -269,17 +273,9 @@ def _data_tokenizer(ctx, stage: str) -> dict | None:
     return None
 
 
-def read_json_file(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def check_codebook(data: TokenizedData, vt: VisualTokenizerConfig, where: str) -> None:
     """Codes must fit the codebook the model is built for, and the data's tokenizer must be the model's."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     if data.visual_tokenizer is not None:
         theirs = VisualTokenizerConfig.model_validate(data.visual_tokenizer)
@@ -291,7 +287,7 @@ def check_codebook(data: TokenizedData, vt: VisualTokenizerConfig, where: str) -
     if data.downsample != vt.downsample:
         raise ConfigError(f"{where}: the data has one code per {data.downsample}x{data.downsample} pixels, "
                           f"the model's visual tokenizer one per {vt.downsample}x{vt.downsample}")
-    top = pc.max(pc.list_flatten(pq.read_table(data.files[0].path, columns=["codes"])["codes"])).as_py()
+    top = pc.max(pc.list_flatten(data.files[0].parquet().read(columns=["codes"])["codes"])).as_py()
     if top is not None and top >= vt.codebook_size:
         raise ConfigError(f"{where}: code {top} in {data.files[0].path} is outside the model's codebook of {vt.codebook_size}")
 
@@ -307,8 +303,9 @@ def run_t2i_stage(ctx, task_kwargs: dict, vt: VisualTokenizerConfig | None, data
     task = T2ITask(sequence=cfg.sequence, caption=cfg.data.caption, samples=cfg.samples, grid=data.grid,
                    seed=cfg.train.seed, visual_tokenizer=vt, **task_kwargs)
     run = run_training(ctx, task, cfg.train, files=data.files, columns=task.columns)
-    plot_loss_curve(run.rows, ctx.stage_dir / LOSS_CURVE, title=f"{ctx.name}: {data.rows} sequences, grid {data.grid[0]}x{data.grid[1]}")
+    with ctx.output(LOSS_CURVE) as tmp:
+        tmp.write_bytes(plot_loss_curve(run.rows, title=f"{ctx.name}: {data.rows} sequences, grid {data.grid[0]}x{data.grid[1]}"))
     metrics = {**run.metrics, "rows": data.rows, "grid": list(data.grid), **summarize(run.rows)}
     ctx.log.info("%s: %s", ctx.name, metrics)
-    outputs = [FINAL, METRICS, LOSS_CURVE] + ([SAMPLES] if (ctx.stage_dir / SAMPLES).exists() else [])
+    outputs = [FINAL, METRICS, LOSS_CURVE] + ([SAMPLES] if ctx.has_output(SAMPLES) else [])
     return StageResult(metrics=metrics, outputs=outputs, artifacts=[SAMPLES, LOSS_CURVE, f"{FINAL}/"])

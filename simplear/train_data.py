@@ -30,8 +30,19 @@ log = logging.getLogger("simplear.train")
 
 @dataclass(frozen=True)
 class DataFile:
+    """One Parquet file of training data. `run`: the run dir (path or URI) whose filesystem `path` is on, so a worker
+    on any node reads it where it lies (object storage included); None: a local path."""
+
     path: str
     rows: int
+    run: str | None = None
+
+    def parquet(self):
+        import pyarrow.parquet as pq
+
+        from simplear.storage import open_store
+
+        return pq.ParquetFile(self.path, filesystem=open_store(self.run).filesystem()[0] if self.run else None)
 
 
 @dataclass
@@ -72,9 +83,7 @@ class WorkerRows:
 
     def _read(self, f: DataFile, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(row, values) from row `start` of a file on, read by row group."""
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(f.path)
+        pf = f.parquet()
         first = 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -87,14 +96,12 @@ class WorkerRows:
 
     def _rows_at(self, mine: list[DataFile], where: list[list[int]]) -> list[dict[str, Any]]:
         """The rows at (file index, row) pairs, in that order: what a resume puts back in the buffer."""
-        import pyarrow.parquet as pq
-
         by_file: dict[int, list[int]] = defaultdict(list)
         for fi, row in where:
             by_file[fi].append(row)
         got: dict[tuple[int, int], dict] = {}
         for fi, rows in by_file.items():
-            t = pq.read_table(mine[fi].path, columns=self.columns).take(sorted(rows))
+            t = mine[fi].parquet().read(columns=self.columns).take(sorted(rows))
             cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in self.columns}
             for j, row in enumerate(sorted(rows)):
                 got[(fi, row)] = {c: cols[c][j] for c in self.columns}

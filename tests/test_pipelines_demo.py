@@ -26,6 +26,7 @@ from pipelines import demo_shapes
 from pipelines.pixels import PIXELS_JSON, fetch
 from pipelines.resumable_parquet import RECEIPTS, read_receipts, input_sources
 from pipelines_support import ROOT, data_workflow, manifest_of, read_stage
+from simplear.storage.local import LocalStore
 from simplear.visual_tokenizers import load_visual_tokenizer
 from simplear.workflow.engine import run_workflow, select, workflow_status
 from simplear.workflow.manifest import MANIFEST
@@ -60,7 +61,7 @@ def _cluster_workers(head, names: tuple[str, ...]) -> list[psutil.Process]:
 
 
 def _finished_sources(stage_dir: Path, sources) -> set[str]:
-    receipts = read_receipts(stage_dir)
+    receipts = read_receipts(LocalStore(stage_dir.parent), stage_dir.name)
     return {s.id for s in sources if s.id in receipts and sum(d["rows"] for _, d in receipts[s.id]) == s.rows}
 
 
@@ -254,7 +255,7 @@ def test_output_checksums_come_from_the_tasks_that_wrote_them(demo):
     from simplear.workflow.manifest import sha256_file
 
     for stage in ("filter", "recaption", "tokenize"):
-        entries = receipt_entries(read_receipts(demo.runs / stage))
+        entries = receipt_entries(read_receipts(LocalStore(demo.runs), stage))
         outputs = [o for o in manifest_of(demo.runs / stage)["outputs"] if o["path"].endswith(".parquet")]
         assert outputs and all(entries[o["path"]] == o for o in outputs), stage
         assert all(sha256_file(demo.runs / stage / o["path"]) == o["sha256"] for o in outputs[:5])

@@ -166,7 +166,7 @@ def test_encoder_actor_encodes_each_resolution_it_can(tmp_path):
         png(Image.new("RGB", (40, 40))),
         b"not an image",
     ]
-    prepared = prepare_crops(frame(images, tmp_path), run_dir=str(tmp_path), resolutions=cfg.resolutions)
+    prepared = prepare_crops(frame(images, tmp_path), run=str(tmp_path), resolutions=cfg.resolutions)
     out = Encoder(cfg, cpus=1)(prepared).to_pandas()
     assert not [c for c in out.columns if c.startswith("_pixels")]
     c64, c128 = out["codes@64"], out["codes@128"]
@@ -193,28 +193,34 @@ def split_even_odd(rows) -> dict[str, pa.Table]:
     return {"kept": to_arrow(rows[even], SCHEMA), "rejected": to_arrow(rej, pa.schema([("key", pa.string()), ("reason", pa.string())]))}
 
 
-def test_write_parts_then_resume_keeps_finished_sources_only(tmp_path):
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_write_parts_then_resume_keeps_finished_sources_only(tmp_path, backend, request):
+    from simplear.storage import open_store
+
+    run = str(tmp_path) if backend == "local" else request.getfixturevalue("s3_server").bucket("parts") + "/run"
+    store, stage = open_store(run), "s"
     sources = [Source("a", "a.parquet", 4), Source("b", "b.parquet", 4)]
     batch = pd.DataFrame({"key": ["a0", "a1", "b0", "b1"], "v": [0, 1, 2, 3], SRC: ["a", "a", "b", "b"]})
-    summary = write_parts(batch, stage_dir=str(tmp_path), split=split_even_odd)
+    summary = write_parts(batch, run=run, stage=stage, split=split_even_odd)
     assert summary["rows"] == [2, 2]
-    write_parts(pd.DataFrame({"key": ["a2", "a3"], "v": [4, 6], SRC: ["a", "a"]}), stage_dir=str(tmp_path), split=split_even_odd)
+    write_parts(pd.DataFrame({"key": ["a2", "a3"], "v": [4, 6], SRC: ["a", "a"]}), run=run, stage=stage, split=split_even_odd)
     # a retry of the same block rewrites the same files: no duplicate
-    write_parts(pd.DataFrame({"key": ["a2", "a3"], "v": [4, 6], SRC: ["a", "a"]}), stage_dir=str(tmp_path), split=split_even_odd)
-    (tmp_path / "kept/.tmp-part-b-x.parquet-1-ab").write_bytes(b"half")  # a killed write
-    (tmp_path / "kept/part-b-orphan.parquet").write_bytes(b"no receipt")
-    todo = resume(tmp_path, sources, ["kept", "rejected"])
+    write_parts(pd.DataFrame({"key": ["a2", "a3"], "v": [4, 6], SRC: ["a", "a"]}), run=run, stage=stage, split=split_even_odd)
+    store.write("s/kept/.tmp-part-b-x.parquet-1-ab", b"half")  # a killed write
+    store.write("s/kept/part-b-orphan.parquet", b"no receipt")
+    todo = resume(store, stage, sources, ["kept", "rejected"])
     assert [s.id for s in todo] == ["b"]  # b has 2 of its 4 rows
-    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.parquet"))
-    assert files == ["kept/part-a-a0.parquet", "kept/part-a-a2.parquet", "rejected/part-a-a0.parquet"]
-    assert not list((tmp_path / RECEIPTS / "b").glob("*.json"))
-    keys = pq.read_table([tmp_path / f for f in files if f.startswith("kept")]).column("key").to_pylist()
+    files = [i.key for i in store.list(stage) if i.key.endswith(".parquet")]
+    assert files == ["s/kept/part-a-a0.parquet", "s/kept/part-a-a2.parquet", "s/rejected/part-a-a0.parquet"]
+    assert not list(store.list(f"s/{RECEIPTS}/b"))
+    fs, root = store.filesystem()
+    keys = pq.read_table([f"{root}/{f}" for f in files if "/kept/" in f], filesystem=fs).column("key").to_pylist()
     assert sorted(keys) == ["a0", "a2", "a3"]
-    t = totals(read_receipts(tmp_path))
+    t = totals(read_receipts(store, stage))
     assert t == {"rows_in": 4, "rows_out": {"kept": 3, "rejected": 1}, "by_reason": {"odd": 1}}
     with pytest.raises(RuntimeError, match=r"b: 0 of 4 rows"):
-        check_complete(read_receipts(tmp_path), sources, "t")
-    receipt = json.loads(next((tmp_path / RECEIPTS / "a").glob("part-a-a0.json")).read_text())
+        check_complete(read_receipts(store, stage), sources, "t")
+    receipt = store.read_json(f"s/{RECEIPTS}/a/part-a-a0.json")
     assert receipt["files"] == ["kept/part-a-a0.parquet", "rejected/part-a-a0.parquet"]
 
 
@@ -231,7 +237,7 @@ def test_to_arrow_turns_every_missing_value_into_null():
 # ---- recaption engine (transformers) on the tiny model -------------------------------------------------
 
 
-def test_tiny_qwen2vl_is_a_checkpoint_and_captions_through_transformers(tmp_path):
+def test_tiny_qwen2vl_is_a_checkpoint_and_captions_through_transformers(tmp_path, monkeypatch):
     from transformers import AutoConfig
 
     from pipelines.recaption import Recaptioner, RecaptionConfig, TinyQwen2VL, build_tiny_qwen2vl, prepare_images
@@ -244,14 +250,16 @@ def test_tiny_qwen2vl_is_a_checkpoint_and_captions_through_transformers(tmp_path
     cfg = RecaptionConfig(model="tiny-random", tiny={}, engine="transformers", max_new_tokens_long=5, max_new_tokens_short=3, max_pixels=50176)
     rng = random.Random(2)
     images = [png(demo_shapes.draw("green", "cross", "white", 64 + 32 * i, 64, rng)) for i in range(3)] + [b"broken"]
-    prepared = prepare_images(frame(images, tmp_path), run_dir=str(tmp_path), min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    prepared = prepare_images(frame(images, tmp_path), run=str(tmp_path), min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     assert [w % 28 for w in prepared["_pixels_w"].to_pylist()[:3]] == [0, 0, 0]  # resized for the model in the reader
-    out = Recaptioner(cfg, str(a), cpus=1)(prepared).to_pandas()
+    monkeypatch.setenv("SIMPLEAR_STAGING_DIR", str(tmp_path / "staging"))  # where each actor builds the tiny model
+    out = Recaptioner(cfg, cpus=1)(prepared).to_pandas()
+    assert len(list((tmp_path / "staging").glob("tiny-qwen2vl-*/model.safetensors"))) == 1
     assert list(out["reason"]) == [None, None, None, "undecodable"]
     assert all(isinstance(t, str) for t in out["caption_long"][:3]) and out["caption_long"][3] is None
     assert set(out["caption_model"]) == {"tiny-random"}
     # the same model and inputs give the same captions (greedy decoding)
-    again = Recaptioner(cfg, str(b), cpus=1)(prepared).to_pandas()
+    again = Recaptioner(cfg, cpus=1)(prepared).to_pandas()
     assert list(again["caption_long"][:3]) == list(out["caption_long"][:3])
 
 
@@ -300,7 +308,7 @@ def test_each_source_is_one_task_and_concurrency_is_honoured(ray_session, tmp_pa
     result = run_stage(ctx, folders=["shards", "rejected"], split=SplitByReason(schema, schema), process=slow_identity,
                        process_kwargs={"seconds": 0.4}, batch_size=4)
     assert result.metrics["rows_out"] == {"rejected": 0, "shards": 60}
-    receipts = [d for recs in read_receipts(ctx.stage_dir).values() for _, d in recs]
+    receipts = [d for recs in read_receipts(ctx.store, ctx.name).values() for _, d in recs]
     assert len(receipts) == 18  # 3 blocks of at most 4 rows per source
     tasks: dict[str, list[dict]] = {}
     for d in receipts:
@@ -353,7 +361,7 @@ def test_an_engine_that_fails_fails_the_part_instead_of_rejecting_its_rows(tmp_p
 
     rng = random.Random(4)
     images = [png(demo_shapes.draw("red", "circle", "blue", 64 + 28 * i, 64, rng)) for i in range(10)]
-    rows = prepare_images(frame(images, tmp_path), run_dir=str(tmp_path), min_pixels=28 * 28, max_pixels=10**6)
+    rows = prepare_images(frame(images, tmp_path), run=str(tmp_path), min_pixels=28 * 28, max_pixels=10**6)
     with pytest.raises(RuntimeError, match="failed on every row of a batch"):
         _recaptioner(_Engine(fail_all=True))(rows)
     with pytest.raises(RuntimeError, match="failed on 1 of 10 rows"):

@@ -236,7 +236,7 @@ def test_summary_and_loss_curve(tmp_path):
     assert s["image_loss_start"] == 6.0  # step 1: the model as it came in
     assert s["image_loss_end"] == pytest.approx(sum(6.0 / i for i in range(91, 101)) / 10, abs=1e-4)
     assert s["last_step"] == 100 and s["tokens_per_s"] == pytest.approx(151.0)
-    plot_loss_curve(rows, tmp_path / "loss_curve.png", title="t")
+    (tmp_path / "loss_curve.png").write_bytes(plot_loss_curve(rows, title="t"))
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -290,7 +290,7 @@ def test_sft_init_accepts_a_checkpoint_folder(sft_ctx, tmp_path, small_bundle):
     from simplear.t2i import resolve_init
 
     save_checkpoint(tmp_path / "ckpt", small_bundle.model, small_bundle.vocab, small_bundle.visual_tokenizer_config)
-    assert resolve_init(sft_ctx(str(tmp_path / "ckpt")), str(tmp_path / "ckpt"), "stages.sft.config") == tmp_path / "ckpt"
+    assert resolve_init(sft_ctx(str(tmp_path / "ckpt")), str(tmp_path / "ckpt"), "stages.sft.config") == str(tmp_path / "ckpt")
 
 
 # ---- the shipped workflow

@@ -59,7 +59,7 @@ class ShapesTokensConfig(StrictModel):
     tokenizer: VisualTokenizerConfig = VisualTokenizerConfig(**VT)  # the key of the real tokenize stage
 
 
-@register_stage("test_shapes_tokens", ShapesTokensConfig)
+@register_stage("test_shapes_tokens", ShapesTokensConfig, object_store=True)
 def run_shapes_tokens(ctx: StageContext) -> StageResult:
     cfg: ShapesTokensConfig = ctx.config
     for resolution, count in cfg.counts.items():

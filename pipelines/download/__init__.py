@@ -2,11 +2,15 @@
 
 - `url_list` and `generated` sources (`url_shards.py`): the list planned into shards once, each shard
   downloaded by img2dataset's own per-shard downloader in a Ray task of ours (concurrency and retries
-  are the stage's), written whole to `shards/NNNNN.parquet`. The demo set is generated under `_source/`
-  and served on loopback for the run. URLs are fetched by `fetch.py` (http(s) only, no internal address
-  unless the manifest opts in, bodies capped at `max_image_bytes`).
+  are the stage's), committed whole to `shards/NNNNN.parquet`. The demo set is generated on the stage's
+  node (`demo_set`) and served on loopback for the run. URLs are fetched by `fetch.py` (http(s) only, no
+  internal address unless the manifest opts in, bodies capped at `max_image_bytes`).
 - `archives` sources (SA-1B, JourneyDB; `archives.py`): one Ray Data task per local archive writes
   `shards/<archive>.parquet`; no member is read past `max_member_bytes`, a sparse one not at all.
+
+The run dir may be a folder or object storage: everything the stage keeps is under its stage folder, which it
+and its tasks open as a store of its own (`open_store` of its path or URI), and every file is committed whole
+(`manifest.committed`). The data set's own files (lists, archives) are read where the manifest says.
 
 Output schema (`schema.py`): `key` (img2dataset's key prefixed with the data set's name, so keys stay
 unique when several downloads feed one filter), `dataset, url, caption, width, height, original_width,
@@ -19,21 +23,26 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import pyarrow.parquet as pq
 from pydantic import Field, ValidationInfo, field_validator
 
 from pipelines.download.archives import ingest_archives
-from pipelines.download.schema import SCHEMA, SHARDS, classify
+from pipelines.download.schema import SCHEMA, classify, shard_keys
 from pipelines.download.url_shards import download_all, plan_shards, settings_of
 from simplear.config import StrictModel
-from simplear.datasets import ArchiveSource, GeneratedSource, UrlListSource, check_dataset_name, load_dataset_manifest
+from simplear.datasets import (ArchiveSource, DemoShapesParams, GeneratedSource, UrlListSource, check_dataset_name,
+                               load_dataset_manifest)
+from simplear.storage import Store, open_store
 from simplear.workflow.context import StageContext, StageResult
-from simplear.workflow.manifest import recorded_entries
+from simplear.workflow.manifest import recorded_entries, staging_dir
 from simplear.workflow.registry import register_stage
 
 
@@ -83,46 +92,63 @@ class DownloadConfig(StrictModel):
         return value
 
 
-def _download_url_list(ctx: StageContext, cfg: DownloadConfig, ds: UrlListSource | GeneratedSource) -> dict:
+@contextmanager
+def demo_set(stage: Store, params: DemoShapesParams) -> Iterator[Path]:
+    """The generated demo set in a folder of this node, where its server reads it: the stage folder's `_source/`
+    on a POSIX run dir (kept, so a rerun draws nothing again), node-local scratch on object storage (drawn again
+    each run: it is deterministic in its params, so the plan a rerun reuses still matches it)."""
+    from pipelines import demo_shapes
+
+    scratch = None if stage.is_local else Path(tempfile.mkdtemp(prefix="demo-", dir=staging_dir()))
+    folder = scratch or stage.local_root / "_source"
+    try:
+        demo_shapes.generate(folder, params)
+        yield folder
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _download_url_list(ctx: StageContext, stage: Store, cfg: DownloadConfig, ds: UrlListSource | GeneratedSource) -> dict:
     seconds = {}
     t0 = time.time()
     settings = settings_of(cfg)
     if isinstance(ds, GeneratedSource):
         from pipelines import demo_shapes
 
-        source = ctx.stage_dir / "_source"
-        demo_shapes.generate(source, ds.params)
-        seconds["generate"] = round(time.time() - t0, 3)
-        extra_cols = ["kind"]
-        with demo_shapes.serve(source, cfg.serve_host) as base_url:
-            ctx.log.info("%s: serving %s at %s", ctx.name, source, base_url)
-            # planned by path: the server's port is new each run
-            plan = plan_shards(ctx.stage_dir, [str(source / "urls.parquet")], "parquet", "path", "caption", extra_cols, None,
-                               cfg.number_sample_per_shard)
-            settings["url_prefix"] = base_url + "/"
-            settings["allow_private_addresses"] = True  # the stage's own server, on `serve_host`
-            t1 = time.time()
-            metrics = download_all(ctx, plan, settings, cfg.dataset, extra_cols, cfg.max_shard_retry)
+        with demo_set(stage, ds.params) as source:
+            seconds["generate"] = round(time.time() - t0, 3)
+            extra_cols = ["kind"]
+            with demo_shapes.serve(source, cfg.serve_host) as base_url:
+                ctx.log.info("%s: serving %s at %s", ctx.name, source, base_url)
+                # planned by path: the server's port is new each run
+                plan = plan_shards(stage.uri, ["urls.parquet"], "parquet", "path", "caption", extra_cols, None,
+                                   cfg.number_sample_per_shard, folder=source)
+                settings["url_prefix"] = base_url + "/"
+                settings["allow_private_addresses"] = True  # the stage's own server, on `serve_host`
+                t1 = time.time()
+                metrics = download_all(ctx, stage, plan, settings, cfg.dataset, extra_cols, cfg.max_shard_retry)
     else:
         extra_cols = list(ds.save_additional_columns)
         settings["rotation_col"] = ds.rotation_col
         settings["allow_private_addresses"] = ds.allow_private_addresses
         files = list_files(ds)
-        plan = plan_shards(ctx.stage_dir, files, ds.input_format, ds.url_col, ds.caption_col, extra_cols, ds.column_names,
+        plan = plan_shards(stage.uri, files, ds.input_format, ds.url_col, ds.caption_col, extra_cols, ds.column_names,
                            cfg.number_sample_per_shard)
         t1 = time.time()
-        metrics = download_all(ctx, plan, settings, cfg.dataset, extra_cols, cfg.max_shard_retry)
+        metrics = download_all(ctx, stage, plan, settings, cfg.dataset, extra_cols, cfg.max_shard_retry)
     seconds["download"] = round(time.time() - t1, 3)
     return {"seconds_by_step": seconds, **metrics}
 
 
-def shard_counts(stage_dir: Path) -> dict:
+def shard_counts(stage: Store) -> dict:
     """Rows by status and by reason over every converted shard (columns only, no image bytes read)."""
     status: Counter = Counter()
     reasons: Counter = Counter()
     rows = 0
-    for f in sorted((stage_dir / SHARDS).glob("*.parquet")):
-        t = pq.read_table(f, columns=["status", "reason"])
+    fs, root = stage.filesystem()
+    for key in shard_keys(stage):
+        t = pq.read_table(f"{root}/{key}", columns=["status", "reason"], filesystem=fs)
         rows += t.num_rows
         status.update(t.column("status").to_pylist())
         reasons.update(r for r in t.column("reason").to_pylist() if r)
@@ -131,7 +157,7 @@ def shard_counts(stage_dir: Path) -> dict:
 
 def shard_progress(stage_dir: Path) -> str | None:
     """How many shards are converted so far (a running or interrupted download)."""
-    n = len(list((stage_dir / SHARDS).glob("*.parquet")))
+    n = len(shard_keys(open_store(stage_dir)))
     return f"{n} shards converted" if n else None
 
 
@@ -153,21 +179,22 @@ def source_files(cfg: DownloadConfig, dataset_files: dict) -> dict[str, list]:
 
 
 @register_stage("download", DownloadConfig, version=3, operational=("thread_count", "rows_per_part", "max_shard_retry"),
-                progress=shard_progress, sources=source_files)
+                progress=shard_progress, sources=source_files, object_store=True)
 def run(ctx: StageContext) -> StageResult:
     cfg: DownloadConfig = ctx.config
     ds = load_dataset_manifest(ctx.dataset_files[cfg.dataset])
-    (ctx.stage_dir / SHARDS).mkdir(parents=True, exist_ok=True)
-    before = {p.name for p in (ctx.stage_dir / SHARDS).glob("*.parquet")}
+    stage = open_store(ctx.store.child(ctx.name))
+    before = set(shard_keys(stage))
     t0 = time.time()
     if isinstance(ds, ArchiveSource):
-        metrics = ingest_archives(ctx, cfg.dataset, cfg.rows_per_part, cfg.max_decode_pixels, cfg.max_member_bytes)
+        metrics = ingest_archives(ctx, stage, cfg.dataset, cfg.rows_per_part, cfg.max_decode_pixels, cfg.max_member_bytes)
     else:
-        metrics = _download_url_list(ctx, cfg, ds)
+        metrics = _download_url_list(ctx, stage, cfg, ds)
     elapsed = time.time() - t0
-    new = [p for p in (ctx.stage_dir / SHARDS).glob("*.parquet") if p.name not in before]
-    rows_this_run = sum(pq.ParquetFile(p).metadata.num_rows for p in new)
-    metrics.update(shard_counts(ctx.stage_dir))
+    new = [key for key in shard_keys(stage) if key not in before]
+    files = recorded_entries(ctx.store, ctx.name)  # the writing tasks' entries: no shard is read again for its rows
+    rows_this_run = sum(files[key]["rows"] for key in new)
+    metrics.update(shard_counts(stage))
     metrics.update(
         dataset=cfg.dataset,
         source=ds.source,
@@ -178,7 +205,7 @@ def run(ctx: StageContext) -> StageResult:
         rows_per_s=round(rows_this_run / elapsed, 2) if rows_this_run and elapsed > 0 else None,
     )
     ctx.log.info("%s: %s", ctx.name, metrics["by_status"])
-    return StageResult(metrics=metrics, files=recorded_entries(ctx.store, ctx.name))
+    return StageResult(metrics=metrics, files=files)
 
 
 __all__ = ["DownloadConfig", "SCHEMA", "classify"]

@@ -1,4 +1,4 @@
-"""Local archives (SA-1B, JourneyDB): one Ray Data task per archive writes `shards/<archive>.parquet`.
+"""Local archives (SA-1B, JourneyDB): one Ray Data task per archive commits `shards/<archive>.parquet` whole.
 
 Images are put upright (EXIF orientation) and refused from their header above `max_decode_pixels`.
 Each archive gets a receipt (`_archives/<stem>.json`: its size and mtime): a re-downloaded archive is
@@ -28,10 +28,10 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from pipelines.download.images import upright
-from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA, SHARDS, classify
+from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA, SHARDS, classify, shard_keys
 from simplear.datasets import ArchiveSource, load_dataset_manifest
-from simplear.storage.local import LocalStore
-from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json, record_entry
+from simplear.storage import Store, join, open_store
+from simplear.workflow.manifest import commit_json, committed, record_entry
 
 log = logging.getLogger("simplear.stage.download")
 
@@ -287,19 +287,21 @@ def _member_row(key: str, dataset: str, archive: str, name: str, caption: str | 
     }
 
 
-def _ingest_archive(batch: dict, *, stage_dir: str, dataset: str, manifest_path: str, rows_per_part: int,
+def _ingest_archive(batch: dict, *, stage: str, dataset: str, manifest_path: str, rows_per_part: int,
                     max_pixels: int, max_bytes: int) -> dict:
-    """Ray Data task: one archive to `shards/<archive>.parquet`, written in row groups and renamed into place whole."""
+    """Ray Data task: one archive to `shards/<archive>.parquet` in the stage folder `stage` (a path or URI), written
+    in row groups and committed whole, then its receipt."""
     ds = load_dataset_manifest(manifest_path)
     assert isinstance(ds, ArchiveSource)
+    store = open_store(stage)
     archive, stem = str(batch["archive"][0]), str(batch["stem"][0])
     counts: Counter = Counter()
     rel = f"{SHARDS}/{stem}.parquet"
     seen = _receipt(archive)  # before reading: an archive replaced meanwhile is ingested again next run
-    with atomic_path(Path(stage_dir) / rel) as tmp:
+    with committed(store, rel) as tmp:
         _write_archive_rows(tmp, archive, stem, dataset, ds, counts, rows_per_part, max_pixels, max_bytes)
-        record_entry(LocalStore(Path(stage_dir).parent), Path(stage_dir).name, tmp, rel)
-    atomic_write_json(Path(stage_dir) / RECEIPTS / f"{stem}.json", seen)
+        record_entry(store, "", tmp, rel)
+    commit_json(store, join(RECEIPTS, f"{stem}.json"), seen)
     return {"archive": [archive], "counts": [json.dumps(dict(counts))]}
 
 
@@ -319,24 +321,26 @@ def _write_archive_rows(tmp: Path, archive: str, stem: str, dataset: str, ds: Ar
             writer.write_table(to_arrow({k: [r.get(k) for r in rows] for k in SCHEMA.names}, SCHEMA), IMAGE_ROW_GROUP)
 
 
-def archive_stems(archives: list[str], receipts: Path) -> dict[str, str]:
-    """Each archive's shard name. An archive keeps the name a receipt gave one of its file name (matched by name, so
-    a data folder that moved keeps its names), so nothing done is ingested again; another takes its name up to the
-    first dot (`000.tgz` -> `000`) unless that is taken (`a.tar` beside `a.tgz`), then its whole file name, then
-    that with a hash of its path (one name in two folders). A receipt whose archive is gone keeps its name: its
-    shard is kept."""
+def archive_stems(archives: list[str], receipts: str | os.PathLike) -> dict[str, str]:
+    """Each archive's shard name, given the receipts folder (a path or URI). An archive keeps the name a receipt
+    gave one of its file name (matched by name, so a data folder that moved keeps its names), so nothing done is
+    ingested again; another takes its name up to the first dot (`000.tgz` -> `000`) unless that is taken (`a.tar`
+    beside `a.tgz`), then its whole file name, then that with a hash of its path (one name in two folders). A
+    receipt whose archive is gone keeps its name: its shard is kept."""
     from pipelines.resumable_parquet import safe_name
 
     by_name: dict[str, list[str]] = {}
     for archive in sorted(archives):
         by_name.setdefault(Path(archive).name, []).append(archive)
+    store = open_store(receipts)
+    found = [item.key for item in store.list() if item.key.endswith(".json") and "/" not in item.key]
     stems: dict[str, str] = {}
-    for receipt in sorted(receipts.glob("*.json")):
-        name = Path((read_json(receipt) or {}).get("archive") or "").name
+    for key in found:
+        name = Path((store.read_json(key) or {}).get("archive") or "").name
         unclaimed = [a for a in by_name.get(name, []) if a not in stems]
         if unclaimed:
-            stems[unclaimed[0]] = receipt.stem
-    taken = {receipt.stem for receipt in receipts.glob("*.json")}
+            stems[unclaimed[0]] = key.removesuffix(".json")
+    taken = {key.removesuffix(".json") for key in found}
     for archive in sorted(a for a in archives if a not in stems):
         name = Path(archive).name
         candidates = (name.split(".")[0], name, f"{name}-{hashlib.sha256(archive.encode()).hexdigest()[:8]}")
@@ -345,7 +349,8 @@ def archive_stems(archives: list[str], receipts: Path) -> dict[str, str]:
     return stems
 
 
-def ingest_archives(ctx, dataset: str, rows_per_part: int, max_pixels: int, max_bytes: int) -> dict:
+def ingest_archives(ctx, stage: Store, dataset: str, rows_per_part: int, max_pixels: int, max_bytes: int) -> dict:
+    """Every archive without its shard or whose receipt no longer matches it; `stage`: the stage folder as a store."""
     import ray.data
 
     ds = load_dataset_manifest(ctx.dataset_files[dataset])
@@ -359,10 +364,11 @@ def ingest_archives(ctx, dataset: str, rows_per_part: int, max_pixels: int, max_
         missing = sorted(n for n in listed if n not in have)
         if missing:
             ctx.log.warning("%s: %d archives of %s are not on disk (first: %s)", ctx.name, len(missing), ds.links_file, missing[0])
-    stems = archive_stems(archives, ctx.stage_dir / RECEIPTS)
+    stems = archive_stems(archives, stage.child(RECEIPTS))
     items = [{"archive": a, "stem": stems[a]} for a in archives]
-    todo = [it for it in items if not (ctx.stage_dir / SHARDS / f"{it['stem']}.parquet").exists()
-            or read_json(ctx.stage_dir / RECEIPTS / f"{it['stem']}.json") != _receipt(it["archive"])]
+    done = set(shard_keys(stage))
+    todo = [it for it in items if f"{SHARDS}/{it['stem']}.parquet" not in done
+            or stage.read_json(join(RECEIPTS, f"{it['stem']}.json")) != _receipt(it["archive"])]
     ctx.log.info("%s: %d archives, %d to ingest (new, changed or not done)", ctx.name, len(items), len(todo))
     if todo:
         data_ctx = ray.data.DataContext.get_current()
@@ -373,7 +379,7 @@ def ingest_archives(ctx, dataset: str, rows_per_part: int, max_pixels: int, max_
             batch_format="numpy",
             compute=ray.data.TaskPoolStrategy(size=ctx.resources.concurrency),
             num_cpus=ctx.resources.cpus,
-            fn_kwargs={"stage_dir": str(ctx.stage_dir), "dataset": dataset,
+            fn_kwargs={"stage": stage.uri, "dataset": dataset,
                        "manifest_path": str(ctx.dataset_files[dataset]), "rows_per_part": rows_per_part,
                        "max_pixels": max_pixels, "max_bytes": max_bytes},
         )

@@ -1,8 +1,10 @@
-"""The download stage's output schema and the short reasons failures are counted by."""
+"""The download stage's output schema, where its shards are, and the short reasons failures are counted by."""
 
 from __future__ import annotations
 
 import pyarrow as pa
+
+from simplear.storage import Store
 
 SCHEMA = pa.schema(
     [
@@ -24,6 +26,11 @@ SCHEMA = pa.schema(
 )
 SHARDS = "shards"
 IMAGE_ROW_GROUP = 128  # rows per Parquet row group: later stages read a few rows' bytes by reference (pipelines.pixels)
+
+
+def shard_keys(stage: Store) -> list[str]:
+    """The converted shards in a stage folder (opened as a store), in key order: one listing, not a lookup per shard."""
+    return [item.key for item in stage.list(SHARDS) if item.key.endswith(".parquet")]
 
 
 def classify(status: str | None, error: str | None) -> str | None:

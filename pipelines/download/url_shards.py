@@ -5,8 +5,9 @@ once and drops a failed shard's status: a shard could go missing while the stage
 So the stage plans the shards itself, once (`_shards_in/NNNNN.arrow`, img2dataset's shard format, and
 `_PLAN.json`), and runs img2dataset's own per-shard `Downloader` in one Ray task per shard, at most
 `resources.concurrency` at a time; a failed shard is retried `max_shard_retry` times, then the stage
-fails naming it. A shard is done when `shards/NNNNN.parquet` exists, written whole, with exactly one
-row per planned input row:
+fails naming it. The plan is kept in the stage folder (a later run reuses it, so the keys stay); img2dataset
+works in node-local scratch (`staging_dir`), which the run dir need not be. A shard is done when
+`shards/NNNNN.parquet` exists, committed whole, with exactly one row per planned input row:
 - the list is read as bytes: a caption that is not valid UTF-8 is kept, decoded with replacement and
   flagged in `extra`; a URL that is not, or a malformed line, becomes a failed row with its reason;
 - a row img2dataset drops on an exception of its own comes back as a failed row (`img2dataset_error`);
@@ -26,7 +27,7 @@ import logging
 import math
 import os
 import shutil
-import uuid
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -36,15 +37,15 @@ import pyarrow.parquet as pq
 
 from pipelines.download.fetch import FetchPolicy, guarded
 from pipelines.download.images import rotate, rotation_degrees, upright
-from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA, SHARDS, classify
-from simplear.storage.local import LocalStore
-from simplear.workflow.manifest import atomic_path, atomic_write_json, read_json, record_entry
+from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA, SHARDS, classify, shard_keys
+from simplear.storage import Store, join, open_store
+from simplear.workflow.manifest import commit_json, committed, record_entry, staging_dir
 
 log = logging.getLogger("simplear.stage.download")
 
 PLAN_DIR = "_shards_in"
 PLAN = "_PLAN.json"
-WORK = "_img2dataset"  # one folder per shard attempt, removed once the shard is converted
+WORK = "_img2dataset"  # where releases before object storage kept their shard attempts, in the stage folder
 FLAGS = "_flags"  # shard-input column: JSON of what reading the list found wrong with the row
 
 
@@ -120,21 +121,23 @@ def _json_record(record, columns: list[str]) -> dict:
             for c in columns for v in [record.get(c)]}
 
 
-def plan_shards(stage_dir: Path, files: list[str], input_format: str, url_col: str, caption_col: str | None,
-                extra_cols: list[str], column_names: list[str] | None, per_shard: int) -> dict:
-    """Split the list(s) into shard inputs, once; a rerun reuses the plan (and so the keys)."""
-    plan_dir = stage_dir / PLAN_DIR
-    plan = read_json(plan_dir / PLAN)
+def plan_shards(stage: str | os.PathLike, files: list[str], input_format: str, url_col: str, caption_col: str | None,
+                extra_cols: list[str], column_names: list[str] | None, per_shard: int, folder: Path | None = None) -> dict:
+    """Split the list(s) into shard inputs, once; a rerun reuses the plan (and so the keys).
+
+    `stage`: the stage folder, a path or URI (tasks open it as a store of their own). `files` relative to `folder`
+    are recorded by those names: a generated set is drawn again in a new folder each run on object storage."""
+    store = open_store(stage)
+    plan = store.read_json(join(PLAN_DIR, PLAN))
     if plan is not None:
-        changed = [f"{f} ({n} -> {os.path.getsize(f) if os.path.exists(f) else 'gone'} bytes)"
-                   for f, n in plan.get("lists", {}).items() if not os.path.exists(f) or os.path.getsize(f) != n]
+        changed = [f"{f} ({n} -> {os.path.getsize(p) if os.path.exists(p) else 'gone'} bytes)"
+                   for f, n in plan.get("lists", {}).items() for p in [_located(f, folder)]
+                   if not os.path.exists(p) or os.path.getsize(p) != n]
         if changed:  # a touched list is fine; one whose bytes changed would shift the planned keys
             raise RuntimeError(f"the URL list changed since it was planned: {', '.join(changed)}; restore it, or "
                                "`--force` the stage to plan and download it afresh (the old outputs are moved aside)")
         return plan
-    if plan_dir.exists():
-        shutil.rmtree(plan_dir)  # a plan cut short by a kill: start it again
-    plan_dir.mkdir(parents=True)
+    store.delete_prefix(PLAN_DIR)  # a plan cut short by a kill: start it again
     columns = [url_col] + ([caption_col] if caption_col else []) + list(extra_cols)
     schema = pa.schema([("url", pa.string()), ("caption", pa.string())] + [(c, pa.string()) for c in extra_cols]
                        + [(FLAGS, pa.string())])
@@ -148,7 +151,7 @@ def plan_shards(stage_dir: Path, files: list[str], input_format: str, url_col: s
             for k in pending:
                 del pending[k][:per_shard]
             sid = len(rows_per_shard)
-            with atomic_path(plan_dir / f"{sid:05d}.arrow") as tmp, pa.OSFile(str(tmp), "wb") as sink:
+            with committed(store, join(PLAN_DIR, f"{sid:05d}.arrow")) as tmp, pa.OSFile(str(tmp), "wb") as sink:
                 with pa.ipc.new_file(sink, schema) as writer:
                     writer.write_table(pa.table(take, schema=schema))
             rows_per_shard.append(len(take["url"]))
@@ -162,7 +165,7 @@ def plan_shards(stage_dir: Path, files: list[str], input_format: str, url_col: s
 
     for path in files:
         malformed: list[str] = []
-        for batch in read_list(path, input_format, columns, column_names, malformed):
+        for batch in read_list(_located(path, folder), input_format, columns, column_names, malformed):
             urls = batch[url_col]
             captions = batch[caption_col] if caption_col else [None] * len(urls)
             for i, (url, caption) in enumerate(zip(urls, captions)):
@@ -183,11 +186,15 @@ def plan_shards(stage_dir: Path, files: list[str], input_format: str, url_col: s
         flush()
     flush(force=True)
     plan = {"shards": len(rows_per_shard), "rows": rows_per_shard, "input_rows": sum(rows_per_shard),
-            "lists": {f: os.path.getsize(f) for f in files},
+            "lists": {f: os.path.getsize(_located(f, folder)) for f in files},
             "read_problems": dict(counts), "per_shard": per_shard}
-    atomic_write_json(plan_dir / PLAN, plan)
+    commit_json(store, join(PLAN_DIR, PLAN), plan)
     log.info("planned %d shards of up to %d rows from %d list file(s): %s", plan["shards"], per_shard, len(files), dict(counts))
     return plan
+
+
+def _located(name: str, folder: Path | None) -> str:
+    return os.path.join(folder, name) if folder else name
 
 
 # -- one shard, in its own Ray task ------------------------------------------------------------------
@@ -215,45 +222,47 @@ def _upright_resizer(settings: dict):
     )
 
 
-def download_shard(shard_id: int, stage_dir: str, settings: dict, dataset: str, extra_cols: list[str], oom_shard_count: int) -> dict:
-    """Download one planned shard with img2dataset's Downloader and write `shards/NNNNN.parquet` whole."""
+def download_shard(shard_id: int, stage: str, settings: dict, dataset: str, extra_cols: list[str], oom_shard_count: int) -> dict:
+    """Download one planned shard with img2dataset's Downloader in node-local scratch and commit
+    `shards/NNNNN.parquet` whole into the stage folder `stage` (a path or URI)."""
     from img2dataset.downloader import Downloader, compute_key
     from img2dataset.writer import ParquetSampleWriter
 
-    stage = Path(stage_dir)
-    source = stage / PLAN_DIR / f"{shard_id:05d}.arrow"
-    planned = pa.ipc.open_file(pa.memory_map(str(source))).read_all()
-    if settings.get("url_prefix"):  # a set served for this run only: its plan holds paths, the server's port changes
-        urls = [settings["url_prefix"] + u if u else u for u in planned.column("url").to_pylist()]
-        planned = planned.set_column(planned.schema.get_field_index("url"), "url", pa.array(urls, pa.string()))
-    work = stage / WORK / f"{shard_id:05d}-{uuid.uuid4().hex[:8]}"
-    work.mkdir(parents=True)
-    # the Downloader deletes its input: it gets a copy, a retry reads the plan again
-    with pa.OSFile(str(work / "input.arrow"), "wb") as sink, pa.ipc.new_file(sink, planned.schema) as writer:
-        writer.write_table(planned)
-    downloader = Downloader(
-        ParquetSampleWriter, _upright_resizer(settings), settings["thread_count"], True, False, str(work),
-        ["url", "caption", *extra_cols, FLAGS], settings["timeout"], settings["number_sample_per_shard"], oom_shard_count,
-        "sha256", None, settings["encode_format"], settings["retries"], settings["user_agent_token"],
-        settings["disallowed_header_directives"],
-    )
-    with guarded(FetchPolicy(settings["allow_private_addresses"], settings["max_image_bytes"])):
-        ok, _ = downloader((shard_id, str(work / "input.arrow")))
-    raw = work / f"{shard_id:0{oom_shard_count}d}.parquet"
-    if not ok or not raw.exists():
-        raise RuntimeError(f"img2dataset failed on shard {shard_id:05d} (see the task's log)")
-    got = pq.read_table(raw)
-    oom_sample = math.ceil(math.log10(settings["number_sample_per_shard"]))
-    keys = [compute_key(i, shard_id, oom_sample, oom_shard_count) for i in range(planned.num_rows)]
-    table = _convert(got, planned, keys, dataset, settings, extra_cols)
-    if table.num_rows != planned.num_rows:
-        raise RuntimeError(f"shard {shard_id:05d}: {table.num_rows} rows for {planned.num_rows} planned")
-    rel = f"{SHARDS}/{shard_id:05d}.parquet"
-    with atomic_path(stage / rel) as tmp:
-        pq.write_table(table, tmp, row_group_size=IMAGE_ROW_GROUP)
-        record_entry(LocalStore(stage.parent), stage.name, tmp, rel)
-    shutil.rmtree(work, ignore_errors=True)
-    return {"shard": shard_id, "rows": table.num_rows}
+    store = open_store(stage)
+    work = Path(tempfile.mkdtemp(prefix=f"{shard_id:05d}-", dir=staging_dir()))
+    try:
+        store.download(join(PLAN_DIR, f"{shard_id:05d}.arrow"), work / "planned.arrow")
+        planned = pa.ipc.open_file(pa.memory_map(str(work / "planned.arrow"))).read_all()
+        if settings.get("url_prefix"):  # a set served for this run only: its plan holds paths, the server's port changes
+            urls = [settings["url_prefix"] + u if u else u for u in planned.column("url").to_pylist()]
+            planned = planned.set_column(planned.schema.get_field_index("url"), "url", pa.array(urls, pa.string()))
+        # the Downloader deletes its input: it gets a copy, a retry reads the plan again
+        with pa.OSFile(str(work / "input.arrow"), "wb") as sink, pa.ipc.new_file(sink, planned.schema) as writer:
+            writer.write_table(planned)
+        downloader = Downloader(
+            ParquetSampleWriter, _upright_resizer(settings), settings["thread_count"], True, False, str(work),
+            ["url", "caption", *extra_cols, FLAGS], settings["timeout"], settings["number_sample_per_shard"], oom_shard_count,
+            "sha256", None, settings["encode_format"], settings["retries"], settings["user_agent_token"],
+            settings["disallowed_header_directives"],
+        )
+        with guarded(FetchPolicy(settings["allow_private_addresses"], settings["max_image_bytes"])):
+            ok, _ = downloader((shard_id, str(work / "input.arrow")))
+        raw = work / f"{shard_id:0{oom_shard_count}d}.parquet"
+        if not ok or not raw.exists():
+            raise RuntimeError(f"img2dataset failed on shard {shard_id:05d} (see the task's log)")
+        got = pq.read_table(raw)
+        oom_sample = math.ceil(math.log10(settings["number_sample_per_shard"]))
+        keys = [compute_key(i, shard_id, oom_sample, oom_shard_count) for i in range(planned.num_rows)]
+        table = _convert(got, planned, keys, dataset, settings, extra_cols)
+        if table.num_rows != planned.num_rows:
+            raise RuntimeError(f"shard {shard_id:05d}: {table.num_rows} rows for {planned.num_rows} planned")
+        rel = f"{SHARDS}/{shard_id:05d}.parquet"
+        with committed(store, rel) as tmp:
+            pq.write_table(table, tmp, row_group_size=IMAGE_ROW_GROUP)
+            record_entry(store, "", tmp, rel)
+        return {"shard": shard_id, "rows": table.num_rows}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _convert(got: pa.Table, planned: pa.Table, keys: list[str], dataset: str, settings: dict,
@@ -299,24 +308,26 @@ def _convert(got: pa.Table, planned: pa.Table, keys: list[str], dataset: str, se
     return to_arrow(data, SCHEMA)
 
 
-def download_all(ctx, plan: dict, settings: dict, dataset: str, extra_cols: list[str], max_shard_retry: int) -> dict:
-    """Every planned shard without its output, `concurrency` at a time, each retried up to `max_shard_retry` times."""
+def download_all(ctx, stage: Store, plan: dict, settings: dict, dataset: str, extra_cols: list[str],
+                 max_shard_retry: int) -> dict:
+    """Every planned shard without its output, `concurrency` at a time, each retried up to `max_shard_retry` times;
+    `stage`: the stage folder as a store."""
     import ray
 
     from simplear.workflow.lock import task_env
     from simplear.workflow.metrics import ProgressLine
 
-    todo = [i for i in range(plan["shards"]) if not (ctx.stage_dir / SHARDS / f"{i:05d}.parquet").exists()]
+    done = set(shard_keys(stage))
+    todo = [i for i in range(plan["shards"]) if f"{SHARDS}/{i:05d}.parquet" not in done]
     oom_shard_count = max(5, len(str(plan["shards"])))
-    if (ctx.stage_dir / WORK).exists():
-        shutil.rmtree(ctx.stage_dir / WORK)  # attempts a kill cut short
+    stage.delete_prefix(WORK)  # attempts a kill cut short, in a stage folder an older release downloaded in
     task = ray.remote(download_shard).options(
         **ctx.resources.ray_options(), max_retries=0, name=f"{ctx.name}:shard",
         # cv2 reads its own pixel limit from the environment, once per process
         runtime_env=task_env(CV_IO_MAX_IMAGE_PIXELS=str(settings["max_decode_pixels"])),
     )
     ctx.log.info("%s: %d shards, %d to download, %d at a time", ctx.name, plan["shards"], len(todo), ctx.resources.concurrency)
-    progress = ProgressLine(ctx.name, len(todo), ctx.progress_interval_s, unit="shards", run=str(ctx.run_dir))
+    progress = ProgressLine(ctx.name, len(todo), ctx.progress_interval_s, unit="shards", run=ctx.store.uri)
     attempts: Counter = Counter()
     failed: dict[int, str] = {}
     in_flight: dict = {}
@@ -325,7 +336,7 @@ def download_all(ctx, plan: dict, settings: dict, dataset: str, extra_cols: list
         while queue and len(in_flight) < ctx.resources.concurrency:
             sid = queue.pop(0)
             attempts[sid] += 1
-            in_flight[task.remote(sid, str(ctx.stage_dir), settings, dataset, extra_cols, oom_shard_count)] = sid
+            in_flight[task.remote(sid, stage.uri, settings, dataset, extra_cols, oom_shard_count)] = sid
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         sid = in_flight.pop(ready[0])
         try:

@@ -62,8 +62,9 @@ def run_grpo_stage(ctx):
                  len(task.train_prompts), cfg.train.global_batch_size // cfg.grpo.num_generations, cfg.grpo.num_generations,
                  len(task.eval_prompts))
     run = run_training(ctx, task, cfg.train, worker=grpo_worker, exclude=HF_RESUME_ONLY)
-    plot_curves(run.rows, ctx.stage_dir / REWARD_CURVE, reward_panels(run.rows),
-                title=f"{ctx.name}: G={cfg.grpo.num_generations}, beta={cfg.grpo.beta}, lr={cfg.train.lr:g}")
+    with ctx.output(REWARD_CURVE) as tmp:
+        tmp.write_bytes(plot_curves(run.rows, reward_panels(run.rows),
+                                    title=f"{ctx.name}: G={cfg.grpo.num_generations}, beta={cfg.grpo.beta}, lr={cfg.train.lr:g}"))
     metrics = {**run.metrics, "train_prompts": len(task.train_prompts), "eval_prompts": len(task.eval_prompts),
                "grid": list(task.grid), **summarize(run.rows, SUMMARY_KEYS, smooth_start=True),
                **eval_metrics(json.loads((ctx.stage_dir / EVAL).read_text()))}

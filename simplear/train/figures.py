@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 @dataclass
@@ -25,13 +24,14 @@ def series(rows: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_curves(rows: list[dict], path: Path, panels: list[Panel], title: str = "") -> None:
+def plot_curves(rows: list[dict], panels: list[Panel], title: str = "") -> bytes:
+    """The figure as PNG bytes: the caller commits them where the run keeps its outputs (ctx.output)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from simplear.workflow.manifest import atomic_path
 
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 5), sharex=True, squeeze=False,
                              gridspec_kw={"height_ratios": [p.height for p in panels]})
@@ -44,9 +44,10 @@ def plot_curves(rows: list[dict], path: Path, panels: list[Panel], title: str = 
     axes[0, 0].set_title(title)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=100)
     plt.close(fig)
+    return out.getvalue()
 
 
 def _draw(ax, panel: Panel, rows: list[dict], colors) -> None:
@@ -77,5 +78,5 @@ def loss_panels() -> list[Panel]:
             Panel("lr", [("lr", "lr")])]
 
 
-def plot_loss_curve(rows: list[dict], path: Path, title: str = "") -> None:
-    plot_curves(rows, path, loss_panels(), title)
+def plot_loss_curve(rows: list[dict], title: str = "") -> bytes:
+    return plot_curves(rows, loss_panels(), title)

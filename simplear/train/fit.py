@@ -1,21 +1,27 @@
 """`fit`: a training worker on Ray Train (`TorchTrainer`), checkpoints in the stage folder, the final export;
-`run_training`: what every training stage does around it."""
+`run_training`: what every training stage does around it.
+
+The run dir's storage is Ray Train's: `storage_path` is the stage's folder on the run dir's pyarrow filesystem
+(a local path, or `bucket/prefix/<stage>` on S3), so checkpoints persist and restore wherever the run dir is.
+Each checkpoint is staged on the worker's node in the staging dir (simplear.storage.staging) and deleted after
+Ray Train has persisted it."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from simplear.train.config import FINAL, LEGACY_CHECKPOINTS, OPTIMIZER, TRAINER_STATE, TrainConfig
+from simplear.storage import join, open_store
+from simplear.train.config import FINAL, LEGACY_CHECKPOINTS, METRICS, OPTIMIZER, TRAINER_STATE, TrainConfig
 from simplear.train.loop import train_loop
-from simplear.train.metrics import read_metrics
+from simplear.train.metrics import parse_metrics
 from simplear.train.sessions import RaySession, setup_worker_logging
 from simplear.train.task import TrainTask
+from simplear.train.workdir import WorkDir
 from simplear.train_data import DataFile
 
 log = logging.getLogger("simplear.train")
@@ -28,7 +34,8 @@ def loop_worker(config: dict) -> None:
     setup_worker_logging()
     ray.data.DataContext.get_current().enable_progress_bars = False
     session = RaySession([DataFile(**f) for f in config["files"]], config["columns"])
-    train_loop(config["task"], TrainConfig.model_validate(config["train"]), session, config["out_dir"], config.get("run_info"))
+    work = WorkDir.of(config["run"], config["stage"])
+    train_loop(config["task"], TrainConfig.model_validate(config["train"]), session, work, config.get("run_info"))
 
 
 def scaling_config(resources, cfg: TrainConfig):
@@ -44,29 +51,34 @@ def scaling_config(resources, cfg: TrainConfig):
     return ScalingConfig(num_workers=resources.concurrency, use_gpu=resources.gpus > 0, resources_per_worker=per_worker)
 
 
-def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: Path, resources, files: list[DataFile] = (), columns: list[str] = (),
-        run_info: dict | None = None, worker=None):
+def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: str | Path, resources, files: list[DataFile] = (),
+        columns: list[str] = (), run_info: dict | None = None, worker=None):
     """Run `train_loop` on Ray Train; a rerun on the same stage folder resumes from its latest checkpoint.
 
-    `worker`: another per-worker function taking the same config dict (GRPO runs trl's trainer there)."""
+    `stage_dir`: the stage's folder, a path or `<run dir URI>/<stage>`. `worker`: another per-worker function taking
+    the same config dict (GRPO runs trl's trainer there)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    runs = checkpoints_dir(stage_dir)
-    legacy = stage_dir / LEGACY_CHECKPOINTS
-    if legacy.is_dir() and not runs.exists():  # a run started before the upgrade: its checkpoints resume it
-        os.rename(legacy, runs)
+    run, stage = str(stage_dir).rstrip("/").rsplit("/", 1)
+    store = open_store(run)
+    fs, root = store.filesystem()
+    legacy, runs = join(stage, LEGACY_CHECKPOINTS), join(stage, stage)
+    if any(True for _ in store.list(legacy)) and not any(True for _ in store.list(runs)):
+        store.move(legacy, runs)  # a run started before the upgrade: its checkpoints resume it
         log.info("%s: moved the checkpoints of an earlier run from %s/ to %s/ (the run is now named after the stage)",
-                 stage_dir.name, LEGACY_CHECKPOINTS, runs.name)
+                 stage, LEGACY_CHECKPOINTS, stage)
 
     trainer = TorchTrainer(
         worker or loop_worker,
-        train_loop_config={"task": task, "train": cfg.model_dump(mode="json"), "out_dir": str(stage_dir), "run_info": run_info or {},
-                           "files": [asdict(f) for f in files], "columns": list(columns)},
+        train_loop_config={"task": task, "train": cfg.model_dump(mode="json"), "out_dir": str(stage_dir), "run": run,
+                           "stage": stage, "run_info": run_info or {}, "files": [asdict(f) for f in files],
+                           "columns": list(columns)},
         scaling_config=scaling_config(resources, cfg),
         run_config=RunConfig(
-            name=runs.name,
-            storage_path=str(stage_dir),
+            name=stage,
+            storage_path=f"{root}/{stage}",
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
@@ -79,14 +91,15 @@ def checkpoints_dir(stage_dir: Path) -> Path:
     return Path(stage_dir) / Path(stage_dir).name
 
 
-def export_final(checkpoint_dir: Path, final_dir: Path, exclude: tuple[str, ...] = ()) -> dict:
+def export_final(checkpoint_dir: Path, final_dir: str | Path, exclude: tuple[str, ...] = ()) -> dict:
     """Copy a training checkpoint without its optimizer state (and the `exclude` patterns: a trainer's own resume
-    files) to `final_dir`, atomically; returns its trainer state."""
-    from simplear.workflow.manifest import atomic_path
+    files) to `final_dir` (a path or `<run dir URI>/<stage>/final`), whole; returns its trainer state."""
+    from simplear.workflow.manifest import committed
 
-    with atomic_path(final_dir) as tmp:
+    run, stage, name = str(final_dir).rstrip("/").rsplit("/", 2)
+    with committed(open_store(run), join(stage, name)) as tmp:
         shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns(OPTIMIZER, *exclude))
-    return json.loads((final_dir / TRAINER_STATE).read_text())
+        return json.loads((tmp / TRAINER_STATE).read_text())
 
 
 @dataclass
@@ -100,13 +113,14 @@ def run_training(ctx, task, cfg: TrainConfig, *, files: list[DataFile] = (), col
                  exclude: tuple[str, ...] = ()) -> TrainingRun:
     """`fit` for a stage, then its last checkpoint as final/; a run that ends short of `steps` is an error."""
     t0 = time.time()
-    result = fit(task, cfg, stage_dir=ctx.stage_dir, resources=ctx.resources, files=files, columns=columns,
-                 run_info={"stage": ctx.name}, worker=worker)
+    result = fit(task, cfg, stage_dir=ctx.store.child(ctx.name), resources=ctx.resources, files=files,
+                 columns=columns, run_info={"stage": ctx.name}, worker=worker)
     if result.checkpoint is None:
         raise RuntimeError(f"{ctx.name}: Ray Train finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        state = export_final(Path(d), ctx.stage_dir / FINAL, exclude)
+        state = export_final(Path(d), ctx.store.child(join(ctx.name, FINAL)), exclude)
     if state["step"] != cfg.steps:
         raise RuntimeError(f"{ctx.name}: the last checkpoint is at step {state['step']}, not {cfg.steps}")
     metrics = {"steps": state["step"], "resumed_at": state.get("resumed_at", []), "train_seconds": round(time.time() - t0, 1)}
-    return TrainingRun(state, read_metrics(ctx.stage_dir), metrics)
+    logged = ctx.store.read(join(ctx.name, METRICS))
+    return TrainingRun(state, parse_metrics(logged.data.decode()) if logged else [], metrics)

@@ -13,16 +13,19 @@ from simplear.train.metrics import MetricsWriter
 from simplear.train.parallel import all_reduce, autocast_for, full_state, gather_all, no_sync, param_groups, unsharded, wrap_model
 from simplear.train.sessions import ReportClock, report_checkpoint
 from simplear.train.task import TrainTask
+from simplear.train.workdir import WorkDir
 from simplear.train_data import Position
 
 log = logging.getLogger("simplear.train")
 
 
-def train_loop(task: TrainTask, cfg: TrainConfig, session, out_dir: str | Path, run_info: dict | None = None) -> dict:
-    """Train from the latest checkpoint (or the task's init) to `cfg.steps`; returns the last step's metrics."""
+def train_loop(task: TrainTask, cfg: TrainConfig, session, out_dir: str | Path | WorkDir, run_info: dict | None = None) -> dict:
+    """Train from the latest checkpoint (or the task's init) to `cfg.steps`; returns the last step's metrics.
+    `out_dir`: where rank 0 writes its logs and figures (a folder, or a WorkDir published to object storage)."""
     import torch
 
-    out_dir = Path(out_dir)
+    work = out_dir if isinstance(out_dir, WorkDir) else WorkDir.local(out_dir)
+    out_dir = work.path
     rank, world = session.rank, session.world_size
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -55,7 +58,7 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, out_dir: str | Path, 
         set_optimizer_state_dict(wrapped, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
         del optim_state
     autocast = autocast_for(cfg, device, world)
-    writer = MetricsWriter(out_dir, step) if rank == 0 else None
+    writer = MetricsWriter(out_dir, step, run=work.run) if rank == 0 else None
     rows = session.worker_rows(cfg.seed, cfg.shuffle_buffer)
     batches = task.micro_batches(rows, position, micro_bs, bundle)
     metrics: dict[str, Any] = {}
@@ -99,6 +102,9 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, out_dir: str | Path, 
             state = {"step": step, "positions": gather_all(rows.position().to_json(), world), "resumed_at": resumes,
                      "world_size": world, **(run_info or {})}
             _checkpoint(task, bundle, wrapped, optimizer, cfg, session, metrics, state)
+            if writer:
+                writer.flush()
+                work.publish()
             clock.reset()
         elif report:
             session.report(metrics)
@@ -109,6 +115,7 @@ def train_loop(task: TrainTask, cfg: TrainConfig, session, out_dir: str | Path, 
     if rank == 0:
         log.info("trained to step %d in %.1fs", step, time.perf_counter() - t_run)
         task.finish(bundle, unsharded(bundle, full), out_dir, device, autocast)
+        work.publish()
     return metrics
 
 

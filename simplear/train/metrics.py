@@ -14,10 +14,11 @@ from simplear.train.config import METRICS, TENSORBOARD
 class MetricsWriter:
     """Rank 0's per-step metrics: metrics.jsonl (rows past a resumed step dropped) and TensorBoard."""
 
-    def __init__(self, out_dir: Path, start_step: int):
+    def __init__(self, out_dir: Path, start_step: int, run: str | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = out_dir / METRICS
+        self.stage, self.run = out_dir.name, run or str(out_dir.parent)  # the labels of the stage's gauges
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
@@ -28,13 +29,15 @@ class MetricsWriter:
 
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        stage, run = self.path.parent.name, str(self.path.parent.parent)  # <run_dir>/<stage>/metrics.jsonl
-        gauge(stage, "train_step", metrics["step"], run)
+        gauge(self.stage, "train_step", metrics["step"], self.run)
         if isinstance(metrics.get("loss"), (int, float)):
-            gauge(stage, "train_loss", metrics["loss"], run)
+            gauge(self.stage, "train_loss", metrics["loss"], self.run)
         for k, v in metrics.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"train/{k}", v, metrics["step"])
+
+    def flush(self) -> None:
+        self.tb.flush()
 
     def close(self) -> None:
         self.tb.close()
@@ -42,10 +45,12 @@ class MetricsWriter:
 
 def read_metrics(out_dir: Path) -> list[dict]:
     path = Path(out_dir) / METRICS
-    if not path.exists():
-        return []
+    return parse_metrics(path.read_text()) if path.exists() else []
+
+
+def parse_metrics(text: str) -> list[dict]:
     by_step = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.strip():
             row = json.loads(line)
             by_step[row["step"]] = row  # a resumed run rewrote steps after its checkpoint: the last line wins

@@ -133,12 +133,15 @@ class ReportClock:
 
 
 def report_checkpoint(session, metrics: dict, name: str, write: Callable[[Path], None]) -> None:
-    """Every worker reports (Ray Train waits for all of them); rank 0 writes the folder with `write(dir)`, in a
-    temporary place Ray Train copies into the run, so the stage folder only ever holds committed checkpoints."""
+    """Every worker reports (Ray Train waits for all of them); rank 0 writes the folder with `write(dir)`, in the
+    node's staging dir (never the system temp folder: a 0.5B checkpoint with AdamW state is ~6.6 GB), which Ray Train
+    persists into the run before the folder is deleted, so the stage folder only ever holds committed checkpoints."""
+    from simplear.storage.staging import staging_dir
+
     if session.rank != 0:
         session.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="simplear-ckpt-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ckpt-", dir=staging_dir()) as tmp:
         d = Path(tmp) / name
         write(d)
         session.report(metrics, d, name)

@@ -77,12 +77,16 @@ class StageContext:
         return manifest
 
     def input_files(self, need: str, suffix: str = ".parquet") -> list:
-        """The files an input stage recorded in its manifest, so half-written leftovers are never read: paths on
-        `filesystem` (pyarrow and Ray Data take them with `filesystem=ctx.filesystem`)."""
+        """The files an input stage recorded in its manifest, so half-written leftovers are never read: Paths on a
+        POSIX run dir, paths on `filesystem` on object storage (pyarrow and Ray Data take both with
+        `filesystem=ctx.filesystem`)."""
+        return [self.input_path(need, o["path"]) for o in self.input_manifest(need)["outputs"] if o["path"].endswith(suffix)]
+
+    def input_path(self, need: str, rel: str):
+        """One file of an input stage, as `input_files` gives it."""
+        self._check_need(need)
         fs, root = self.store.filesystem()
-        base = Path(root) / need if fs is None else f"{root}/{need}"
-        return [base / o["path"] if fs is None else f"{base}/{o['path']}"
-                for o in self.input_manifest(need)["outputs"] if o["path"].endswith(suffix)]
+        return Path(root) / need / rel if fs is None else f"{root}/{need}/{rel}"
 
     @property
     def filesystem(self):

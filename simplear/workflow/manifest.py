@@ -20,11 +20,11 @@ from typing import Any, Iterator
 
 from simplear.storage import Store, dump_json, join
 from simplear.storage.local import read_bytes
+from simplear.storage.staging import staging_dir
 
 MANIFEST = "_MANIFEST.json"
 STARTED = "_STARTED.json"
 FAILED = "_FAILED.json"
-STAGING_ENV = "SIMPLEAR_STAGING_DIR"
 
 
 @contextmanager
@@ -54,23 +54,6 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def staging_dir() -> Path:
-    """Node-local scratch space for what is written before it goes to object storage: `SIMPLEAR_STAGING_DIR`,
-    else the Ray session's own folder on this node (Ray's temp dir), else the system's temp folder."""
-    configured = os.environ.get(STAGING_ENV)
-    if configured:
-        root = Path(configured)
-    else:
-        try:
-            import ray
-
-            root = Path(ray._private.worker._global_node.get_session_dir_path()) / "simplear-staging"
-        except AttributeError:  # no Ray in this process
-            root = Path(tempfile.gettempdir()) / "simplear-staging"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 @contextmanager
