@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,23 +171,9 @@ class S3Server:
 def s3_server():
     """Started before the session's Ray cluster, whose nodes inherit its settings as a cluster's nodes carry their
     own credentials: the standard AWS variables, with keys moto accepts. Stopped at the end of the session."""
-    import urllib.request
+    from s3_server import launch
 
-    port = free_port()
-    log = open(tempfile.mkstemp(prefix="s3-server-", suffix=".log")[1], "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "s3_server.py"), str(port)], stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/_requests", timeout=2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the S3 server did not start: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    proc, url, env = launch(tempfile.mkstemp(prefix="s3-server-", suffix=".log")[1])
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield S3Server(url, env)
@@ -199,7 +184,6 @@ def s3_server():
             os.environ[k] = v
     proc.terminate()
     proc.wait(timeout=30)
-    log.close()
 
 
 @pytest.fixture(scope="session")

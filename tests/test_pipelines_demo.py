@@ -110,8 +110,8 @@ class _Ctx:
     run_dir: Path
     needs: list[str]
 
-    def input_dir(self, need):
-        return self.run_dir / need
+    def input_path(self, need, rel):
+        return self.run_dir / need / rel
 
     def input_manifest(self, need):
         return json.loads((self.run_dir / need / MANIFEST).read_text())
