@@ -24,11 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from pipelines_support import data_workflow  # noqa: E402
+from pipelines_support import DATA_STAGES, data_workflow  # noqa: E402
 from s3_server import launch  # noqa: E402
-
-PRETRAIN = {"uses": "pretrain", "needs": ["tokenize"], "resources": {"cpus": 1}}
-
 
 def requests(url: str) -> list[tuple[str, str, int]]:
     import urllib.request
@@ -68,15 +65,10 @@ def main() -> None:
 
         boto3.client("s3", endpoint_url=url).create_bucket(Bucket="bench")
         run_dir = "s3://bench/runs/demo"
-        path = data_workflow(folder / "wf", count=args.count)
-        doc = yaml.safe_load(path.read_text())
-        shipped = yaml.safe_load((ROOT / "workflow.yaml").read_text())
-        pretrain = {**PRETRAIN, "config": {**shipped["profiles"]["demo"]["stages"]["pretrain"]["config"]}}
-        pretrain["config"]["train"] = {**pretrain["config"]["train"], "steps": args.steps,
-                                       "checkpoint_every": max(1, args.steps // 2)}
-        doc["stages"]["pretrain"] = pretrain
-        doc["run_dir"] = run_dir
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        train = {"steps": args.steps, "checkpoint_every": max(1, args.steps // 2)}
+        path = data_workflow(folder / "wf", count=args.count, keep=(*DATA_STAGES, "pretrain"),
+                             stages={"pretrain": {"config": {"train": train}}})
+        path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "run_dir": run_dir}, sort_keys=False))
         wf = load_workflow(path)
         stages = list(wf.stages)
         t0 = time.time()

@@ -294,6 +294,24 @@ def test_resume_continues_from_the_checkpoint_like_an_uninterrupted_run(ray_sess
         assert torch.allclose(got[k], expected[k], atol=1e-6), k
 
 
+def test_a_checkpoint_stages_trls_optimizer_state_once(sft, tmp_path):
+    """trl's save and our checkpoint folder share the node's staging dir: its resume files are moved into ours, so
+    the optimizer state (twice the weights with AdamW) is on the staging disk once, not twice."""
+    from simplear.grpo.reporting import HF_STATE, checkpoint_folder
+    from simplear.model import load_checkpoint
+
+    ck = load_checkpoint(sft)
+    hf = tmp_path / "checkpoint-2"
+    hf.mkdir()
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        (hf / name).write_bytes(name.encode() * 1000)
+    (hf / "trainer_state.json").write_text("{}")
+    checkpoint_folder(hf, tmp_path / "ours", ck.model, ck.vocab, ck.visual_tokenizer_config, {"step": 2}, {})
+    assert (tmp_path / "ours" / "optimizer.pt").read_bytes() == b"optimizer.pt" * 1000 and (tmp_path / "ours" / HF_STATE).exists()
+    assert sorted(p.name for p in hf.iterdir()) == ["trainer_state.json"]  # moved, not copied
+    assert load_checkpoint(tmp_path / "ours").extra["trainer_state"] == {"step": 2}
+
+
 # -- configuration ------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from simplear.grpo.config import GRPOTask
+from simplear.storage.staging import staging_dir
 from simplear.train import TRAINER_STATE, MetricsWriter, ReportClock, TrainConfig, report_checkpoint
 
 log = logging.getLogger("simplear.grpo")
@@ -26,13 +27,15 @@ HF_RESUME_ONLY = (*HF_FILES, "rng_state*", HF_STATE)  # what final/ leaves out
 
 def checkpoint_folder(hf_checkpoint: Path, dest: Path, model, vocab, vt_config, state: dict, extra: dict) -> None:
     """A loadable SimpleAR checkpoint (HF layout, simplear.json) with trl's optimizer/scheduler/RNG files and
-    its trainer state (as hf_trainer_state.json); our trainer_state.json holds step and resumes."""
+    its trainer state (as hf_trainer_state.json); our trainer_state.json holds step and resumes. trl's files are
+    moved, not copied (both folders are in the node's staging dir): the optimizer state, twice the weights with
+    AdamW, is staged once."""
     from simplear.model import save_checkpoint
 
     dest.mkdir(parents=True)
     for f in hf_checkpoint.iterdir():
         if f.name in HF_FILES or f.name.startswith("rng_state"):
-            shutil.copy2(f, dest / f.name)
+            shutil.move(f, dest / f.name)
     shutil.copy2(hf_checkpoint / "trainer_state.json", dest / HF_STATE)
     save_checkpoint(dest, model, vocab, vt_config, extra={"trainer_state": state, **extra})
     (dest / TRAINER_STATE).write_text(json.dumps(state, indent=2))
@@ -44,7 +47,7 @@ def hf_resume_view(checkpoint_dir: Path | None):
     if checkpoint_dir is None:
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="simplear-grpo-resume-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="grpo-resume-", dir=staging_dir()) as tmp:
         view = Path(tmp)
         for f in checkpoint_dir.iterdir():
             if f.name not in (TRAINER_STATE, HF_STATE):

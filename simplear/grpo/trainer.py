@@ -16,6 +16,7 @@ from simplear.grpo.eval import evaluate_before_after, evaluate_checkpoint
 from simplear.grpo.reporting import hf_resume_view, report_callback
 from simplear.grpo.rollout import trainer_class, trl_reward_functions
 from simplear.rewards import WeightedRewards
+from simplear.storage.staging import staging_dir
 from simplear.train import TRAINER_STATE, RaySession, TrainConfig, setup_worker_logging
 from simplear.train.parallel import use_bf16
 from simplear.visual_tokenizers import load_visual_tokenizer
@@ -135,7 +136,7 @@ def grpo_worker(config: dict) -> None:
                 evaluate_checkpoint(task, cfg, resume_dir, out_dir, device)
             return
         resumed_at = state.get("resumed_at", []) + ([state["step"]] if resume_dir else [])
-        hf_out = stack.enter_context(tempfile.TemporaryDirectory(prefix="simplear-grpo-hf-"))
+        hf_out = stack.enter_context(tempfile.TemporaryDirectory(prefix="grpo-hf-", dir=staging_dir()))  # trl's saves
         callback = report_callback(task, cfg, out_dir, session, resumed_at)
         trainer = build_trainer(task, cfg, hf_out, world_size=world, device=device, callbacks=[callback])
         callback.trainer = trainer
