@@ -198,3 +198,13 @@ def test_a_holder_that_lost_its_lock_stops_and_commits_nothing(s3_server, monkey
     lock.release()  # not ours any more: the taker's lock stays
     assert [i.key for i in store.list("a")] == ["a/part-0.parquet"]
     assert store.read_json(LOCK)["run_id"] == "taker"
+
+
+def test_a_lock_released_while_a_taker_watches_it_is_taken_at_once():
+    store = SerialStore()
+    store.write(LOCK, json.dumps({"run_id": "far", "host": "elsewhere", "pid": 1}).encode())
+    threading.Timer(0.3, lambda: store.delete(LOCK)).start()
+    t0 = time.monotonic()
+    lock = RunLock.acquire(store, LockSettings(stale_after_s=30, heartbeat_s=60))
+    assert time.monotonic() - t0 < 5 and json.loads(store.read(LOCK).data)["run_id"] == lock.run_id
+    lock.release()

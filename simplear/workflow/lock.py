@@ -98,7 +98,9 @@ def watch_holder(store: Store, version: str, settings: LockSettings) -> tuple[bo
     while time.monotonic() - t0 < settings.stale_after_s:
         time.sleep(min(1.0, settings.stale_after_s / 20))
         blob = store.read(LOCK)
-        if blob is None or blob.version != version:
+        if blob is None:  # released: the taker's swap fails on the missing lock and it creates its own
+            return False, "it released the lock"
+        if blob.version != version:
             return True, f"its lock changed {time.monotonic() - t0:.0f}s into watching"
     return False, f"its lock did not change for {settings.stale_after_s:g}s (stale_after_s, timed here)"
 

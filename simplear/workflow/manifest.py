@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from simplear.storage import Store, dump_json, join
@@ -185,7 +185,7 @@ def describe_outputs(store: Store, stage: str, only: list[str] | None = None,
         found.update(listed)
     known = known or {}
     outputs = []
-    for key in sorted(found):
+    for key in sorted(found, key=PurePosixPath):  # path order, as manifests of earlier releases list their outputs
         rel = key[len(stage) + 1:]
         if only is None and is_bookkeeping(Path(rel)):
             continue
