@@ -169,14 +169,16 @@ def test_filter_keeps_exactly_the_images_with_a_short_edge_of_64_or_more(demo):
     assert metrics["by_reason"] == dict(sorted(reasons.items())) and metrics["rows_in"] == len(down)
 
 
-def test_recaption_stores_long_and_short_captions_from_the_built_checkpoint(demo):
+def test_recaption_stores_long_and_short_captions_from_the_built_checkpoint(demo, ray_head):
     rows = read_stage(demo.runs / "recaption", "shards")
     assert rows["caption_long"].notna().all() and rows["caption_short"].notna().all()
     assert set(rows["caption_model"]) == {"tiny-random"}
     assert rows["caption"].map(demo_shapes.parse_caption).notna().all()  # the original captions are kept
     from transformers import AutoConfig
 
-    assert AutoConfig.from_pretrained(demo.runs / "recaption/_model").model_type == "qwen2_vl"
+    built = list(Path(ray_head.temp_dir).rglob("simplear-staging/tiny-qwen2vl-*/config.json"))  # once per node
+    assert built and AutoConfig.from_pretrained(built[0].parent).model_type == "qwen2_vl"
+    assert not (demo.runs / "recaption" / "_model").exists()  # not in the run: every node builds the same one
 
 
 def test_tokenize_writes_codes_per_resolution_for_big_enough_images(demo):
