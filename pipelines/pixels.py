@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import io
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence

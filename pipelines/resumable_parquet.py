@@ -23,7 +23,6 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -32,7 +31,7 @@ from pydantic import Field
 
 from simplear.config import StrictModel
 from simplear.workflow.context import StageResult
-from simplear.storage import Store, join, open_store
+from simplear.storage import Store, join, open_parent, open_store
 from simplear.workflow.manifest import commit_json, committed, file_entry
 from simplear.workflow.metrics import ProgressLine, count_rows
 
@@ -240,9 +239,9 @@ def receipt_entries(receipts: Receipts) -> dict[str, dict]:
     return {rel: e for recs in receipts.values() for _, data in recs for rel, e in data.get("entries", {}).items()}
 
 
-def parts_progress(stage_dir: Path) -> str | None:
+def parts_progress(location: str) -> str | None:
     """Input rows finished so far (a running or interrupted data stage), from its receipts."""
-    recs = [d for rs in read_receipts(open_store(Path(stage_dir).parent), Path(stage_dir).name).values() for _, d in rs]
+    recs = [d for rs in read_receipts(*open_parent(location)).values() for _, d in rs]
     if not recs:
         return None
     rejected = sum(d["counts"].get("rejected", 0) for d in recs)

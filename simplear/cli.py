@@ -185,7 +185,6 @@ def cmd_generate(args) -> int:
 def cmd_serve(args) -> int:
     import os
     import time
-    from pathlib import Path
 
     from simplear.serving import (ServeConfig, load_api_keys, read_checkpoint_meta, resolve_checkpoint, start,
                                   take_api_keys_from_env)
@@ -202,7 +201,7 @@ def cmd_serve(args) -> int:
         stage = wf.stages[name]
         base = stage.config.model_dump()
         cpus, gpus, replicas = stage.resources.cpus, stage.resources.gpus, stage.resources.concurrency
-        run_dir, needs = wf.run_dir, stage.needs
+        run_dir, needs = wf.run_uri, stage.needs
     elif not args.model:
         print("error: give a workflow (its serve stage) or --model CHECKPOINT", file=sys.stderr)
         return 2
@@ -212,7 +211,7 @@ def cmd_serve(args) -> int:
     try:
         cfg = ServeConfig.model_validate({**base, **{k: v for k, v in overrides.items() if v is not None}})
         keys = load_api_keys(cfg)  # refuse a host beyond loopback without a key before Ray starts
-        checkpoint = resolve_checkpoint(cfg, Path(run_dir or "."), None if cfg.checkpoint else needs)
+        checkpoint = resolve_checkpoint(cfg, run_dir or ".", None if cfg.checkpoint else needs)
         read_checkpoint_meta(checkpoint)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

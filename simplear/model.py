@@ -122,10 +122,13 @@ def is_checkpoint(directory) -> bool:
 
 
 def load_checkpoint(directory, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> Checkpoint:
-    """`dtype` None keeps the dtype the weights were saved in."""
+    """`directory`: a folder, or a run dir URI's `<stage>/final` (fetched once per node). `dtype` None keeps the
+    dtype the weights were saved in."""
     from transformers import AutoModelForCausalLM
 
-    d = Path(directory)
+    from simplear.storage.staging import local_folder
+
+    d = local_folder(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {d}")
     if not is_checkpoint(d):

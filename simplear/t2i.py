@@ -192,14 +192,21 @@ def resolve_init(ctx, init: str, where: str) -> str:
     return location
 
 
-def train_progress(stage_dir: Path) -> str | None:
-    """The last logged step (and loss) of a running or interrupted training stage, from its metrics.jsonl."""
-    path = Path(stage_dir) / METRICS
-    if not path.is_file() or path.stat().st_size == 0:
+def train_progress(location: str) -> str | None:
+    """The last logged step (and loss) of a running or interrupted training stage, from the end of its
+    metrics.jsonl (a ranged read: the file grows with every step)."""
+    from pyarrow import fs as pafs
+
+    from simplear.storage import open_parent
+
+    store, stage = open_parent(location)
+    fs, root = store.filesystem()
+    try:
+        with (fs or pafs.LocalFileSystem()).open_input_file(f"{root}/{stage}/{METRICS}") as f:
+            f.seek(max(0, f.size() - 8192))
+            lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:  # not there (yet)
         return None
-    with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - 8192))
-        lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
     try:
         row = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):

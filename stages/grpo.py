@@ -9,6 +9,7 @@ from simplear.train import TRAIN_OPERATIONAL
 from simplear.workflow import StageContext, StageResult, register_stage
 
 
-@register_stage("grpo", GRPOStageConfig, version=2, operational=TRAIN_OPERATIONAL, progress=train_progress)
+@register_stage("grpo", GRPOStageConfig, version=2, operational=TRAIN_OPERATIONAL, progress=train_progress,
+                object_store=True)
 def run(ctx: StageContext) -> StageResult:
     return run_grpo_stage(ctx)

@@ -32,10 +32,10 @@ def send_check_request(api: str, prompt: str, key: str | None, timeout_s: float 
 
 @register_stage("serve", ServeConfig, version=3,
                 operational=("max_batch_size", "batch_wait_timeout_s", "max_concurrent_requests", "retry_after_s",
-                             "request_timeout_s", "max_body_bytes", "body_timeout_s", "replace_existing"))
+                             "request_timeout_s", "max_body_bytes", "body_timeout_s", "replace_existing"), object_store=True)
 def run(ctx: StageContext) -> StageResult:
     cfg: ServeConfig = ctx.config
-    checkpoint = resolve_checkpoint(cfg, ctx.run_dir, ctx.needs)
+    checkpoint = resolve_checkpoint(cfg, ctx.store.uri, ctx.needs)
     read_checkpoint_meta(checkpoint)  # fail here, before Serve starts, on a missing checkpoint
     keys = load_api_keys(cfg)  # and on a host beyond loopback without a key
     t0 = time.time()

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simplear.config import StrictModel
+from simplear.storage import open_parent
 from simplear.workflow import StageContext, StageResult, register_stage
 from simplear.workflow.manifest import commit_json
 
@@ -35,8 +36,9 @@ def shard_log(store, stage: str) -> list[dict]:
     return [store.read_json(item.key) for item in store.list(f"{stage}/_log")]
 
 
-def shards_progress(stage_dir) -> str | None:
-    n = len(list(stage_dir.glob("part-*.parquet")))
+def shards_progress(location: str) -> str | None:
+    store, stage = open_parent(location)
+    n = sum(1 for item in store.list(stage) if item.key.rsplit("/", 1)[-1].startswith("part-"))
     return f"{n} shards written" if n else None
 
 

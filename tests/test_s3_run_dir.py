@@ -109,6 +109,7 @@ def test_a_driver_killed_mid_stage_on_s3_is_taken_over_and_matches_an_uninterrup
     status = json.loads(subprocess.run([sys.executable, "-m", "simplear", "status", str(killed), "--json"], env=env,
                                        cwd=ROOT, capture_output=True, text=True, check=True).stdout)
     assert status["run_dir"] == f"{bucket}/killed" and status["stages"]["a"]["state"] == "partial"
+    assert status["stages"]["a"]["progress"].endswith("shards written")  # read from the bucket
     wf = load_workflow(killed)
     run_workflow(wf, select(wf))
     assert "taking over the lock" in caplog.text and "is gone" in caplog.text

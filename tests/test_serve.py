@@ -291,7 +291,7 @@ def test_stage_needs_its_checkpoint_stage(tmp_path):
 
     with pytest.raises(ValueError, match="from_stage 'grpo' is not in the stage's needs"):
         resolve_checkpoint(ServeConfig(), tmp_path, needs=["sft"])
-    assert resolve_checkpoint(ServeConfig(from_stage="sft"), tmp_path, needs=["sft"]) == tmp_path / "sft" / "final"
+    assert resolve_checkpoint(ServeConfig(from_stage="sft"), tmp_path, needs=["sft"]) == f"{tmp_path}/sft/final"
 
 
 def test_cli_serve_runs_in_the_foreground(serve_torch_app, ray_head):

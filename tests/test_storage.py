@@ -208,3 +208,13 @@ def test_a_lock_released_while_a_taker_watches_it_is_taken_at_once():
     lock = RunLock.acquire(store, LockSettings(stale_after_s=30, heartbeat_s=60))
     assert time.monotonic() - t0 < 5 and json.loads(store.read(LOCK).data)["run_id"] == lock.run_id
     lock.release()
+
+
+def test_status_reads_a_training_stage_s_progress_from_the_end_of_its_log_on_every_backend(store):
+    from simplear.t2i import train_progress
+
+    stage = store.child("pretrain")
+    assert train_progress(stage) is None  # nothing logged yet
+    rows = [{"step": s, "loss": 10.0 / s, "note": "x" * 200} for s in range(1, 101)]  # more than the 8 KiB read
+    store.write("pretrain/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    assert train_progress(stage) == "step 100, loss 0.1"

@@ -155,9 +155,9 @@ def shard_counts(stage: Store) -> dict:
     return {"rows": rows, "by_status": dict(sorted(status.items())), "failed_by_reason": dict(sorted(reasons.items()))}
 
 
-def shard_progress(stage_dir: Path) -> str | None:
+def shard_progress(location: str) -> str | None:
     """How many shards are converted so far (a running or interrupted download)."""
-    n = len(shard_keys(open_store(stage_dir)))
+    n = len(shard_keys(open_store(location)))
     return f"{n} shards converted" if n else None
 
 

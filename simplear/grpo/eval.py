@@ -29,8 +29,6 @@ def sample_and_score(model, vocab, visual_tokenizer, rewards: WeightedRewards, p
                      scorers: tuple[Scorer, ...] = ()) -> dict:
     """Per reward (and "total", their weighted sum), per extra scorer and per figure of its own ("<scorer>.<figure>"):
     the mean score of each prompt over its samples."""
-    import torch
-
     from simplear.sampler import TorchSampler
 
     sampler = TorchSampler(model, vocab, max_text_tokens=max_text_tokens)

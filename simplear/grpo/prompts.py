@@ -18,17 +18,19 @@ def resolve_prompts(ctx, spec: PromptSpec, where: str) -> tuple[list[str], list[
     elif spec.source == "stage":
         if spec.stage not in ctx.needs:
             raise ConfigError(f"{where}.prompts.stage: {spec.stage!r} is not among the stage's needs {ctx.needs}")
-        base = ctx.input_dir(spec.stage)
-        files = [f for f in ctx.input_files(spec.stage, ".parquet") if f.relative_to(base).parts[0] != "rejected"]
+        rels = [o["path"] for o in ctx.input_manifest(spec.stage)["outputs"]
+                if o["path"].endswith(".parquet") and o["path"].split("/")[0] != "rejected"]
         if spec.resolution is not None:
-            files = [f for f in files if f.relative_to(base).parts[0] == str(spec.resolution)]
-        if not files:
+            rels = [r for r in rels if r.split("/")[0] == str(spec.resolution)]
+        if not rels:
             raise ConfigError(f"{where}.prompts.stage: stage {spec.stage!r} recorded no kept Parquet outputs"
                               + (f" under {spec.resolution}/" if spec.resolution is not None else ""))
-        for f in files:
-            if spec.column not in pq.read_schema(f).names:
-                raise ConfigError(f"{where}.prompts.column: {f} has no column {spec.column!r}")
-            found += [c for c in pq.read_table(f, columns=[spec.column])[spec.column].to_pylist()]
+        fs = ctx.filesystem  # the run dir's: the files may lie on object storage
+        for rel in rels:
+            f = ctx.input_path(spec.stage, rel)
+            if spec.column not in pq.read_schema(f, filesystem=fs).names:
+                raise ConfigError(f"{where}.prompts.column: {spec.stage}/{rel} has no column {spec.column!r}")
+            found += [c for c in pq.read_table(f, columns=[spec.column], filesystem=fs)[spec.column].to_pylist()]
             if spec.max_prompts and len(set(found)) >= spec.max_prompts:
                 break
     else:

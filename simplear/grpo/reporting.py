@@ -17,6 +17,7 @@ from typing import Any
 from simplear.grpo.config import GRPOTask
 from simplear.storage.staging import staging_dir
 from simplear.train import TRAINER_STATE, MetricsWriter, ReportClock, TrainConfig, report_checkpoint
+from simplear.train.workdir import WorkDir
 
 log = logging.getLogger("simplear.grpo")
 
@@ -56,8 +57,9 @@ def hf_resume_view(checkpoint_dir: Path | None):
         yield str(view)
 
 
-def report_callback(task: GRPOTask, cfg: TrainConfig, out_dir: Path, session, resumed_at: list[int]):
-    """transformers callback: the shared metrics rows (rank 0), reports and checkpoints, on trl's logs and saves."""
+def report_callback(task: GRPOTask, cfg: TrainConfig, work: WorkDir, session, resumed_at: list[int]):
+    """transformers callback: the shared metrics rows (rank 0, published with each checkpoint), reports and
+    checkpoints, on trl's logs and saves."""
     from transformers import TrainerCallback
 
     class ReportCallback(TrainerCallback):
@@ -72,7 +74,7 @@ def report_callback(task: GRPOTask, cfg: TrainConfig, out_dir: Path, session, re
             self.t_last = time.perf_counter()
             self.clock.reset()
             if session.rank == 0:
-                self.writer = MetricsWriter(out_dir, state.global_step)
+                self.writer = MetricsWriter(work.path, state.global_step, run=work.run)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
@@ -106,6 +108,9 @@ def report_callback(task: GRPOTask, cfg: TrainConfig, out_dir: Path, session, re
                                                           ours, extra))
             self.clock.reset()
             shutil.rmtree(hf_dir, ignore_errors=True)  # reported: Ray Train's copy is the one kept
+            if self.writer:
+                self.writer.flush()
+                work.publish()
 
         def on_train_end(self, args, state, control, **kw):
             if self.writer:

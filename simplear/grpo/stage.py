@@ -68,7 +68,7 @@ def run_grpo_stage(ctx):
                                     title=f"{ctx.name}: G={cfg.grpo.num_generations}, beta={cfg.grpo.beta}, lr={cfg.train.lr:g}"))
     metrics = {**run.metrics, "train_prompts": len(task.train_prompts), "eval_prompts": len(task.eval_prompts),
                "grid": list(task.grid), **summarize(run.rows, SUMMARY_KEYS, smooth_start=True),
-               **eval_metrics(json.loads((ctx.stage_dir / EVAL).read_text()))}
+               **eval_metrics(ctx.store.read_json(ctx.key(EVAL)))}
     ctx.log.info("%s: %s", ctx.name, metrics)
-    outputs = [FINAL, METRICS, REWARD_CURVE, EVAL] + [p for p in (SAMPLES, SAMPLES_BEFORE) if (ctx.stage_dir / p).exists()]
+    outputs = [FINAL, METRICS, REWARD_CURVE, EVAL] + [p for p in (SAMPLES, SAMPLES_BEFORE) if ctx.has_output(p)]
     return StageResult(metrics=metrics, outputs=outputs, artifacts=[SAMPLES_BEFORE, SAMPLES, REWARD_CURVE, EVAL, f"{FINAL}/"])

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import tempfile
-from pathlib import Path
 from typing import Any
 
 from simplear.grpo.config import GRPOTask
@@ -19,6 +18,7 @@ from simplear.rewards import WeightedRewards
 from simplear.storage.staging import staging_dir
 from simplear.train import TRAINER_STATE, RaySession, TrainConfig, setup_worker_logging
 from simplear.train.parallel import use_bf16
+from simplear.train.workdir import WorkDir
 from simplear.visual_tokenizers import load_visual_tokenizer
 
 log = logging.getLogger("simplear.grpo")
@@ -118,7 +118,7 @@ def grpo_worker(config: dict) -> None:
     setup_worker_logging()
     task: GRPOTask = config["task"]
     cfg = TrainConfig.model_validate(config["train"])
-    out_dir = Path(config["out_dir"])
+    work = WorkDir.of(config["run"], config["stage"])  # logs and figures: published to the run dir on object storage
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     session = RaySession()
@@ -133,14 +133,16 @@ def grpo_worker(config: dict) -> None:
         if state.get("step", 0) >= cfg.steps:
             # a rerun after the last checkpoint (killed during the evaluation): trl would train one step more
             if rank == 0:
-                evaluate_checkpoint(task, cfg, resume_dir, out_dir, device)
+                evaluate_checkpoint(task, cfg, resume_dir, work.path, device)
+                work.publish()
             return
         resumed_at = state.get("resumed_at", []) + ([state["step"]] if resume_dir else [])
         hf_out = stack.enter_context(tempfile.TemporaryDirectory(prefix="grpo-hf-", dir=staging_dir()))  # trl's saves
-        callback = report_callback(task, cfg, out_dir, session, resumed_at)
+        callback = report_callback(task, cfg, work, session, resumed_at)
         trainer = build_trainer(task, cfg, hf_out, world_size=world, device=device, callbacks=[callback])
         callback.trainer = trainer
         trainer.train(resume_from_checkpoint=stack.enter_context(hf_resume_view(resume_dir)))
     if rank == 0:
         evaluate_before_after(task, trainer.accelerator.unwrap_model(trainer.model), trainer.vocab, trainer.visual_tokenizer,
-                              trainer.simplear_vt_config, trainer.simplear_rewards, out_dir, device, trainer.accelerator.autocast)
+                              trainer.simplear_vt_config, trainer.simplear_rewards, work.path, device, trainer.accelerator.autocast)
+        work.publish()

@@ -15,7 +15,7 @@ from typing import Any
 
 from simplear.serving.auth import (BearerAuth, host_header_is_loopback, is_loopback, key_digest, load_api_keys,
                                    refuse_open_api)
-from simplear.serving.config import RequestError, ServeConfig, error_body, parse_request
+from simplear.serving.config import ImageRequest, RequestError, ServeConfig, error_body, parse_request
 from simplear.serving.limits import Admission, BodyTooLarge, BodyTooSlow, deployment_limits, read_body
 from simplear.serving.metrics import ServeMetrics
 from simplear.serving.page import render_page
@@ -26,10 +26,13 @@ log = logging.getLogger("ray.serve")
 deploy_log = logging.getLogger(__name__)  # start()'s, in the process that deploys
 
 
-def read_checkpoint_meta(path: Path) -> dict:
+def read_checkpoint_meta(location: str | Path) -> dict:
+    """The checkpoint's simplear.json; a URI's folder is fetched to this node first (then loaded from there)."""
     from simplear.model import is_checkpoint
+    from simplear.storage.staging import local_folder
     from simplear.vocab import META_FILE
 
+    path = local_folder(location)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     if not is_checkpoint(path):
@@ -37,11 +40,13 @@ def read_checkpoint_meta(path: Path) -> dict:
     return json.loads((path / META_FILE).read_text())
 
 
-def build_engine(checkpoint: Path, cfg: ServeConfig):
+def build_engine(location: str | Path, cfg: ServeConfig):
     """A sampler with `generate_images(prompts, size=(H, W), params=[...])`: vLLM, torch or torch + SJD."""
+    from simplear.storage.staging import local_folder
     from simplear.visual_tokenizers import VisualTokenizerConfig, load_visual_tokenizer
 
-    meta = read_checkpoint_meta(checkpoint)
+    meta = read_checkpoint_meta(location)
+    checkpoint = local_folder(location)
     vt = load_visual_tokenizer(VisualTokenizerConfig.model_validate(meta["visual_tokenizer"]))
     for w, h in cfg.parsed_sizes():
         if w % vt.downsample or h % vt.downsample:
@@ -99,7 +104,7 @@ class ImageServer:
         from ray import serve
 
         self.cfg = ServeConfig.model_validate(config)
-        self.engine = build_engine(Path(checkpoint), self.cfg)
+        self.engine = build_engine(checkpoint, self.cfg)
         self.auth = BearerAuth(key_digests)
         self.loopback_only = is_loopback(self.cfg.host)
         self.metrics = ServeMetrics(self.cfg.app_name, serve.get_replica_context().replica_id.unique_id)
@@ -310,9 +315,11 @@ def start(checkpoint: str | Path, cfg: ServeConfig, keys: list[str] | None = Non
     return served
 
 
-def resolve_checkpoint(cfg: ServeConfig, run_dir: Path, needs: list[str] | None = None) -> Path:
+def resolve_checkpoint(cfg: ServeConfig, run: str | Path, needs: list[str] | None = None) -> str:
+    """`checkpoint`, else `from_stage`'s final/ in the run dir (a path or a URI: each replica fetches a checkpoint
+    on object storage to its node once)."""
     if cfg.checkpoint:
-        return Path(cfg.checkpoint)
+        return cfg.checkpoint
     if needs is not None and cfg.from_stage not in needs:
         raise ValueError(f"from_stage {cfg.from_stage!r} is not in the stage's needs {needs}: add it or set checkpoint")
-    return Path(run_dir) / cfg.from_stage / "final"
+    return f"{str(run).rstrip('/')}/{cfg.from_stage}/final"

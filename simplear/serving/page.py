@@ -5,6 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from simplear.serving.config import ServeConfig
 
 
 STYLE = """

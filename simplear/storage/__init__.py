@@ -10,7 +10,7 @@ from pathlib import Path
 
 from simplear.storage.base import Blob, Listed, Store, StoreError, dump_json, join
 
-__all__ = ["Blob", "Listed", "Store", "StoreError", "dump_json", "is_uri", "join", "open_store", "SCHEMES"]
+__all__ = ["Blob", "Listed", "Store", "StoreError", "dump_json", "is_uri", "join", "open_parent", "open_store", "SCHEMES"]
 
 SCHEMES = {"s3": "tested against a real S3 server (moto) with conditional writes"}
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -49,6 +49,13 @@ def open_store(run_dir: str | Path) -> Store:
     if not path.is_absolute():
         raise ValueError(f"run dir {text!r}: resolve it against workflow.yaml's folder first")
     return LocalStore(path)
+
+
+def open_parent(location: str | Path) -> tuple[Store, str]:
+    """(store of the folder holding `location`, its name): what a function handed one location (a stage folder, a
+    checkpoint folder; a path or a URI) writes through."""
+    parent, name = str(location).rstrip("/").rsplit("/", 1)
+    return open_store(parent), name
 
 
 @lru_cache(maxsize=32)

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from simplear.storage import join, open_store
+from simplear.storage import join, open_parent
 from simplear.train.config import FINAL, LEGACY_CHECKPOINTS, METRICS, OPTIMIZER, TRAINER_STATE, TrainConfig
 from simplear.train.loop import train_loop
 from simplear.train.metrics import parse_metrics
@@ -60,8 +60,7 @@ def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: str | Path, resources, 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    run, stage = str(stage_dir).rstrip("/").rsplit("/", 1)
-    store = open_store(run)
+    store, stage = open_parent(stage_dir)
     fs, root = store.filesystem()
     legacy, runs = join(stage, LEGACY_CHECKPOINTS), join(stage, stage)
     if any(True for _ in store.list(legacy)) and not any(True for _ in store.list(runs)):
@@ -71,7 +70,7 @@ def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: str | Path, resources, 
 
     trainer = TorchTrainer(
         worker or loop_worker,
-        train_loop_config={"task": task, "train": cfg.model_dump(mode="json"), "out_dir": str(stage_dir), "run": run,
+        train_loop_config={"task": task, "train": cfg.model_dump(mode="json"), "out_dir": str(stage_dir), "run": store.uri,
                            "stage": stage, "run_info": run_info or {}, "files": [asdict(f) for f in files],
                            "columns": list(columns)},
         scaling_config=scaling_config(resources, cfg),
@@ -96,8 +95,7 @@ def export_final(checkpoint_dir: Path, final_dir: str | Path, exclude: tuple[str
     files) to `final_dir` (a path or `<run dir URI>/<stage>/final`), whole; returns its trainer state."""
     from simplear.workflow.manifest import committed
 
-    run, stage, name = str(final_dir).rstrip("/").rsplit("/", 2)
-    with committed(open_store(run), join(stage, name)) as tmp:
+    with committed(*open_parent(final_dir)) as tmp:
         shutil.copytree(checkpoint_dir, tmp, ignore=shutil.ignore_patterns(OPTIMIZER, *exclude))
         return json.loads((tmp / TRAINER_STATE).read_text())
 

@@ -40,7 +40,8 @@ class StageKind:
     `version` is bumped by hand when the meaning of the kind's outputs changes; `operational` lists
     the config keys (dotted paths) that change only speed, memory or logging, never outputs, so that
     changing them (a smaller batch after an out-of-memory crash) keeps the work done. `progress`
-    reads how far a running or interrupted stage got from its folder (rows, step), for `status`.
+    reads how far a running or interrupted stage got (rows, step), for `status`, from its folder's location
+    (`<run dir>/<stage>`, a path or a URI: read it with `simplear.storage.open_parent`).
     `sources(config, dataset_files)` lists the files outside the run the stage reads ({path: [bytes,
     mtime_ns]}, e.g. archives); when they change, a done stage is *refreshed*: run again in place, its
     outputs kept, so it redoes only what its own receipts say changed. `object_store`: the kind reads and
@@ -53,7 +54,7 @@ class StageKind:
     run: Callable  # run(ctx: StageContext) -> StageResult | None
     version: int = 1
     operational: frozenset[str] = frozenset()
-    progress: Callable[[Path], str | None] | None = None
+    progress: Callable[[str], str | None] | None = None
     sources: Callable[[Any, dict], dict[str, list]] | None = None
     object_store: bool = False
 
@@ -115,7 +116,7 @@ _KINDS: dict[str, StageKind] = {}
 
 
 def register_stage(name: str, config: type[StrictModel], *, version: int = 1, operational: tuple[str, ...] = (),
-                   progress: Callable[[Path], str | None] | None = None,
+                   progress: Callable[[str], str | None] | None = None,
                    sources: Callable[[Any, dict], dict[str, list]] | None = None, object_store: bool = False):
     """Decorator: `@register_stage("filter", FilterConfig, version=1, operational=("batch_size",)) def run(ctx): ...`."""
     unknown = [key for key in operational if not _config_has(config, key)]

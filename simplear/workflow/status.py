@@ -141,8 +141,8 @@ def stage_status(wf: ResolvedWorkflow, name: str, upstream: dict[str, StageStatu
         st.state = "partial"
         if started.get("fingerprint") != fp and started.get("scheme") == SCHEME:
             st.notes.append("its partial outputs are for another configuration: a run moves them aside")
-    if st.state in ("running", "partial", "failed") and stage.kind.progress is not None and wf.store.is_local:
-        st.progress = stage.kind.progress(wf.stage_dir(name))  # (read from a folder: not shown on object storage)
+    if st.state in ("running", "partial", "failed") and stage.kind.progress is not None:
+        st.progress = stage.kind.progress(wf.store.child(name))
     return st
 
 
