@@ -7,6 +7,6 @@ from simplear.evaluation.stage import run_eval_stage
 from simplear.workflow import StageContext, StageResult, register_stage
 
 
-@register_stage("eval", EvalStageConfig, version=1, operational=EVAL_OPERATIONAL)
+@register_stage("eval", EvalStageConfig, version=1, operational=EVAL_OPERATIONAL, object_store=True)
 def run(ctx: StageContext) -> StageResult:
     return run_eval_stage(ctx)

@@ -233,9 +233,9 @@ def test_geneval_scorer_end_to_end_writes_results_jsonl(tmp_path, tiny_clip):
     assert records[1]["reason"] == "expected person>=1, found 0"
     assert records[2]["score"] in (0.0, 1.0) and records[2]["category"] == "colors"
     assert set(json.loads(records[0]["details"])) == {"dog"}
-    (path,) = scorer.write(records, tmp_path / "out")
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert path.name == "results.jsonl" and len(rows) == 3 and all(list(r) == list(RESULT_FIELDS) for r in rows)
+    ((name, text),) = scorer.records(records).items()
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert name == "results.jsonl" and len(rows) == 3 and all(list(r) == list(RESULT_FIELDS) for r in rows)
     summary = scorer.aggregate(records)
     assert summary["categories"]["single_object"] == {"mean": 0.5, "se": 0.5, "count": 2}
     assert summary["unscored"] == 1 and summary["overall"]["count"] == 3

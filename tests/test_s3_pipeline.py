@@ -25,7 +25,9 @@ APP = "s3-run"
 TRAIN = {"steps": STEPS, "global_batch_size": 8, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1, "num_threads": 1}
 
 
-def test_data_stages_then_training_and_serving_on_s3(ray_session, s3_server, tmp_path):
+def test_data_stages_then_training_and_serving_on_s3(ray_session, s3_server, serve_torch_app, tmp_path):
+    """The serve stage deploys beside the session's Serve app, on its HTTP port: Serve has one proxy per cluster,
+    and a stage that started it on another port would leave the other Serve tests knocking on a closed one."""
     from ray import serve
 
     path = data_workflow(tmp_path, count=60, keep=(*DATA_STAGES, "pretrain", "sft", "grpo", "serve"), stages={
@@ -35,7 +37,8 @@ def test_data_stages_then_training_and_serving_on_s3(ray_session, s3_server, tmp
         "grpo": {"config": {"train": {**TRAIN, "steps": GRPO_STEPS, "checkpoint_every": GRPO_STEPS},
                             "grpo": {"num_generations": 4}, "prompts": {"eval_count": 2},
                             "eval": {"samples_per_prompt": 1, "cfg_scales": []}, "samples": {"per_prompt": 1}}},
-        "serve": {"config": {"engine": "torch", "app_name": APP, "route_prefix": f"/{APP}", "sizes": ["96x96"]}},
+        "serve": {"config": {"engine": "torch", "app_name": APP, "route_prefix": f"/{APP}", "sizes": ["96x96"],
+                             "port": serve_torch_app.port}},
     })
     run_dir = s3_server.bucket("pipeline") + "/runs/demo"
     path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "run_dir": run_dir}, sort_keys=False))

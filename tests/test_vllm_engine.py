@@ -321,19 +321,20 @@ def test_the_eval_stage_draws_the_torch_engines_images_through_vllm(vllm_engine,
     """The eval stage's drawing (`simplear.evaluation.generate`) with `engine: vllm`: batched calls of several
     prompts x samples, each image its own seed, write the very PNGs the torch engine writes."""
     from simplear.evaluation.config import EvalSampling
-    from simplear.evaluation.generate import Checkpoint, generate_set, set_key
+    from simplear.evaluation.generate import Checkpoint, SetPlace, generate_set, set_key
     from simplear.model import load_checkpoint
     from simplear.scorers import items_from_prompts
     from simplear.visual_tokenizers import load_visual_tokenizer
 
     vt_config = load_checkpoint(checkpoint).visual_tokenizer_config
-    ck = Checkpoint(name="c", path=checkpoint, grid=GRID, visual_tokenizer=vt_config, key="k")
+    ck = Checkpoint(name="c", path=str(checkpoint), grid=GRID, visual_tokenizer=vt_config, key="k")
     items, sampling, vt = items_from_prompts(PROMPTS[:3]), EvalSampling(cfg_scale=2.0, top_k=16), load_visual_tokenizer(vt_config)
     engines = {"torch": torch_sampler, "vllm": SimpleNamespace(generate_codes=lambda *a: vllm_engine("generate_codes", *a))}
     for name, engine in engines.items():
         key = set_key(ck, items, sampling, 7, 2, name)
-        assert generate_set(engine, vt, ck, items, tmp_path / name, key, sampling, 7, 2, batch_size=4, grids=False) == 3
-    pngs = {name: [(tmp_path / name / f"{i:05d}" / "samples" / f"{j:04d}.png").read_bytes() for i in range(3) for j in range(2)]
+        place = SetPlace(run=str(tmp_path), stage=name, folder="set")
+        assert generate_set(engine, vt, ck, items, place, key, sampling, 7, 2, batch_size=4, grids=False)[0] == 3
+    pngs = {name: [(tmp_path / name / "set" / f"{i:05d}" / "samples" / f"{j:04d}.png").read_bytes() for i in range(3) for j in range(2)]
             for name in engines}
     assert pngs["vllm"] == pngs["torch"]
     assert len(set(pngs["torch"])) == 6  # every image its own seed

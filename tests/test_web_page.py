@@ -101,6 +101,7 @@ def test_eval_report_shows_its_table_bars_and_images(browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     from simplear.evaluation.report import write_report
+    from simplear.storage import open_store
 
     paths = {}
     for ck, colour in (("pretrain", (200, 30, 30)), ("grpo", (30, 30, 200))):
@@ -111,7 +112,7 @@ def test_eval_report_shows_its_table_bars_and_images(browser, tmp_path):
     agg = lambda m: {"overall": {"mean": m, "se": 0.05, "count": 180},  # noqa: E731
                      "categories": {"circle": {"mean": m / 2, "se": 0.1, "count": 36}},
                      "figures": {"shape_correct": {"mean": m + 0.125, "se": 0.03, "count": 180}}}
-    write_report(tmp_path, {"checkpoints": [{"name": "pretrain", "path": "/x/pretrain/final", "size": [64, 64]},
+    write_report(open_store(tmp_path), "", {"checkpoints": [{"name": "pretrain", "path": "/x/pretrain/final", "size": [64, 64]},
                                             {"name": "grpo", "path": "/x/grpo/final", "size": [96, 96]}],
                             "sets": {"held_out": {"scores": {"shapes": {"pretrain": agg(0.25), "grpo": agg(0.5)}},
                                                   "grids": [{"prompt": "a red circle on a blue background", "images": paths}]}},

@@ -4,9 +4,9 @@ the same prompts and seeds as image grids side by side, pretrain -> SFT -> GRPO)
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
-from simplear.workflow.manifest import atomic_path, atomic_write_json
+from simplear.storage import Store, join
+from simplear.workflow.manifest import commit_json, committed
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -24,13 +24,13 @@ th:first-child, td:first-child { text-align: left; }
 """
 
 
-def write_report(out_dir: Path, report: dict) -> None:
+def write_report(store: Store, stage: str, report: dict) -> None:
     """`report`: {"checkpoints": [{name, path, size}], "sets": {set: {"scores": {scorer: {checkpoint: aggregate}},
     "grids": [{"prompt", "images": {checkpoint: [relative paths]}}]}}, "notes": [...]}; aggregates hold
     "overall" and optionally "categories" and "figures", each {"mean", "se", "count"} (`simplear.scorers`)."""
-    atomic_write_json(out_dir / REPORT_JSON, report)
-    with atomic_path(out_dir / REPORT_HTML) as tmp:
-        Path(tmp).write_text(render_html(report), encoding="utf-8")
+    commit_json(store, join(stage, REPORT_JSON), report)
+    with committed(store, join(stage, REPORT_HTML)) as tmp:
+        tmp.write_text(render_html(report), encoding="utf-8")
 
 
 def _figure(agg: dict | None) -> str:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from simplear.config import ConfigError
 from simplear.evaluation.config import CheckpointSpec, EvalStageConfig
-from simplear.evaluation.generate import IMAGES, Checkpoint, scoring_inputs, set_dir, set_key, take_back, todo
+from simplear.evaluation.generate import IMAGES, KEY, Checkpoint, SetPlace, scoring_inputs, set_key, take_back, todo
 from simplear.evaluation.prompts import load_items
 from simplear.evaluation.report import REPORT_HTML, REPORT_JSON, write_report
 from simplear.evaluation.workers import DrawJob, ScoreJob, draw_all, score_all
+from simplear.storage import join
 from simplear.workflow.manifest import read_json
 from simplear.workflow.names import file_name
 
@@ -41,13 +42,14 @@ def resolve_checkpoints(ctx, cfg: EvalStageConfig, where: str) -> list[Checkpoin
             if spec.stage not in ctx.needs:
                 raise ConfigError(f"{where}.checkpoints[{i}].stage: {spec.stage!r} is not among the stage's needs {ctx.needs}")
             manifest = ctx.input_manifest(spec.stage)
-            path, key = ctx.input_dir(spec.stage) / FINAL, f"stage:{manifest['fingerprint']}"
+            path, key = ctx.store.child(join(spec.stage, FINAL)), f"stage:{manifest['fingerprint']}"
             trained_grid = manifest.get("metrics", {}).get("grid")
+            meta = ctx.store.read_json(join(spec.stage, FINAL, META_FILE))
         else:
-            path = ctx.config_path(spec.path)
-            trained_grid = None
-            key = "folder:" + _weights_digest(path, f"{where}.checkpoints[{i}].path")
-        meta = read_json(path / META_FILE)
+            folder = ctx.config_path(spec.path)
+            path, trained_grid = str(folder), None
+            key = "folder:" + _weights_digest(folder, f"{where}.checkpoints[{i}].path")
+            meta = read_json(folder / META_FILE)
         if meta is None:
             raise ConfigError(f"{where}.checkpoints[{i}]: {path} is not a SimpleAR checkpoint (no {META_FILE})")
         vt = VisualTokenizerConfig.model_validate(meta["visual_tokenizer"])
@@ -61,7 +63,8 @@ def resolve_checkpoints(ctx, cfg: EvalStageConfig, where: str) -> list[Checkpoin
             grid = tuple(trained_grid)
         else:
             raise ConfigError(f"{where}.checkpoints[{i}]: stage {spec.stage!r} recorded no training grid; give `size`")
-        out.append(Checkpoint(name=spec.name or spec.stage or file_name(path.name), path=path, grid=grid, visual_tokenizer=vt, key=key))
+        name = spec.name or spec.stage or file_name(Path(path).name)
+        out.append(Checkpoint(name=name, path=path, grid=grid, visual_tokenizer=vt, key=key))
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}.checkpoints: names must be unique, got {names} (set `name`)")
@@ -78,16 +81,17 @@ def _weights_digest(path: Path, where: str) -> str:
     return h.hexdigest()[:32]
 
 
-def score_job(sc_cfg, set_name: str, folder: Path, items, per_prompt: int, grids: bool):
+def score_job(sc_cfg, set_name: str, place: SetPlace, items, per_prompt: int, grids: bool):
     """(cached aggregate, None) when this scorer already judged these very images, else (None, the job that
     scores them). A scorer's records (GenEval's results.jsonl, ...) and aggregate live under `scores/<kind>/`."""
-    key = {"scorer": sc_cfg.model_dump(mode="json"), "images": read_json(folder / "key.json"), "records": RECORDS}
-    cache = folder / "scores" / sc_cfg.kind / "aggregate.json"
-    cached = read_json(cache)
+    store = place.store
+    key = {"scorer": sc_cfg.model_dump(mode="json"), "images": store.read_json(place.key(KEY)), "records": RECORDS}
+    cache = place.key(f"scores/{sc_cfg.kind}/aggregate.json")
+    cached = store.read_json(cache)
     if cached and cached.get("key") == key:
         return cached["aggregate"], None
-    paths, per_image = scoring_inputs(folder, items, per_prompt, grids)
-    return None, ScoreJob(pool=f"{set_name}/{sc_cfg.kind}", config=sc_cfg, paths=paths, items=per_image, cache=cache, key=key)
+    keys, per_image = scoring_inputs(place, items, per_prompt, grids)
+    return None, ScoreJob(pool=f"{set_name}/{sc_cfg.kind}", config=sc_cfg, keys=keys, items=per_image, cache=cache, key=key)
 
 
 def run_eval_stage(ctx):
@@ -97,35 +101,36 @@ def run_eval_stage(ctx):
     where = f"stages.{ctx.name}.config"
     checkpoints = resolve_checkpoints(ctx, cfg, where)
     sets = {s.name: (s, load_items(ctx, s, f"{where}.prompt_sets[{i}]")) for i, s in enumerate(cfg.prompt_sets)}
-    work = []
+    run, store = ctx.store.uri, ctx.store
+    work, entries = [], {}  # entries: the manifest entries of the images known without reading them again
     for ck in checkpoints:
         jobs = []
         for name, (spec, items) in sets.items():
             key = set_key(ck, items, cfg.sampling, cfg.seed, cfg.samples_per_prompt, cfg.engine)
-            take_back(ctx.stage_dir, ck, name, key)
-            folder = set_dir(ctx.stage_dir, ck, name)
-            if read_json(folder / "key.json") != key or todo(folder, items):
-                jobs.append(DrawJob(set_name=name, items=items, folder=folder, key=key, grids=spec.grids))
+            place = SetPlace.of(run, ctx.name, ck, name)
+            entries.update(take_back(place, key))
+            if store.read_json(place.key(KEY)) != key or todo(place, items):
+                jobs.append(DrawJob(set_name=name, items=items, place=place, key=key, grids=spec.grids))
         if jobs:
             work.append((ck, jobs))
     workers: dict = {}  # where each task and actor ran, and on what
-    drawn = draw_all(cfg, ctx.resources, ctx.name, work, workers) if work else {}
+    drawn = draw_all(cfg, ctx.resources, ctx.name, work, workers, entries) if work else {}
 
     scores, jobs = {}, []
     for name, (spec, items) in sets.items():
         for sc_cfg in spec.scorers:
             for ck in checkpoints:
-                cached, job = score_job(sc_cfg, name, set_dir(ctx.stage_dir, ck, name), items, cfg.samples_per_prompt,
+                cached, job = score_job(sc_cfg, name, SetPlace.of(run, ctx.name, ck, name), items, cfg.samples_per_prompt,
                                         spec.grids)
                 if job is None:
                     scores[name, sc_cfg.kind, ck.name] = cached
                 else:
                     jobs.append(((name, sc_cfg.kind, ck.name), job))
     if jobs:
-        got = score_all([j for _, j in jobs], ctx.resources, ctx.name, workers)
+        got = score_all([j for _, j in jobs], run, ctx.resources, ctx.name, workers)
         scores.update({where_: got[n] for n, (where_, _) in enumerate(jobs)})
 
-    report = {"checkpoints": [{"name": c.name, "path": str(c.path), "size": list(c.size)} for c in checkpoints],
+    report = {"checkpoints": [{"name": c.name, "path": c.path, "size": list(c.size)} for c in checkpoints],
               "samples_per_prompt": cfg.samples_per_prompt, "seed": cfg.seed, "sampling": cfg.sampling.model_dump(mode="json"),
               "engine": cfg.engine, "sets": {}, "notes": NOTES}
     metrics: dict = {"drawn_prompts": drawn, "workers": workers}
@@ -140,6 +145,6 @@ def run_eval_stage(ctx):
                 ck.name: [f"{IMAGES}/{ck.name}/{name}/{i:05d}/samples/{j:04d}.png" for j in range(cfg.samples_per_prompt)]
                 for ck in checkpoints}})
         report["sets"][name] = entry
-    write_report(ctx.stage_dir, report)
+    write_report(store, ctx.name, report)
     ctx.log.info("%s: %s", ctx.name, json.dumps(metrics))
-    return StageResult(metrics=metrics, outputs=None, artifacts=[REPORT_HTML, REPORT_JSON])
+    return StageResult(metrics=metrics, outputs=None, files=entries, artifacts=[REPORT_HTML, REPORT_JSON])

@@ -11,8 +11,9 @@ same thing whatever the benchmark: GenEval, DPG-Bench, CLIP score, HPS, the demo
 - `Scorer.aggregate(per_image) -> dict`: `overall` (a `{"mean", "se", "count"}`), `categories` (name -> one
   of those), `figures` (each of `Scorer.figures` -> one of those), `unscored` (how many images scored None),
   and whatever the benchmark adds.
-- `Scorer.write(per_image, folder) -> list[Path]`: the per-image records, in the benchmark's own format where
-  it has one (GenEval's results.jsonl), so its tools read them.
+- `Scorer.records(per_image) -> {file name: text}`: the per-image records, in the benchmark's own format where
+  it has one (GenEval's results.jsonl), so its tools read them; the caller writes them wherever the run keeps
+  its files (a folder or a bucket).
 
 Configs are here, not in each scorer's module, so that the union and `build_scorer` import no model code.
 """
@@ -23,7 +24,6 @@ import json
 import math
 import statistics
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, Union
 
 from pydantic import Field, TypeAdapter
@@ -140,11 +140,8 @@ class Scorer(ABC):
             "unscored": len(per_image) - len(scored),
         }
 
-    def write(self, per_image: Sequence[dict], folder: str | Path) -> list[Path]:
-        path = Path(folder) / f"{self.name}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in per_image))
-        return [path]
+    def records(self, per_image: Sequence[dict]) -> dict[str, str]:
+        return {f"{self.name}.jsonl": "".join(json.dumps(r) + "\n" for r in per_image)}
 
 
 def check_lengths(images, items: Sequence[EvalItem]) -> None:

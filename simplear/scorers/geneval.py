@@ -257,11 +257,8 @@ class GenEvalScorer(Scorer):
         scored = [r for r in per_image if r["score"] is not None]
         return {**summarize_results(scored), "unscored": len(per_image) - len(scored)}
 
-    def write(self, per_image: Sequence[dict], folder: str | Path) -> list[Path]:
+    def records(self, per_image: Sequence[dict]) -> dict[str, str]:
         """results.jsonl in GenEval's format, which its summary_scores.py and scripts/compare_geneval.py read."""
-        path = Path(folder) / RESULTS
-        path.parent.mkdir(parents=True, exist_ok=True)
         rows = [{k: r[k] for k in RESULT_FIELDS} for r in per_image if r["score"] is not None]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return [path]
+        return {RESULTS: "".join(json.dumps(r) + "\n" for r in rows)}
 

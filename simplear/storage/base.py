@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,6 +25,7 @@ class Blob:
 class Listed:
     key: str
     size: int
+    tag: str = field(default="", compare=False)  # changes when the bytes do: the ETag on S3, size and mtime on POSIX
 
 
 class StoreError(RuntimeError):

@@ -41,6 +41,11 @@ def read_bytes(path: Path, tries: int = 4) -> bytes | None:
     return None
 
 
+def listed(path: Path, key: str) -> Listed:
+    st = path.stat()
+    return Listed(key, st.st_size, f"{st.st_size}:{st.st_mtime_ns}")
+
+
 class LocalStore(Store):
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -142,12 +147,12 @@ class LocalStore(Store):
     def list(self, prefix: str = "") -> Iterator[Listed]:
         base = self.path(prefix)
         if base.is_file():
-            yield Listed(prefix, base.stat().st_size)
+            yield listed(base, prefix)
             return
         if not base.is_dir():
             return
         for f in sorted(p for p in base.rglob("*") if p.is_file() and not p.is_symlink()):
-            yield Listed(str(f.relative_to(self.root)), f.stat().st_size)
+            yield listed(f, str(f.relative_to(self.root)))
 
     def upload(self, local: Path, key: str) -> None:
         path = self.path(key)

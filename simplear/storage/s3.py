@@ -143,7 +143,7 @@ class S3Store(Store):
                     key = obj["Key"]
                     if full and key != full and not key.startswith(full.rstrip("/") + "/"):
                         continue  # `a/b` lists `a/b` and `a/b/...`, not `a/bc`
-                    yield Listed(key[len(root):], int(obj["Size"]))
+                    yield Listed(key[len(root):], int(obj["Size"]), obj.get("ETag", ""))
         except ClientError as e:
             raise StoreError(f"listing {self.child(prefix)}: {e}") from e
 

@@ -31,23 +31,25 @@ def staging_dir() -> Path:
 
 def local_folder(location: str | os.PathLike) -> Path:
     """A folder to open with local file calls: a path as it is; `<run dir URI>/<key>` (e.g. an input stage's
-    final checkpoint on S3) fetched once per node into the staging dir and reused while it stays complete."""
+    final checkpoint on S3) fetched once per node into the staging dir, and reused while the objects there are
+    the same ones (a stage that trained again under the same key is fetched again: its listing differs)."""
     from simplear.storage import is_uri
 
     text = str(location)
     if not is_uri(text):
         return Path(text)
     store, key = split_uri(text)
-    target = staging_dir() / "fetched" / hashlib.sha256(text.encode()).hexdigest()[:24]
+    items = list(store.list(key))
+    if not items:
+        raise FileNotFoundError(f"{text}: nothing there")
+    listing = "\n".join(f"{i.key} {i.size} {i.tag}" for i in items)
+    target = staging_dir() / "fetched" / hashlib.sha256(f"{text}\n{listing}".encode()).hexdigest()[:24]
     done = target / ".complete"
     if done.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
     try:
-        items = list(store.list(key))
-        if not items:
-            raise FileNotFoundError(f"{text}: nothing there")
         for item in items:
             dest = tmp / item.key[len(key) + 1:]
             dest.parent.mkdir(parents=True, exist_ok=True)

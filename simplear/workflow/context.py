@@ -61,10 +61,6 @@ class StageContext:
         path = Path(value)
         return path if path.is_absolute() else self.workflow_path.parent / path
 
-    def input_dir(self, need: str) -> Path:
-        self._check_need(need)
-        return self.run_dir / need
-
     def _check_need(self, need: str) -> None:
         if need not in self.needs:
             raise KeyError(f"stage {self.name!r} does not need {need!r} (needs: {self.needs})")
