@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from simplear.config import ConfigError
 from simplear.evaluation.config import CheckpointSpec, PromptSetSpec
-from simplear.evaluation.generate import grid_path, write_prompt
+from simplear.evaluation.generate import SetPlace, grid_rel, write_prompt
 from simplear.scorers import EvalItem
 from simplear.workflow.lock import FENCE_ENV, OutsideRun
 from simplear.workflow.manifest import atomic_path
@@ -54,9 +54,10 @@ def test_a_dpg_item_id_cannot_write_outside_the_set_folder(tmp_path):
     folder = tmp_path / "run" / "eval" / "images" / "sft" / "dpg"
     item = EvalItem(prompt="p", id="../../../../x", metadata={"item_id": "../../../../x"})
     images = [Image.new("RGB", (8, 8), c) for c in ("red", "green", "blue", "white")]
-    write_prompt(folder, 0, item, images, grid=True)
-    grid = grid_path(folder, item)
+    entries = write_prompt(SetPlace(str(tmp_path / "run"), "eval", "images/sft/dpg"), 0, item, images, grid=True)
+    grid = folder / grid_rel(item)
     assert grid.parent == folder / "grids" and grid.exists()
+    assert f"images/sft/dpg/{grid_rel(item)}" in entries
     assert [p for p in tmp_path.rglob("*.png") if not p.is_relative_to(folder)] == []
 
 
