@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_loss.py [--layers 2] [--chunk 1024] [--json out.json]
 
 A Qwen2.5-0.5B-shaped model (hidden 896, 14 heads, 2 KV heads, intermediate 4,864, tied embeddings)
-with the joint vocabulary (151,665 text + 2 specials + 64,000 visual = 215,667 rows) and its body cut
+with the joint vocabulary (151,665 text + 7 specials + 64,000 visual = 215,672 rows) and its body cut
 to `--layers` decoder layers, fp32 weights under bf16 autocast (the production precision), on CPU.
 Sequences of 256 text + 1,024 or 4,096 image tokens + 2 specials = 1,282 and 4,354 tokens. Each case
 runs in a fresh process: the model is built and one small step allocates its gradients, then one
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VOCAB = 151_665 + 2 + 64_000
+VOCAB = 151_665 + 7 + 64_000
 GIB = 2**30
 
 

@@ -6,7 +6,7 @@
 No Ray and no vLLM are imported (the machine this runs on may have neither). It prints one table and
 writes a JSON with:
 - train: a Qwen2.5-0.5B-shaped model (24 layers, hidden 896, tied embeddings) with the real joint
-  vocabulary (215,667 rows), random weights, fp32 master weights under bf16 autocast, AdamW, gradient
+  vocabulary (215,672 rows), random weights, fp32 master weights under bf16 autocast, AdamW, gradient
   checkpointing and the chunked loss (`simplear.losses`), as the production profile trains: steps at
   pretrain's 8 x 1,282 and SFT's 2 x 4,354 tokens, with tokens/s, peak memory and MFU. MFU counts
   model FLOPs only, 6 * N * tokens + 12 * layers * hidden * length * tokens (attention, counted
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
-VOCAB = 151_665 + 2 + 64_000
+VOCAB = 151_665 + 7 + 64_000
 FULL = dict(model=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                        num_key_value_heads=2, head_dim=64, vocab_size=VOCAB, tie_word_embeddings=True,
                        max_position_embeddings=8192, rope_theta=1_000_000.0),

@@ -162,9 +162,12 @@ def cmd_generate(args) -> int:
     from simplear.model import load_checkpoint
     from simplear.sampler import SamplingParams, TorchSampler
 
+    from simplear.release import visual_tokenizer_arg
+
     device = resolve_device(args.device or "auto")
     try:
-        ckpt = load_checkpoint(args.model, device=device, dtype=resolve_serving_dtype(args.dtype, device))
+        vt = visual_tokenizer_arg(args.visual_tokenizer) if args.visual_tokenizer else None
+        ckpt = load_checkpoint(args.model, device=device, dtype=resolve_serving_dtype(args.dtype, device), visual_tokenizer=vt)
         params = SamplingParams(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 seed=args.seed, negative_prompt=args.negative_prompt)
     except (FileNotFoundError, ValueError) as e:
@@ -181,6 +184,18 @@ def cmd_generate(args) -> int:
         img.save(path)
         print(path)
     return 0
+
+def cmd_import(args) -> int:
+    from simplear.release import import_release, visual_tokenizer_arg
+
+    try:
+        out = import_release(args.release, visual_tokenizer_arg(args.visual_tokenizer), args.output)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
 
 def cmd_serve(args) -> int:
     import os
@@ -247,6 +262,10 @@ def cmd_serve(args) -> int:
     return 0
 
 
+VT_HELP = ("the visual tokenizer a release decodes with (a release does not name it): the Cosmos tokenizer's folder "
+           "(encoder.jit, decoder.jit, e.g. Cosmos-1.0-Tokenizer-DV8x16x16), or a visual tokenizer config as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from simplear.sampling.spec import MIN_TEMPERATURE
 
@@ -308,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate an image from a prompt with a trained checkpoint")
     p.add_argument("prompt")
-    p.add_argument("--model", required=True, help="checkpoint folder (written by save_checkpoint)")
+    p.add_argument("--model", required=True, help="checkpoint folder (written by save_checkpoint, or a release as published "
+                                                  "with --visual-tokenizer)")
+    p.add_argument("--visual-tokenizer", help=VT_HELP)
     p.add_argument("-o", "--output", default="out.png", help="image path (with -n > 1: out_0.png, out_1.png, ...)")
     p.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--seed", type=int, default=None)
@@ -323,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weights; auto: bfloat16 on a GPU, else the checkpoint's")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("import", help="a released SimpleAR checkpoint as published -> a self-describing checkpoint folder")
+    p.add_argument("release", help="the release's folder (config.json, safetensors, tokenizer files)")
+    p.add_argument("--visual-tokenizer", required=True, help=VT_HELP)
+    p.add_argument("-o", "--output", required=True, help="the checkpoint folder to write (new or empty)")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (Ray Serve): POST /v1/images/generations and a web page")
     p.add_argument("workflow", nargs="?", help="workflow.yaml: serve its serve stage's config and checkpoint")

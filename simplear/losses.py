@@ -1,6 +1,6 @@
 """Next-token cross-entropy over a 215.7k-row head without ever holding the full logits.
 
-The joint vocabulary (Qwen2.5's 151,665 text tokens + 2 specials + 64,000 visual codes) makes the
+The joint vocabulary (Qwen2.5's 151,665 text tokens + 7 specials + 64,000 visual codes) makes the
 logits of one micro-batch the largest tensor of a training step: at pretraining's 8 x 1,282 tokens
 they are 2.2 G values, 4.4 GiB in bf16 and 8.8 GiB again as the fp32 copy the loss wants, plus as much
 for their gradient. Here the head is applied `chunk` positions at a time and only to positions that

@@ -121,20 +121,33 @@ def is_checkpoint(directory) -> bool:
         return False
 
 
-def load_checkpoint(directory, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> Checkpoint:
-    """`directory`: a folder, or a run dir URI's `<stage>/final` (fetched once per node). `dtype` None keeps the
-    dtype the weights were saved in."""
+def checkpoint_meta(directory, visual_tokenizer: VisualTokenizerConfig | None = None) -> dict:
+    """A local checkpoint folder's `simplear.json`; for a released checkpoint as published (none there), the one
+    `visual_tokenizer` implies, checked against the folder (simplear.release)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {d}")
+    if is_checkpoint(d):
+        return json.loads((d / META_FILE).read_text())
+    if visual_tokenizer is None:
+        raise ValueError(f"not a SimpleAR checkpoint: {d} (no valid {META_FILE}). A released checkpoint as published: "
+                         "give its visual tokenizer (--visual-tokenizer / visual_tokenizer:), or `simplear import` it")
+    from simplear.release import describe_release
+
+    return describe_release(d, visual_tokenizer)
+
+
+def load_checkpoint(directory, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                    visual_tokenizer: VisualTokenizerConfig | None = None) -> Checkpoint:
+    """`directory`: a folder, or a run dir URI's `<stage>/final` (fetched once per node); a released checkpoint as
+    published with its `visual_tokenizer`. `dtype` None keeps the dtype the weights were saved in."""
     from transformers import AutoModelForCausalLM
 
     from simplear.storage.staging import local_folder
 
     d = local_folder(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {d}")
-    if not is_checkpoint(d):
-        raise ValueError(f"not a SimpleAR checkpoint: {d} (no valid {META_FILE}; was it written by save_checkpoint?)")
-    meta = json.loads((d / META_FILE).read_text())
-    vocab = Vocabulary.from_pretrained(d)
+    meta = checkpoint_meta(d, visual_tokenizer)
+    vocab = Vocabulary.from_pretrained(d, meta["vocab"])
     vt_config = VisualTokenizerConfig.model_validate(meta["visual_tokenizer"])
     model = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype if dtype is not None else "auto")
     model.to(device)

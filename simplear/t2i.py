@@ -188,7 +188,8 @@ def resolve_init(ctx, init: str, where: str) -> str:
     path = local_folder(location)
     if not path.is_dir() or not is_checkpoint(path):
         raise ConfigError(f"{where}.init: {location} is not a SimpleAR checkpoint (no valid {META_FILE}; "
-                          "expected a folder written by a pretrain/sft stage)")
+                          "expected a folder written by a pretrain/sft stage, or a released checkpoint made one by "
+                          "`simplear import RELEASE --visual-tokenizer COSMOS -o FOLDER`)")
     return location
 
 

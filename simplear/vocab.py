@@ -1,8 +1,11 @@
-"""The joint vocabulary: a text tokenizer + `<|t2i|>`, `<|soi|>` + the visual codes, and training sequences.
+"""The joint vocabulary: a text tokenizer + the SimpleAR reference code's seven specials + the visual codes, and
+training sequences.
 
-Sequence (compatible with the SimpleAR reference code): `<|t2i|>` caption `<|soi|>` visual tokens,
-visual token id = code + len(text tokenizer including the two specials). There is no end-of-image
-token: the grid size fixes the number of visual tokens.
+Sequence (the reference code's): `<|t2i|>` caption `<|soi|>` visual tokens, visual token id = code +
+len(text tokenizer including the specials): 151,672 with Qwen2.5's tokenizer, 215,672 rows with 64,000 codes,
+so a checkpoint built here loads in the reference code and a released one continues here without a resize.
+There is no end-of-image token: the grid size fixes the number of visual tokens. A checkpoint saved before this
+layout (only `<|t2i|>` and `<|soi|>` added) keeps its own: a saved tokenizer is loaded as it is.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import torch
 
 T2I = "<|t2i|>"
 SOI = "<|soi|>"
+# the reference code adds these after the base tokenizer, in this order (only the first and third are used)
+SPECIALS = (T2I, "<|i2t|>", SOI, "<|vtokens|>", "<|t2v|>", "<|v2t|>", "<|sov|>")
 META_FILE = "simplear.json"
 IGNORE_INDEX = -100
 # caption tokens a model sees, the same in training, GRPO and serving (recaption writes long captions of up
@@ -49,17 +54,24 @@ def _uniforms(n: int, rng) -> np.ndarray:
 class Vocabulary:
     """Text ids [0, visual_offset), then `codebook_size` visual ids [visual_offset, size)."""
 
-    def __init__(self, text_tokenizer: Any = "tiny", codebook_size: int = 64_000):
+    def __init__(self, text_tokenizer: Any = "tiny", codebook_size: int = 64_000, add_specials: bool = True):
+        """`add_specials`: append the reference code's specials the tokenizer lacks (a base LLM's tokenizer);
+        False for a saved one, whose layout is the checkpoint's (it must hold `<|t2i|>` and `<|soi|>`)."""
         if codebook_size < 1:
             raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
         self.text_tokenizer_source = text_tokenizer if isinstance(text_tokenizer, (str, os.PathLike)) else getattr(text_tokenizer, "name_or_path", "")
         self.text_tokenizer_source = str(self.text_tokenizer_source)
         tok = load_text_tokenizer(text_tokenizer)
         self.num_base_text_tokens = len(tok)  # before our specials: the rows of the LLM that keep their meaning
-        tok.add_tokens([T2I, SOI], special_tokens=True)  # no-op when the tokenizer already has them
+        if add_specials:
+            tok.add_tokens(list(SPECIALS), special_tokens=True)  # no-op for those the tokenizer already has
         self.text_tokenizer = tok
-        self.t2i_id = tok.convert_tokens_to_ids(T2I)
-        self.soi_id = tok.convert_tokens_to_ids(SOI)
+        vocab = tok.get_vocab()
+        missing = [t for t in (T2I, SOI) if t not in vocab]
+        if missing:
+            raise ValueError(f"the text tokenizer {self.text_tokenizer_source!r} lacks {missing}: not a SimpleAR tokenizer")
+        self.t2i_id = vocab[T2I]
+        self.soi_id = vocab[SOI]
         self.num_base_text_tokens = min(self.num_base_text_tokens, self.t2i_id, self.soi_id)
         self.codebook_size = int(codebook_size)
         self.visual_offset = len(tok)
@@ -180,15 +192,17 @@ class Vocabulary:
         _write_json_atomic(meta_path, meta)
 
     @classmethod
-    def from_pretrained(cls, directory) -> Vocabulary:
+    def from_pretrained(cls, directory, meta: dict | None = None) -> Vocabulary:
+        """The saved tokenizer with `simplear.json`'s "vocab" entry, or `meta` (a release's, described here)."""
         d = Path(directory)
         meta_path = d / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{d} holds no SimpleAR vocabulary (no {META_FILE})")
-        meta = json.loads(meta_path.read_text()).get("vocab")
-        if not meta:
-            raise ValueError(f"{meta_path} has no 'vocab' entry")
-        vocab = cls(str(d), codebook_size=meta["codebook_size"])
+        if meta is None:
+            if not meta_path.is_file():
+                raise FileNotFoundError(f"{d} holds no SimpleAR vocabulary (no {META_FILE})")
+            meta = json.loads(meta_path.read_text()).get("vocab")
+            if not meta:
+                raise ValueError(f"{meta_path} has no 'vocab' entry")
+        vocab = cls(str(d), codebook_size=meta["codebook_size"], add_specials=False)
         vocab.text_tokenizer_source = meta.get("text_tokenizer", str(d))
         vocab.num_base_text_tokens = meta.get("num_base_text_tokens", vocab.num_base_text_tokens)
         for key in ("visual_offset", "t2i_id", "soi_id", "size"):

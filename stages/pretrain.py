@@ -23,7 +23,7 @@ class PretrainConfig(T2IStageConfig):
     visual_tokenizer: VisualTokenizerConfig | None = None  # default: the one the data stage recorded
 
 
-@register_stage("pretrain", PretrainConfig, version=2, operational=TRAIN_OPERATIONAL, progress=train_progress,
+@register_stage("pretrain", PretrainConfig, version=3, operational=TRAIN_OPERATIONAL, progress=train_progress,
                 object_store=True)
 def run(ctx: StageContext) -> StageResult:
     cfg: PretrainConfig = ctx.config

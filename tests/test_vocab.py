@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from simplear.tiny import build_tiny_text_tokenizer
-from simplear.vocab import IGNORE_INDEX, SOI, T2I, Vocabulary
+from simplear.vocab import IGNORE_INDEX, SOI, SPECIALS, T2I, Vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,11 @@ def test_tiny_tokenizer_is_deterministic_and_saveable(tmp_path):
 def test_layout_and_specials(vocab):
     tok = vocab.text_tokenizer
     assert vocab.visual_offset == len(tok)  # offset counts the specials
+    # the reference code's seven, in its order, right after the base tokenizer's tokens
+    first = vocab.num_base_text_tokens
+    assert tok.convert_ids_to_tokens(list(range(first, vocab.visual_offset))) == [
+        "<|t2i|>", "<|i2t|>", "<|soi|>", "<|vtokens|>", "<|t2v|>", "<|v2t|>", "<|sov|>"] == list(SPECIALS)
+    assert (vocab.t2i_id, vocab.soi_id) == (first, first + 2)
     assert vocab.size == len(tok) + 1000
     assert tok.convert_ids_to_tokens([vocab.t2i_id, vocab.soi_id]) == [T2I, SOI]
     assert vocab.t2i_id < vocab.visual_offset and vocab.soi_id < vocab.visual_offset
@@ -137,5 +142,23 @@ def test_save_and_load(vocab, tmp_path):
 def test_from_a_local_tokenizer_folder(tmp_path):
     build_tiny_text_tokenizer().save_pretrained(tmp_path / "tok")
     v = Vocabulary(str(tmp_path / "tok"), codebook_size=64)
-    assert v.visual_offset == len(build_tiny_text_tokenizer()) + 2
-    assert v.num_base_text_tokens == v.visual_offset - 2
+    assert v.visual_offset == len(build_tiny_text_tokenizer()) + 7
+    assert v.num_base_text_tokens == v.visual_offset - 7
+
+
+def test_a_checkpoint_of_the_two_specials_layout_keeps_its_own(tmp_path):
+    """Checkpoints saved before the reference layout added only `<|t2i|>` and `<|soi|>`: loaded as saved, never
+    re-laid (their embedding rows follow that layout); a saved tokenizer without the specials is refused."""
+    import json
+
+    old = build_tiny_text_tokenizer()
+    old.add_tokens([T2I, SOI], special_tokens=True)
+    old.save_pretrained(tmp_path / "old")
+    meta = {"text_tokenizer": "tiny", "num_base_text_tokens": len(old) - 2, "visual_offset": len(old), "codebook_size": 64,
+            "size": len(old) + 64, "t2i_id": len(old) - 2, "soi_id": len(old) - 1, "pad_id": old.pad_token_id}
+    (tmp_path / "old" / "simplear.json").write_text(json.dumps({"vocab": meta}))
+    v = Vocabulary.from_pretrained(tmp_path / "old")
+    assert (v.visual_offset, v.t2i_id, v.soi_id) == (len(old), len(old) - 2, len(old) - 1)
+    build_tiny_text_tokenizer().save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="lacks"):
+        Vocabulary(str(tmp_path / "plain"), codebook_size=64, add_specials=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import logging
 import secrets
 import time
@@ -28,16 +27,10 @@ deploy_log = logging.getLogger(__name__)  # start()'s, in the process that deplo
 
 def read_checkpoint_meta(location: str | Path) -> dict:
     """The checkpoint's simplear.json; a URI's folder is fetched to this node first (then loaded from there)."""
-    from simplear.model import is_checkpoint
+    from simplear.model import checkpoint_meta
     from simplear.storage.staging import local_folder
-    from simplear.vocab import META_FILE
 
-    path = local_folder(location)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {path}")
-    if not is_checkpoint(path):
-        raise ValueError(f"not a SimpleAR checkpoint: {path} (no valid {META_FILE})")
-    return json.loads((path / META_FILE).read_text())
+    return checkpoint_meta(local_folder(location))
 
 
 def build_engine(location: str | Path, cfg: ServeConfig):

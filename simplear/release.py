@@ -1,0 +1,76 @@
+"""Released SimpleAR checkpoints as published: a plain `Qwen2ForCausalLM` folder with its tokenizer files, the
+reference code's specials and `len(tokenizer) + codebook` embedding rows, and no word on which visual tokenizer
+decodes its codes. Given that tokenizer, such a folder is read as a checkpoint (`describe_release`), and
+`import_release` writes a self-describing copy with `simplear.json`.
+
+The checks are the ones a wrong pairing would otherwise fail late on (or never: a model whose rows do not match
+draws codes a tokenizer of another size decodes into other images): the specials present and the embedding rows
+equal to the text ids plus the visual tokenizer's codes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from simplear.visual_tokenizers import VisualTokenizerConfig
+from simplear.vocab import META_FILE, Vocabulary
+
+RELEASE_FILES = (".safetensors", ".json", ".txt", ".model", ".jinja")  # weights, configs, tokenizer files, template
+
+
+def visual_tokenizer_arg(value: str | VisualTokenizerConfig | dict) -> VisualTokenizerConfig:
+    """What `--visual-tokenizer` and `visual_tokenizer:` take: a Cosmos tokenizer's folder (encoder.jit,
+    decoder.jit), or a visual tokenizer config (a mapping, or its JSON)."""
+    if isinstance(value, VisualTokenizerConfig):
+        return value
+    if isinstance(value, dict):
+        return VisualTokenizerConfig.model_validate(value)
+    text = str(value).strip()
+    if text.startswith("{"):
+        return VisualTokenizerConfig.model_validate(json.loads(text))
+    return VisualTokenizerConfig(kind="cosmos", path=text)
+
+
+def describe_release(folder: str | Path, visual_tokenizer: VisualTokenizerConfig) -> dict:
+    """The `simplear.json` a release folder lacks, for `visual_tokenizer`: refused (ValueError naming both
+    numbers) when its embedding rows are not its tokenizer's ids plus the visual tokenizer's codes."""
+    from transformers import AutoTokenizer
+
+    d = Path(folder)
+    config_file = d / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{d}: no config.json (not a Hugging Face model folder)")
+    config = json.loads(config_file.read_text())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(d))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{d}: its tokenizer files do not load: {e}") from None
+    vocab = Vocabulary(tokenizer, codebook_size=visual_tokenizer.codebook_size, add_specials=False)
+    vocab.text_tokenizer_source = str(d)
+    rows = config.get("vocab_size")
+    if rows != vocab.size:
+        raise ValueError(f"{d}: the model has {rows} embedding rows, but its tokenizer's {vocab.visual_offset} ids + the "
+                         f"visual tokenizer's {vocab.codebook_size} codes make {vocab.size}: another visual tokenizer?")
+    from simplear.model import FORMAT, FORMAT_VERSION
+
+    return {"format": FORMAT, "version": FORMAT_VERSION, "vocab": vocab.metadata(),
+            "visual_tokenizer": visual_tokenizer.model_dump(mode="json"),
+            "extra": {"release": {"source": str(d), "architectures": config.get("architectures"),
+                                  "torch_dtype": config.get("torch_dtype", config.get("dtype"))}}}
+
+
+def import_release(folder: str | Path, visual_tokenizer: VisualTokenizerConfig, out: str | Path) -> Path:
+    """A copy of the release's files in `out` with its `simplear.json` (written last: the folder is then a
+    checkpoint); the weights are copied byte for byte."""
+    src, dst = Path(folder), Path(out)
+    meta = describe_release(src, visual_tokenizer)
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} is not empty")
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name != META_FILE and f.name.endswith(RELEASE_FILES):
+            shutil.copy2(f, dst / f.name)
+    (dst / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return dst

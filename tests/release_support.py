@@ -1,0 +1,45 @@
+"""A stand-in for a released SimpleAR checkpoint, built the way the reference training code builds one (public
+repository wdrink/SimpleAR, simpar/train/train.py): a Qwen2.5-style tokenizer (here the tiny BPE with Qwen2.5's 22
+added tokens), the seven specials added after it in the reference order, the embedding rows resized to
+len(tokenizer) + codebook with the new rows at the mean, tied input and output embeddings, bf16 weights, and a
+config.json with transformers 4.x keys; no simplear.json (a release does not name its visual tokenizer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+QWEN25_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+                "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+PIXEL_FSQ = {"kind": "pixel-fsq", "levels": 4}  # the stand-in's visual tokenizer: 64 codes, 8 px per code
+
+
+def build_release(folder: Path, codebook: int = 64, seed: int = 0) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from simplear.tiny import TINY_QWEN2, build_tiny_text_tokenizer
+    from simplear.vocab import SPECIALS
+
+    tok = build_tiny_text_tokenizer()
+    tok.add_tokens(QWEN25_ADDED, special_tokens=True)
+    base = len(tok)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**TINY_QWEN2, "tie_word_embeddings": True, "vocab_size": base,
+                                            "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}))
+    tok.add_tokens(list(SPECIALS), special_tokens=True)
+    with torch.no_grad():
+        mean = model.get_input_embeddings().weight.mean(0)
+        model.resize_token_embeddings(len(tok) + codebook, mean_resizing=False)
+        model.get_input_embeddings().weight[base:] = mean
+    model.to(torch.bfloat16).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["torch_dtype"] = str(config.pop("dtype", "bfloat16")).replace("torch.", "")
+    config["transformers_version"] = "4.49.0"
+    config_file.write_text(json.dumps(config, indent=2))
+    return folder

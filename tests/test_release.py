@@ -1,0 +1,82 @@
+"""Released SimpleAR checkpoints as published (a stand-in built the reference code's way, tests/release_support.py):
+read with the visual tokenizer they are given, refused clearly without one or with the wrong one, imported into a
+self-describing folder with the same weights, and drawn from by `simplear generate` either way."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from release_support import PIXEL_FSQ, QWEN25_ADDED, build_release
+from simplear.cli import main
+from simplear.model import is_checkpoint, load_checkpoint
+from simplear.release import visual_tokenizer_arg
+from simplear.sampler import SamplingParams, TorchSampler
+from simplear.vocab import SPECIALS
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    return build_release(tmp_path_factory.mktemp("release") / "SimpleAR-stand-in")
+
+
+def greedy_codes(ck, prompts=("a red circle", "a blue square")):
+    sampler = TorchSampler(ck.model.float(), ck.vocab)
+    return sampler.generate_codes(list(prompts), (4, 4), [SamplingParams(cfg_scale=3.0, temperature=0)] * len(prompts))
+
+
+def test_a_release_loads_with_its_visual_tokenizer_in_the_reference_layout(release):
+    vt = visual_tokenizer_arg(json.dumps(PIXEL_FSQ))
+    ck = load_checkpoint(release, visual_tokenizer=vt)
+    tok = ck.vocab.text_tokenizer
+    first = ck.vocab.t2i_id
+    assert max(tok.convert_tokens_to_ids(QWEN25_ADDED)) == first - 1  # the base tokenizer's own added tokens, then
+    assert tok.convert_ids_to_tokens(list(range(first, ck.vocab.visual_offset))) == list(SPECIALS)
+    assert ck.vocab.size == ck.model.get_input_embeddings().weight.shape[0] == len(tok) + 64
+    assert ck.model.dtype == torch.bfloat16  # as published
+    assert ck.visual_tokenizer_config.codebook_size == 64
+    # the project's own vocabulary over the same base tokenizer lays the specials out the same way
+    from simplear.tiny import build_tiny_text_tokenizer
+    from simplear.vocab import Vocabulary
+
+    base = build_tiny_text_tokenizer()
+    base.add_tokens(QWEN25_ADDED, special_tokens=True)
+    ours = Vocabulary(base, codebook_size=64)
+    assert (ours.t2i_id, ours.soi_id, ours.visual_offset, ours.size) == (ck.vocab.t2i_id, ck.vocab.soi_id,
+                                                                         ck.vocab.visual_offset, ck.vocab.size)
+
+
+def test_a_release_without_or_with_the_wrong_visual_tokenizer_is_refused_clearly(release):
+    with pytest.raises(ValueError, match="give its visual tokenizer"):
+        load_checkpoint(release)
+    with pytest.raises(ValueError, match="703 embedding rows, but its tokenizer's 639 ids \\+ the visual tokenizer's 125 codes make 764"):
+        load_checkpoint(release, visual_tokenizer=visual_tokenizer_arg({"kind": "pixel-fsq", "levels": 5}))
+
+
+def test_import_keeps_the_weights_and_draws_what_the_release_draws(release, tmp_path):
+    out = tmp_path / "imported"
+    assert main(["import", str(release), "--visual-tokenizer", json.dumps(PIXEL_FSQ), "-o", str(out)]) == 0
+    assert is_checkpoint(out) and not is_checkpoint(release)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(out / "model.safetensors") == digest(release / "model.safetensors")
+    meta = json.loads((out / "simplear.json").read_text())
+    assert meta["extra"]["release"]["source"] == str(release) and meta["extra"]["release"]["torch_dtype"] == "bfloat16"
+    direct = load_checkpoint(release, visual_tokenizer=visual_tokenizer_arg(PIXEL_FSQ))
+    imported = load_checkpoint(out)
+    assert imported.vocab.metadata() | {"text_tokenizer": ""} == direct.vocab.metadata() | {"text_tokenizer": ""}
+    assert torch.equal(greedy_codes(imported), greedy_codes(direct))
+    # a second import into the same folder is refused, never merged
+    assert main(["import", str(release), "--visual-tokenizer", json.dumps(PIXEL_FSQ), "-o", str(out)]) == 2
+
+
+def test_generate_draws_from_a_release_as_published(release, tmp_path, capsys):
+    png = tmp_path / "out.png"
+    args = ["generate", "a red circle", "--model", str(release), "--size", "32", "--seed", "3", "-o", str(png)]
+    assert main(args) == 2 and "--visual-tokenizer" in capsys.readouterr().err
+    assert main([*args, "--visual-tokenizer", json.dumps(PIXEL_FSQ)]) == 0
+    from PIL import Image
+
+    assert Image.open(png).size == (32, 32)
