@@ -220,14 +220,17 @@ def cmd_serve(args) -> int:
     elif not args.model:
         print("error: give a workflow (its serve stage) or --model CHECKPOINT", file=sys.stderr)
         return 2
-    overrides = {"checkpoint": args.model, "engine": args.engine, "host": args.host, "port": args.port,
+    from simplear.release import visual_tokenizer_arg
+
+    vt = visual_tokenizer_arg(args.visual_tokenizer).model_dump() if args.visual_tokenizer else None
+    overrides = {"checkpoint": args.model, "visual_tokenizer": vt, "engine": args.engine, "host": args.host, "port": args.port,
                  "sjd_window": args.sjd_window, "app_name": args.app_name, "route_prefix": args.route_prefix,
                  "api_keys_file": args.api_keys_file, "replace_existing": True if args.replace_existing else None}
     try:
         cfg = ServeConfig.model_validate({**base, **{k: v for k, v in overrides.items() if v is not None}})
         keys = load_api_keys(cfg)  # refuse a host beyond loopback without a key before Ray starts
         checkpoint = resolve_checkpoint(cfg, run_dir or ".", None if cfg.checkpoint else needs)
-        read_checkpoint_meta(checkpoint)
+        read_checkpoint_meta(checkpoint, cfg.visual_tokenizer)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -357,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="override run_dir (where the checkpoint's stage wrote)")
     p.add_argument("--stage", help="the serve stage's name (default: the workflow's stage of kind serve)")
     p.add_argument("--model", help="checkpoint folder to serve (overrides the workflow's)")
+    p.add_argument("--visual-tokenizer", help=VT_HELP)
     p.add_argument("--engine", choices=["vllm", "torch"])
     p.add_argument("--sjd-window", type=int, help="torch engine: speculative Jacobi decoding with this many drafts")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; beyond loopback an API key is required)")

@@ -22,7 +22,7 @@ from simplear.train.metrics import summarize
 from simplear.train.task import Bundle, TrainTask
 from simplear.train_data import DataFile, Position
 from simplear.visual_tokenizers import VisualTokenizerConfig
-from simplear.vocab import MAX_TEXT_TOKENS, META_FILE
+from simplear.vocab import MAX_TEXT_TOKENS
 
 log = logging.getLogger("simplear.train")
 
@@ -83,8 +83,8 @@ class T2ITask(TrainTask):
         from simplear.storage.staging import local_folder
 
         source = resume_dir or (local_folder(self.checkpoint) if self.checkpoint else None)
-        if source is not None:
-            ck = load_checkpoint(source, device="cpu", dtype=torch.float32)
+        if source is not None:  # a release as published has no simplear.json: it is read with its visual tokenizer
+            ck = load_checkpoint(source, device="cpu", dtype=torch.float32, visual_tokenizer=self.visual_tokenizer)
             return Bundle(ck.model, ck.vocab, ck.visual_tokenizer_config)
         vocab = Vocabulary(self.text_tokenizer or self.model_init, codebook_size=self.visual_tokenizer.codebook_size)
         model = build_model(self.model_init, vocab, dtype=torch.float32, **self.model_overrides)
@@ -167,10 +167,13 @@ def has_final_checkpoint(manifest: dict) -> bool:
     return any(o["path"].startswith(f"{FINAL}/") for o in manifest["outputs"])
 
 
-def resolve_init(ctx, init: str, where: str) -> str:
+def resolve_init(ctx, init: str, where: str, visual_tokenizer: VisualTokenizerConfig | None = None
+                 ) -> tuple[str, VisualTokenizerConfig]:
     """Where the checkpoint a stage starts from lies (SFT from pretrain, GRPO from SFT): a folder, or on object
-    storage `<run dir URI>/<stage>/final` (workers fetch it with `local_folder`); a wrong or missing one is a
-    ConfigError naming the key."""
+    storage `<run dir URI>/<stage>/final` (workers fetch it with `local_folder`), and the visual tokenizer it
+    decodes with; a released checkpoint as published is taken with `visual_tokenizer` (checked against it). A
+    wrong or missing one is a ConfigError naming the key."""
+    from simplear.model import checkpoint_meta
     from simplear.storage.staging import local_folder
 
     if init in ctx.needs:
@@ -183,14 +186,12 @@ def resolve_init(ctx, init: str, where: str) -> str:
         if not Path(location).exists():
             raise ConfigError(f"{where}.init: {init!r} is neither a stage this one needs ({', '.join(ctx.needs)}) "
                               f"nor an existing checkpoint folder ({location} not found)")
-    from simplear.model import is_checkpoint
-
-    path = local_folder(location)
-    if not path.is_dir() or not is_checkpoint(path):
-        raise ConfigError(f"{where}.init: {location} is not a SimpleAR checkpoint (no valid {META_FILE}; "
-                          "expected a folder written by a pretrain/sft stage, or a released checkpoint made one by "
-                          "`simplear import RELEASE --visual-tokenizer COSMOS -o FOLDER`)")
-    return location
+    try:
+        meta = checkpoint_meta(local_folder(location), visual_tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{where}.init: {e} (expected a folder written by a pretrain/sft stage, or a released "
+                          f"checkpoint with `{where}.visual_tokenizer`)") from None
+    return location, VisualTokenizerConfig.model_validate(meta["visual_tokenizer"])
 
 
 def train_progress(location: str) -> str | None:

@@ -73,21 +73,21 @@ class VLLMSampler:
     """Same interface as `TorchSampler` (`generate_codes`, `generate_images`), backed by vLLM."""
 
     def __init__(self, checkpoint, visual_tokenizer=None, options: VLLMOptions | dict | None = None,
-                 max_text_tokens: int = MAX_TEXT_TOKENS, max_image_tokens: int = 1024):
+                 max_text_tokens: int = MAX_TEXT_TOKENS, max_image_tokens: int = 1024, meta: dict | None = None):
         """`max_text_tokens`: caption tokens kept (longer captions are cut, as in the torch engine given the
-        same limit); `max_image_tokens`: the largest grid h*w asked for. Both size vLLM's sequences."""
-        from simplear.model import is_checkpoint
-        from simplear.vocab import META_FILE, Vocabulary
+        same limit); `max_image_tokens`: the largest grid h*w asked for. Both size vLLM's sequences. `meta`: the
+        checkpoint's simplear.json as the caller resolved it (a release's, described for its visual tokenizer)."""
+        from simplear.model import checkpoint_meta
+        from simplear.vocab import Vocabulary
 
         self.options = options if isinstance(options, VLLMOptions) else VLLMOptions.model_validate(options or {})
         if max_text_tokens < 1 or max_image_tokens < 1:
             raise ValueError(f"max_text_tokens and max_image_tokens must be >= 1, got {max_text_tokens}, {max_image_tokens}")
         self.max_text_tokens, self.max_image_tokens = max_text_tokens, max_image_tokens
         path = Path(checkpoint)
-        if not is_checkpoint(path):
-            raise ValueError(f"not a SimpleAR checkpoint: {path} (no valid {META_FILE})")
+        meta = meta if meta is not None else checkpoint_meta(path)
         self.checkpoint = path
-        self.vocab = Vocabulary.from_pretrained(path)
+        self.vocab = Vocabulary.from_pretrained(path, meta["vocab"])
         self.visual_tokenizer = visual_tokenizer
         if visual_tokenizer is not None and visual_tokenizer.codebook_size != self.vocab.codebook_size:
             raise ValueError(f"visual tokenizer has {visual_tokenizer.codebook_size} codes, vocabulary {self.vocab.codebook_size}")

@@ -36,7 +36,7 @@ def send_check_request(api: str, prompt: str, key: str | None, timeout_s: float 
 def run(ctx: StageContext) -> StageResult:
     cfg: ServeConfig = ctx.config
     checkpoint = resolve_checkpoint(cfg, ctx.store.uri, ctx.needs)
-    read_checkpoint_meta(checkpoint)  # fail here, before Serve starts, on a missing checkpoint
+    read_checkpoint_meta(checkpoint, cfg.visual_tokenizer)  # fail here, before Serve starts, on a missing checkpoint
     keys = load_api_keys(cfg)  # and on a host beyond loopback without a key
     t0 = time.time()
     served = start(checkpoint, cfg, keys, cpus=ctx.resources.cpus, gpus=ctx.resources.gpus,

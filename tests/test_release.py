@@ -80,3 +80,69 @@ def test_generate_draws_from_a_release_as_published(release, tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(png).size == (32, 32)
+
+
+def test_sft_and_grpo_init_take_a_release_with_its_visual_tokenizer_and_a_step_learns(release):
+    """`init:` a release as published: resolved with the stage's `visual_tokenizer`, loaded in fp32 by the training
+    task, and an optimizer step on its own sequences lowers the loss; without the key, the error names it."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from simplear.config import ConfigError
+    from simplear.t2i import SequenceSpec, T2ITask, resolve_init
+    from simplear.train_data import Position
+
+    ctx = SimpleNamespace(needs=["tokenize"], config_path=Path)
+    with pytest.raises(ConfigError, match="stages.sft.config.visual_tokenizer"):
+        resolve_init(ctx, str(release), "stages.sft.config")
+    location, vt = resolve_init(ctx, str(release), "stages.sft.config", visual_tokenizer_arg(PIXEL_FSQ))
+    assert location == str(release) and vt.codebook_size == 64
+    task = T2ITask(sequence=SequenceSpec(cfg_dropout=0.0), caption="original", samples=None, grid=(4, 4), seed=0,
+                   checkpoint=location, visual_tokenizer=vt)
+    bundle = task.build(torch.device("cpu"), None)
+    assert bundle.model.dtype == torch.float32 and bundle.vocab.size == 703
+    rows = {"caption": np.array(["a red circle", "a blue square"], dtype=object),
+            "codes": np.array([np.arange(16) % 64, (np.arange(16) * 7) % 64], dtype=object)}
+    batch = task.collate(rows, Position(0, 0), 0, bundle)
+    opt = torch.optim.AdamW(bundle.model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        loss, _ = task.loss(bundle.model, batch, bundle)
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0]
+
+
+def test_eval_and_serve_draw_from_a_release_as_published(release, tmp_path):
+    """The eval stage's `checkpoints: [{path, visual_tokenizer}]` and serve's `visual_tokenizer:` read the release
+    unchanged: the same greedy codes as the release loaded directly."""
+    from types import SimpleNamespace
+
+    from simplear.config import ConfigError
+    from simplear.evaluation.config import EvalStageConfig
+    from simplear.evaluation.stage import resolve_checkpoints
+    from simplear.evaluation.workers import open_engine
+    from simplear.serving import ServeConfig
+    from simplear.serving.app import build_engine
+
+    want = greedy_codes(load_checkpoint(release, visual_tokenizer=visual_tokenizer_arg(PIXEL_FSQ)))
+    sets = [{"name": "p", "source": "list", "items": ["a red circle"], "scorers": [{"kind": "shapes"}]}]
+    cfg = EvalStageConfig.model_validate({"prompt_sets": sets, "sampling": {"cfg_scale": 3.0, "temperature": 0},
+                                          "checkpoints": [{"path": str(release), "size": 32, "visual_tokenizer": PIXEL_FSQ}]})
+    ctx = SimpleNamespace(needs=[], config_path=lambda v: tmp_path / v)
+    (ck,) = resolve_checkpoints(ctx, cfg, "stages.eval.config")
+    assert (ck.name, ck.grid, ck.key.startswith("folder:")) == ("SimpleAR-stand-in", (4, 4), True)
+    engine, _ = open_engine(cfg, ck, torch.device("cpu"))
+    params = [SamplingParams(cfg_scale=3.0, temperature=0)] * 2
+    assert torch.equal(engine.generate_codes(["a red circle", "a blue square"], (4, 4), params), want)
+    bare = EvalStageConfig.model_validate({"prompt_sets": sets, "checkpoints": [{"path": str(release), "size": 32}]})
+    with pytest.raises(ConfigError, match="give its visual tokenizer"):
+        resolve_checkpoints(ctx, bare, "stages.eval.config")
+
+    served = build_engine(str(release), ServeConfig(checkpoint=str(release), engine="torch", visual_tokenizer=PIXEL_FSQ,
+                                                    sizes=["32x32"]))
+    assert torch.equal(served.generate_codes(["a red circle", "a blue square"], (4, 4), params), want)

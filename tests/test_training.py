@@ -271,7 +271,8 @@ def test_sft_init_folder_that_is_no_checkpoint(sft_ctx, tmp_path):
 
     (tmp_path / "notackpt").mkdir()
     (tmp_path / "notackpt" / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="notackpt is not a SimpleAR checkpoint"):
+    with pytest.raises(ConfigError, match=r"init: not a SimpleAR checkpoint: \S*notackpt .*or a released checkpoint with "
+                                          r"`stages.sft.config.visual_tokenizer`"):
         resolve_init(sft_ctx("notackpt"), "notackpt", "stages.sft.config")  # relative: to the workflow's folder
 
 
@@ -290,7 +291,8 @@ def test_sft_init_accepts_a_checkpoint_folder(sft_ctx, tmp_path, small_bundle):
     from simplear.t2i import resolve_init
 
     save_checkpoint(tmp_path / "ckpt", small_bundle.model, small_bundle.vocab, small_bundle.visual_tokenizer_config)
-    assert resolve_init(sft_ctx(str(tmp_path / "ckpt")), str(tmp_path / "ckpt"), "stages.sft.config") == str(tmp_path / "ckpt")
+    location, vt = resolve_init(sft_ctx(str(tmp_path / "ckpt")), str(tmp_path / "ckpt"), "stages.sft.config")
+    assert location == str(tmp_path / "ckpt") and vt == small_bundle.visual_tokenizer_config
 
 
 # ---- the shipped workflow

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from simplear.config import StrictModel
 from simplear.sampling.spec import SamplingSpec
 from simplear.scorers import ScorerConfig
+from simplear.visual_tokenizers import VisualTokenizerConfig
 from simplear.vllm_engine import VLLMOptions
 from simplear.workflow.names import NAME
 
@@ -22,6 +23,8 @@ class CheckpointSpec(StrictModel):
                              "letters, digits, '_', '.', '-'); default: the stage's name or the folder's")
     size: int | tuple[int, int] | None = Field(None, description="pixels (square, or [height, width]); default: the "
                                                "training stage's image size (a folder needs it)")
+    visual_tokenizer: VisualTokenizerConfig | None = Field(
+        None, description="a folder that is a released checkpoint as published: the visual tokenizer it decodes with")
 
     @model_validator(mode="after")
     def _one_source(self):

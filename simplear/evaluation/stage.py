@@ -14,7 +14,6 @@ from simplear.evaluation.prompts import load_items
 from simplear.evaluation.report import REPORT_HTML, REPORT_JSON, write_report
 from simplear.evaluation.workers import DrawJob, ScoreJob, draw_all, score_all
 from simplear.storage import join
-from simplear.workflow.manifest import read_json
 from simplear.workflow.names import file_name
 
 RECORDS = 2  # the format of a scorer's records and aggregate: a cached score of another format is scored again
@@ -26,6 +25,7 @@ NOTES = ["Same prompts and seeds for every checkpoint: image j of prompt i has s
 
 
 def resolve_checkpoints(ctx, cfg: EvalStageConfig, where: str) -> list[Checkpoint]:
+    from simplear.model import checkpoint_meta
     from simplear.t2i import has_final_checkpoint
     from simplear.train import FINAL
     from simplear.visual_tokenizers import VisualTokenizerConfig
@@ -45,13 +45,16 @@ def resolve_checkpoints(ctx, cfg: EvalStageConfig, where: str) -> list[Checkpoin
             path, key = ctx.store.child(join(spec.stage, FINAL)), f"stage:{manifest['fingerprint']}"
             trained_grid = manifest.get("metrics", {}).get("grid")
             meta = ctx.store.read_json(join(spec.stage, FINAL, META_FILE))
+            if meta is None:
+                raise ConfigError(f"{where}.checkpoints[{i}]: {path} is not a SimpleAR checkpoint (no {META_FILE})")
         else:
             folder = ctx.config_path(spec.path)
             path, trained_grid = str(folder), None
             key = "folder:" + _weights_digest(folder, f"{where}.checkpoints[{i}].path")
-            meta = read_json(folder / META_FILE)
-        if meta is None:
-            raise ConfigError(f"{where}.checkpoints[{i}]: {path} is not a SimpleAR checkpoint (no {META_FILE})")
+            try:  # a release as published with its `visual_tokenizer`, checked against the folder
+                meta = checkpoint_meta(folder, spec.visual_tokenizer)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"{where}.checkpoints[{i}]: {e}") from None
         vt = VisualTokenizerConfig.model_validate(meta["visual_tokenizer"])
         d = vt.downsample
         if spec.size is not None:

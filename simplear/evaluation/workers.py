@@ -44,13 +44,15 @@ def open_engine(cfg, ck, device):
     vt = load_visual_tokenizer(ck.visual_tokenizer, device)
     folder = local_folder(ck.path)  # a checkpoint on a bucket: fetched once per node
     if cfg.engine == "vllm":
+        from simplear.model import checkpoint_meta
         from simplear.vllm_engine import VLLMSampler
 
-        return VLLMSampler(folder, vt, cfg.vllm, max_image_tokens=ck.grid[0] * ck.grid[1]), vt
+        meta = checkpoint_meta(folder, ck.visual_tokenizer)  # a release's: described for the tokenizer it was given
+        return VLLMSampler(folder, vt, cfg.vllm, max_image_tokens=ck.grid[0] * ck.grid[1], meta=meta), vt
     from simplear.model import load_checkpoint
     from simplear.sampler import TorchSampler
 
-    loaded = load_checkpoint(folder, device=device, dtype=torch.float32)
+    loaded = load_checkpoint(folder, device=device, dtype=torch.float32, visual_tokenizer=ck.visual_tokenizer)
     loaded.model.eval()
     return TorchSampler(loaded.model, loaded.vocab, device=device), vt
 

@@ -13,6 +13,7 @@ from simplear.sampling.spec import SamplingSpec as DrawSpec
 from simplear.scorers import ScorerConfig
 from simplear.t2i import SampleSpec
 from simplear.train import TrainConfig
+from simplear.visual_tokenizers import VisualTokenizerConfig
 from simplear.vocab import MAX_TEXT_TOKENS
 
 
@@ -68,6 +69,9 @@ class EvalSpec(StrictModel):
 
 class GRPOStageConfig(StrictModel):
     init: str = "sft"  # a needed stage (its final/ checkpoint) or a checkpoint folder
+    visual_tokenizer: VisualTokenizerConfig | None = Field(
+        None, description="`init` is a released checkpoint as published (it names none): the visual tokenizer it "
+                          "decodes with")
     size: int | tuple[int, int] = Field(description="image size in pixels (square, or [height, width])")
     prompts: PromptSpec
     rewards: list[RewardConfig] = Field(min_length=1)
@@ -96,6 +100,7 @@ class GRPOStageConfig(StrictModel):
 @dataclass
 class GRPOTask:
     init_path: str
+    visual_tokenizer: VisualTokenizerConfig  # what init decodes with (a release's is given, not in its folder)
     grid: tuple[int, int]
     train_prompts: list[str]
     eval_prompts: list[str]

@@ -89,7 +89,7 @@ def evaluate_before_after(task: GRPOTask, policy, vocab, visual_tokenizer, vt_co
 
     spec = task.eval
     sampling = spec.sampling or task.sampling
-    before_model = load_checkpoint(task.init_path, device=device, dtype=torch.float32).model
+    before_model = load_checkpoint(task.init_path, device=device, dtype=torch.float32, visual_tokenizer=task.visual_tokenizer).model
     scorers = tuple(build_scorer(c) for c in spec.scorers)
     common = dict(vocab=vocab, visual_tokenizer=visual_tokenizer, rewards=rewards, scorers=scorers,
                   prompts=task.eval_prompts, grid=task.grid, per_prompt=spec.samples_per_prompt,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 
 from simplear.config import ConfigError
 from simplear.grpo.config import GRPOStageConfig, GRPOTask
@@ -30,18 +29,13 @@ def reward_panels(rows: list[dict]) -> list[Panel]:
 
 def make_task(ctx, cfg: GRPOStageConfig) -> GRPOTask:
     """Everything the workers need, checked before any of them starts."""
-    from simplear.storage.staging import local_folder
-    from simplear.visual_tokenizers import VisualTokenizerConfig
-    from simplear.vocab import META_FILE
-
     where = f"stages.{ctx.name}.config"
-    init = resolve_init(ctx, cfg.init, where)
-    vt = VisualTokenizerConfig.model_validate(json.loads((local_folder(init) / META_FILE).read_text())["visual_tokenizer"])
+    init, vt = resolve_init(ctx, cfg.init, where, cfg.visual_tokenizer)
     H, W = (cfg.size, cfg.size) if isinstance(cfg.size, int) else cfg.size
     if H % vt.downsample or W % vt.downsample:
         raise ConfigError(f"{where}.size: {H}x{W} is not a multiple of the visual tokenizer's downsample {vt.downsample}")
     train_prompts, eval_prompts = resolve_prompts(ctx, cfg.prompts, where)
-    return GRPOTask(init_path=init, grid=(H // vt.downsample, W // vt.downsample), train_prompts=train_prompts,
+    return GRPOTask(init_path=init, visual_tokenizer=vt, grid=(H // vt.downsample, W // vt.downsample), train_prompts=train_prompts,
                     eval_prompts=eval_prompts, rewards=[r.model_dump(mode="json") for r in cfg.rewards],
                     sampling=cfg.sampling, grpo=cfg.grpo, eval=cfg.eval, samples=cfg.samples,
                     max_text_tokens=cfg.max_text_tokens, stage=ctx.name)

@@ -85,7 +85,7 @@ def build_trainer(task: GRPOTask, cfg: TrainConfig, output_dir: str, *, world_si
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ck = load_checkpoint(task.init_path, dtype=torch.float32)
+    ck = load_checkpoint(task.init_path, dtype=torch.float32, visual_tokenizer=task.visual_tokenizer)
     rewards = rewards or WeightedRewards.from_configs(task.rewards)
     args = grpo_arguments(task, cfg, output_dir, world_size, device, reward_weights=rewards.weights, **arg_overrides)
     cls = trainer_class()

@@ -25,12 +25,13 @@ log = logging.getLogger("ray.serve")
 deploy_log = logging.getLogger(__name__)  # start()'s, in the process that deploys
 
 
-def read_checkpoint_meta(location: str | Path) -> dict:
-    """The checkpoint's simplear.json; a URI's folder is fetched to this node first (then loaded from there)."""
+def read_checkpoint_meta(location: str | Path, visual_tokenizer=None) -> dict:
+    """The checkpoint's simplear.json (a release's: described for `visual_tokenizer`); a URI's folder is fetched to
+    this node first (then loaded from there)."""
     from simplear.model import checkpoint_meta
     from simplear.storage.staging import local_folder
 
-    return checkpoint_meta(local_folder(location))
+    return checkpoint_meta(local_folder(location), visual_tokenizer)
 
 
 def build_engine(location: str | Path, cfg: ServeConfig):
@@ -38,7 +39,7 @@ def build_engine(location: str | Path, cfg: ServeConfig):
     from simplear.storage.staging import local_folder
     from simplear.visual_tokenizers import VisualTokenizerConfig, load_visual_tokenizer
 
-    meta = read_checkpoint_meta(location)
+    meta = read_checkpoint_meta(location, cfg.visual_tokenizer)
     checkpoint = local_folder(location)
     vt = load_visual_tokenizer(VisualTokenizerConfig.model_validate(meta["visual_tokenizer"]))
     for w, h in cfg.parsed_sizes():
@@ -48,14 +49,16 @@ def build_engine(location: str | Path, cfg: ServeConfig):
         from simplear.vllm_engine import VLLMSampler
 
         max_tokens = max((w // vt.downsample) * (h // vt.downsample) for w, h in cfg.parsed_sizes())
-        return VLLMSampler(checkpoint, vt, cfg.vllm, max_text_tokens=cfg.max_text_tokens, max_image_tokens=max_tokens)
+        return VLLMSampler(checkpoint, vt, cfg.vllm, max_text_tokens=cfg.max_text_tokens, max_image_tokens=max_tokens,
+                           meta=meta)
 
     from simplear.devices import resolve_device, resolve_serving_dtype
     from simplear.model import load_checkpoint
     from simplear.sampler import TorchSampler
 
     device = resolve_device(cfg.device)
-    ckpt = load_checkpoint(checkpoint, device=device, dtype=resolve_serving_dtype(cfg.dtype, device))
+    ckpt = load_checkpoint(checkpoint, device=device, dtype=resolve_serving_dtype(cfg.dtype, device),
+                           visual_tokenizer=cfg.visual_tokenizer)
     sampler = TorchSampler(ckpt.model, ckpt.vocab, vt, max_text_tokens=cfg.max_text_tokens)
     if cfg.sjd_window:
         from simplear.jacobi import JacobiSampler
