@@ -197,6 +197,18 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from simplear.release import export_release
+
+    try:
+        out = export_release(args.checkpoint, args.output, args.report)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
 def cmd_serve(args) -> int:
     import os
     import time
@@ -353,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visual-tokenizer", required=True, help=VT_HELP)
     p.add_argument("-o", "--output", required=True, help="the checkpoint folder to write (new or empty)")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="a checkpoint -> the released format (bf16, reference config keys, a model card)")
+    p.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/x/grpo/final)")
+    p.add_argument("-o", "--output", required=True, help="the folder to write (new or empty)")
+    p.add_argument("--report", help="the eval stage's report.json: its figures go in the model card")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (Ray Serve): POST /v1/images/generations and a web page")
     p.add_argument("workflow", nargs="?", help="workflow.yaml: serve its serve stage's config and checkpoint")

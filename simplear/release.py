@@ -74,3 +74,66 @@ def import_release(folder: str | Path, visual_tokenizer: VisualTokenizerConfig, 
             shutil.copy2(f, dst / f.name)
     (dst / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return dst
+
+
+def export_release(checkpoint: str | Path, out: str | Path, report: str | Path | None = None) -> Path:
+    """A project checkpoint in the release's format, for the reference code and the model hub: bf16 weights, the
+    tokenizer files, config.json with the 4.x keys the reference code's transformers reads, no `simplear.json`
+    (its visual tokenizer goes in the model card), and a model card (README.md) with the recipe, the visual
+    tokenizer and, given the eval stage's report.json, its figures. Refused for a checkpoint whose vocabulary is
+    not the reference layout (the two-specials layout of older checkpoints)."""
+    import torch
+
+    from simplear.model import load_checkpoint
+    from simplear.vocab import SPECIALS
+
+    src, dst = Path(checkpoint), Path(out)
+    ck = load_checkpoint(src)
+    tok, vocab = ck.vocab.text_tokenizer, ck.vocab
+    first = vocab.t2i_id
+    laid = tok.convert_ids_to_tokens(list(range(first, vocab.visual_offset)))
+    if laid != list(SPECIALS):
+        raise ValueError(f"{src}: its specials are {laid} after the text tokens, not the reference code's {list(SPECIALS)}: "
+                         "a checkpoint of the older two-specials layout does not load in the reference code")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} is not empty")
+    dst.mkdir(parents=True, exist_ok=True)
+    ck.model.to(torch.bfloat16).save_pretrained(str(dst))
+    tok.save_pretrained(str(dst))
+    config_file = dst / "config.json"
+    config = json.loads(config_file.read_text())
+    config["torch_dtype"] = "bfloat16"  # the key 4.x reads (5.x writes `dtype` and still reads this one)
+    config.pop("dtype", None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    (dst / "README.md").write_text(model_card(ck, src, report), encoding="utf-8")
+    return dst
+
+
+def model_card(ck, source: Path, report: str | Path | None) -> str:
+    """The model hub's card: what the weights are, what decodes them, how to sample, and the eval figures."""
+    vt = ck.visual_tokenizer_config
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-to-image", "tags: [simplear, autoregressive, text-to-image]",
+             "---", "", f"# {source.name}", "",
+             "An autoregressive text-to-image model in the SimpleAR format: a `Qwen2ForCausalLM` that continues "
+             "`<|t2i|>` caption `<|soi|>` with visual tokens (visual token id = code + "
+             f"{ck.vocab.visual_offset}; {ck.vocab.size} embedding rows).", "",
+             "## Visual tokenizer", "",
+             f"`{vt.kind}`" + (f" ({Path(vt.path).name})" if vt.path else f" (levels {vt.levels})")
+             + f": {vt.codebook_size} codes, {vt.downsample} px per code. The weights do not name it: give it when "
+             "loading (`--visual-tokenizer`).", "",
+             "## Training", ""]
+    extra = ck.extra or {}
+    lines += [f"- {k}: {json.dumps(v, default=str)}" for k, v in sorted(extra.items())] or ["- (no record)"]
+    if report:
+        data = json.loads(Path(report).read_text())
+        lines += ["", "## Evaluation", "", "| set | score | " + " | ".join(c["name"] for c in data["checkpoints"]) + " |",
+                  "|---|---|" + "---|" * len(data["checkpoints"])]
+        for set_name, s in data["sets"].items():
+            for scorer, by_ck in s["scores"].items():
+                cells = []
+                for c in data["checkpoints"]:
+                    mean = ((by_ck.get(c["name"]) or {}).get("overall") or {}).get("mean")
+                    cells.append("–" if mean is None else f"{mean:.3f}")
+                lines.append(f"| {set_name} | {scorer} | " + " | ".join(cells) + " |")
+        lines += ["", *data.get("notes", [])]
+    return "\n".join(lines) + "\n"

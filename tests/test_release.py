@@ -146,3 +146,42 @@ def test_eval_and_serve_draw_from_a_release_as_published(release, tmp_path):
     served = build_engine(str(release), ServeConfig(checkpoint=str(release), engine="torch", visual_tokenizer=PIXEL_FSQ,
                                                     sizes=["32x32"]))
     assert torch.equal(served.generate_codes(["a red circle", "a blue square"], (4, 4), params), want)
+
+
+def test_export_writes_the_release_format_and_round_trips(release, tmp_path):
+    """import -> export -> import keeps weights and vocabulary; the export is a release as published (bf16, 4.x
+    config keys, no simplear.json, a model card with the eval figures); an older two-specials checkpoint is refused."""
+    from safetensors.torch import load_file
+
+    from simplear.model import save_checkpoint
+    from simplear.tiny import build_tiny_text_tokenizer
+    from simplear.vocab import SOI, T2I, Vocabulary
+
+    imported, exported, again = tmp_path / "imported", tmp_path / "exported", tmp_path / "again"
+    vt = json.dumps(PIXEL_FSQ)
+    assert main(["import", str(release), "--visual-tokenizer", vt, "-o", str(imported)]) == 0
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"checkpoints": [{"name": "rl"}], "notes": ["our own scorer"],
+                                  "sets": {"geneval": {"scores": {"geneval": {"rl": {"overall": {"mean": 0.59}}}}}}}))
+    assert main(["export", str(imported), "-o", str(exported), "--report", str(report)]) == 0
+    assert not is_checkpoint(exported)
+    config = json.loads((exported / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and "dtype" not in config
+    card = (exported / "README.md").read_text()
+    assert "pipeline_tag: text-to-image" in card and "| geneval | geneval | 0.590 |" in card and "64 codes" in card
+    assert main(["import", str(exported), "--visual-tokenizer", vt, "-o", str(again)]) == 0
+    a, b = load_file(release / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_checkpoint(again).vocab.metadata() | {"text_tokenizer": ""} == load_checkpoint(imported).vocab.metadata() | {"text_tokenizer": ""}
+
+    old_tok = build_tiny_text_tokenizer()
+    old_tok.add_tokens([T2I, SOI], special_tokens=True)
+    old = Vocabulary(old_tok, codebook_size=64, add_specials=False)
+    ck = load_checkpoint(imported)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from simplear.tiny import TINY_QWEN2
+
+    model = Qwen2ForCausalLM(Qwen2Config(**{**TINY_QWEN2, "vocab_size": old.size}))
+    save_checkpoint(tmp_path / "old", model, old, ck.visual_tokenizer_config)
+    assert main(["export", str(tmp_path / "old"), "-o", str(tmp_path / "old-export")]) == 2
