@@ -92,6 +92,11 @@ def save_checkpoint(directory, model, vocab: Vocabulary, visual_tokenizer_config
     d.mkdir(parents=True, exist_ok=True)
     if not isinstance(visual_tokenizer_config, VisualTokenizerConfig):
         visual_tokenizer_config = VisualTokenizerConfig.model_validate(visual_tokenizer_config)
+    if visual_tokenizer_config.kind == "cosmos" and visual_tokenizer_config.sha256 is None \
+            and Path(visual_tokenizer_config.path).is_dir():  # which Cosmos files the weights go with, checked on load
+        from simplear.visual_tokenizers import cosmos_digest
+
+        visual_tokenizer_config = visual_tokenizer_config.model_copy(update={"sha256": cosmos_digest(visual_tokenizer_config.path)})
     if visual_tokenizer_config.codebook_size != vocab.codebook_size:
         raise ValueError(f"visual tokenizer has {visual_tokenizer_config.codebook_size} codes, vocabulary {vocab.codebook_size}")
     rows = model.get_input_embeddings().weight.shape[0]

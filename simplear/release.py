@@ -65,6 +65,10 @@ def import_release(folder: str | Path, visual_tokenizer: VisualTokenizerConfig, 
     """A copy of the release's files in `out` with its `simplear.json` (written last: the folder is then a
     checkpoint); the weights are copied byte for byte."""
     src, dst = Path(folder), Path(out)
+    if visual_tokenizer.kind == "cosmos" and visual_tokenizer.sha256 is None:  # the copy records which files it goes with
+        from simplear.visual_tokenizers import cosmos_digest
+
+        visual_tokenizer = visual_tokenizer.model_copy(update={"sha256": cosmos_digest(visual_tokenizer.path)})
     meta = describe_release(src, visual_tokenizer)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} is not empty")

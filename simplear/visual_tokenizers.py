@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import logging
 import warnings
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -16,10 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from simplear.config import StrictModel
 from simplear.devices import resolve_device
+
+log = logging.getLogger("simplear.visual_tokenizers")
 
 COSMOS_CODEBOOK = 64_000  # FSQ levels (8, 8, 8, 5, 5, 5)
 
@@ -33,6 +38,9 @@ class VisualTokenizerConfig(StrictModel):
     codebook_size: int | None = None  # cosmos: default 64,000; pixel-fsq: always levels**3
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # "auto": bf16 on cuda, fp32 on cpu
+    sha256: str | None = Field(None, exclude_if=lambda v: v is None,  # absent from configs that do not set it
+                               description="cosmos: the digest of encoder.jit + decoder.jit a checkpoint was trained "
+                                           "with (save_checkpoint records it); other files under the path are refused")
 
     @model_validator(mode="after")
     def _resolve(self):
@@ -106,16 +114,43 @@ class PixelFSQTokenizer:
         return img.repeat_interleave(self.downsample, dim=2).repeat_interleave(self.downsample, dim=3)
 
 
+COSMOS_FILES = ("encoder.jit", "decoder.jit")
+
+
+def cosmos_digest(folder: str | Path) -> str:
+    """What a Cosmos tokenizer is: the sha256 of its two TorchScript files (a DI16x16 and a DV8x16x16 both have
+    64,000 codes, and one decodes the other's codes into other images). Hashed once per process and file state:
+    every checkpoint save records it."""
+    files = [Path(folder) / name for name in COSMOS_FILES]
+    return _digest(tuple(str(f) for f in files), tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(files: tuple[str, ...], _state: tuple) -> str:
+    h = hashlib.sha256()
+    for name in files:
+        with open(name, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
 class CosmosTokenizer:
-    """Cosmos discrete tokenizer from TorchScript files; the encoder returns (indices, codes) or indices."""
+    """Cosmos discrete tokenizer from TorchScript files (NVIDIA's releases: `encoder.jit` maps (B, 3, [1,] H, W)
+    in [-1, 1] to (indices, codes), `decoder.jit` maps indices back). A JIT that casts to bf16 inside (as the
+    reference code's loader does) fails in fp32 on a CPU: it is then run in bf16, with a warning."""
 
     def __init__(self, config: VisualTokenizerConfig):
         self.config = config
         folder = Path(config.path)
-        enc, dec = folder / "encoder.jit", folder / "decoder.jit"
+        enc, dec = (folder / n for n in COSMOS_FILES)
         missing = [str(p) for p in (enc, dec) if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"cosmos tokenizer folder {folder} lacks {', '.join(missing)}")
+        if config.sha256 and cosmos_digest(folder) != config.sha256:
+            raise ValueError(f"{folder}: its encoder.jit and decoder.jit (sha256 {cosmos_digest(folder)[:16]}) are not the "
+                             f"Cosmos tokenizer the checkpoint was trained with (sha256 {config.sha256[:16]}): another "
+                             "variant or release decodes its codes into other images")
         self.device = resolve_device(config.device)
         if config.dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -136,7 +171,7 @@ class CosmosTokenizer:
         x = images_BCHW.to(self.device, self.dtype)
         if self.temporal:
             x = x.unsqueeze(2)  # (B, 3, T=1, H, W)
-        out = self._encoder(x)
+        out = self._run("_encoder", x)
         indices = out[0] if isinstance(out, (tuple, list)) else out
         if self.temporal:
             indices = indices[:, 0]  # (B, t=1, h, w) -> (B, h, w)
@@ -153,12 +188,24 @@ class CosmosTokenizer:
             raise ValueError(f"expected codes of shape (B, h, w), got {tuple(codes.shape)}")
         if self.temporal:
             codes = codes.unsqueeze(1)  # (B, 1, h, w)
-        img = self._decoder(codes)
+        img = self._run("_decoder", codes)
         if isinstance(img, (tuple, list)):
             img = img[0]
         if self.temporal:
             img = img[:, :, 0]
         return img.float().clamp(-1, 1)
+
+    def _run(self, which: str, x: torch.Tensor):
+        """One JIT call; a dtype clash of a JIT with a bf16 cast inside switches both to bf16 once."""
+        try:
+            return getattr(self, which)(x.to(self.dtype) if x.is_floating_point() else x)
+        except RuntimeError as e:
+            if self.dtype == torch.bfloat16 or "BFloat16" not in str(e):
+                raise
+            log.warning("%s: the TorchScript casts to bf16 inside (%s); running it in bf16", self.name, str(e).splitlines()[0])
+            self.dtype = torch.bfloat16
+            self._encoder, self._decoder = self._encoder.to(self.dtype), self._decoder.to(self.dtype)
+            return getattr(self, which)(x.to(self.dtype) if x.is_floating_point() else x)
 
 
 def load_visual_tokenizer(config: VisualTokenizerConfig | dict, device=None) -> VisualTokenizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,9 @@ FSQ_LEVELS = [8, 8, 8, 5, 5, 5]  # Cosmos' discrete tokenizers: 64,000 codes
 
 
 class TinyCosmosEncoder(torch.nn.Module):
-    """Shaped like Cosmos' encoder.jit: images (B,3,H,W) or videos (B,3,T,H,W) in [-1,1] ->
-    (indices (B,[t,]h,w), codes (B,6,[t,]h,w)) with FSQ levels (8,8,8,5,5,5)."""
+    """Shaped like NVIDIA's released encoder.jit: images (B,3,H,W) or videos (B,3,T,H,W) in [-1,1] ->
+    (int32 indices (B,[t,]h,w), codes (B,6,[t,]h,w)) with FSQ levels (8,8,8,5,5,5); exported with torch.jit.trace
+    as the releases are."""
 
     def __init__(self, downsample: int, temporal: bool):
         super().__init__()
@@ -48,7 +50,7 @@ class TinyCosmosEncoder(torch.nn.Module):
         z = torch.tanh(self.proj(F.avg_pool2d(x, self.downsample)))
         lv = self.levels.to(z.dtype)
         q = torch.round((z + 1) / 2 * (lv - 1))
-        indices = (q.long() * self.basis).sum(1)
+        indices = (q.long() * self.basis).sum(1).to(torch.int32)
         codes = q / (lv - 1) * 2 - 1
         if self.temporal:
             h, w = indices.shape[-2], indices.shape[-1]
@@ -58,12 +60,14 @@ class TinyCosmosEncoder(torch.nn.Module):
 
 
 class TinyCosmosDecoder(torch.nn.Module):
-    """indices (B,[t,]h,w) -> images (B,3,[T,]H,W) in [-1,1]."""
+    """indices (B,[t,]h,w) -> images (B,3,[T,]H,W) in [-1,1]. `bf16_cast`: the quantizer's output cast to bf16
+    inside, as the reference code's loader does, which an fp32 run on a CPU cannot take."""
 
-    def __init__(self, downsample: int, temporal: bool):
+    def __init__(self, downsample: int, temporal: bool, bf16_cast: bool = False):
         super().__init__()
         self.downsample = downsample
         self.temporal = temporal
+        self.bf16_cast = bf16_cast
         self.proj = torch.nn.Conv2d(6, 3, 1)
         self.register_buffer("levels", torch.tensor(FSQ_LEVELS).view(1, 6, 1, 1))
         self.register_buffer("basis", torch.cumprod(torch.tensor([1] + FSQ_LEVELS[:-1]), 0).view(1, 6, 1, 1))
@@ -74,8 +78,10 @@ class TinyCosmosDecoder(torch.nn.Module):
         if self.temporal:
             T = indices.shape[1]
             indices = indices.reshape(B * T, indices.shape[2], indices.shape[3])
-        q = (indices.unsqueeze(1) // self.basis) % self.levels
+        q = (indices.long().unsqueeze(1) // self.basis) % self.levels
         codes = (q.to(self.proj.weight.dtype) / (self.levels - 1).to(self.proj.weight.dtype)) * 2 - 1
+        if self.bf16_cast:
+            codes = codes.to(torch.bfloat16)
         img = torch.tanh(self.proj(codes))
         img = F.interpolate(img, scale_factor=float(self.downsample), mode="nearest")
         if self.temporal:
@@ -83,11 +89,21 @@ class TinyCosmosDecoder(torch.nn.Module):
         return img
 
 
-def write_tiny_cosmos(folder: Path, downsample: int = 16, temporal: bool = False) -> Path:
+def write_tiny_cosmos(folder: Path, downsample: int = 16, temporal: bool = False, bf16_cast: bool = False,
+                      seed: int = 0) -> Path:
+    """Traced on one example shape, as NVIDIA exports its tokenizers; other batch sizes and image sizes still run
+    (the traced graph keeps the shape arithmetic)."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.jit.save(torch.jit.script(TinyCosmosEncoder(downsample, temporal)), str(folder / "encoder.jit"))
-    torch.jit.save(torch.jit.script(TinyCosmosDecoder(downsample, temporal)), str(folder / "decoder.jit"))
+    torch.manual_seed(seed)
+    x = torch.zeros(2, 3, 1, 2 * downsample, 2 * downsample) if temporal else torch.zeros(2, 3, 2 * downsample, 2 * downsample)
+    encoder = TinyCosmosEncoder(downsample, temporal).eval()
+    decoder = TinyCosmosDecoder(downsample, temporal, bf16_cast).eval()
+    if bf16_cast:  # such a release is exported in bf16
+        decoder = decoder.to(torch.bfloat16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values read from tensors' shapes
+        torch.jit.save(torch.jit.trace(encoder, x), str(folder / "encoder.jit"))
+        torch.jit.save(torch.jit.trace(decoder, encoder(x)[0]), str(folder / "decoder.jit"))
     return folder
 
 
@@ -178,7 +194,8 @@ def test_cosmos_jit_interface(tmp_path, name, temporal):
     torch.manual_seed(0)  # the weights write_tiny_cosmos saved
     direct = TinyCosmosEncoder(16, temporal)
     ref = direct(x.unsqueeze(2) if temporal else x)[0]
-    assert torch.equal(codes, ref[:, 0] if temporal else ref)
+    assert ref.dtype == torch.int32  # the released interface; the project's codes are int64 from here on
+    assert torch.equal(codes, (ref[:, 0] if temporal else ref).long())
 
 
 def test_cosmos_errors(tmp_path):
@@ -188,6 +205,44 @@ def test_cosmos_errors(tmp_path):
     tok = load_visual_tokenizer({"kind": "cosmos", "path": str(folder), "downsample": 8, "device": "cpu"})
     with pytest.raises(ValueError, match="expected"):  # a wrong downsample is caught on the first encode
         tok.encode(images(B=1, H=32, W=32))
+
+
+def test_a_cosmos_jit_that_casts_to_bf16_inside_runs_in_bf16_on_a_cpu(tmp_path, caplog):
+    folder = write_tiny_cosmos(tmp_path / "Cosmos-1.0-Tokenizer-DV8x16x16", temporal=True, bf16_cast=True)
+    tok = load_visual_tokenizer({"kind": "cosmos", "path": str(folder), "device": "cpu"})
+    assert tok.dtype == torch.float32
+    codes = tok.encode(images(B=2, H=64, W=64))
+    with caplog.at_level("WARNING", logger="simplear.visual_tokenizers"):
+        out = tok.decode(codes)
+    assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32 and tok.dtype == torch.bfloat16
+    assert "casts to bf16 inside" in caplog.text
+    assert tok.decode(codes).shape == (2, 3, 64, 64)  # and stays there
+
+
+def test_a_checkpoint_records_its_cosmos_files_and_refuses_others(tmp_path):
+    """A DI16x16 and a DV8x16x16 both have 64,000 codes: only the files' digest tells them apart. save_checkpoint
+    records it; loading the tokenizer of that checkpoint from changed files is refused, naming both digests."""
+    import json
+
+    from simplear.model import save_checkpoint
+    from simplear.tiny import TINY_QWEN2
+    from simplear.visual_tokenizers import VisualTokenizerConfig, cosmos_digest
+    from simplear.vocab import Vocabulary
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = write_tiny_cosmos(tmp_path / "Cosmos-1.0-Tokenizer-DV8x16x16", temporal=True)
+    config = VisualTokenizerConfig(kind="cosmos", path=str(folder), device="cpu")
+    assert "sha256" not in config.model_dump(mode="json")  # unset: configs (and their fingerprints) as before
+    vocab = Vocabulary("tiny", codebook_size=64_000)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**TINY_QWEN2, "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
+                                            "head_dim": 8, "vocab_size": vocab.size}))
+    save_checkpoint(tmp_path / "ck", model, vocab, config)
+    recorded = VisualTokenizerConfig.model_validate(json.loads((tmp_path / "ck" / "simplear.json").read_text())["visual_tokenizer"])
+    assert recorded.sha256 == cosmos_digest(folder)
+    load_visual_tokenizer(recorded)  # the same files: fine
+    write_tiny_cosmos(folder, temporal=True, seed=1)  # another tokenizer under the same folder
+    with pytest.raises(ValueError, match="not the Cosmos tokenizer the checkpoint was trained with"):
+        load_visual_tokenizer(recorded)
 
 
 @pytest.mark.gpu
