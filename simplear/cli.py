@@ -185,28 +185,28 @@ def cmd_generate(args) -> int:
         print(path)
     return 0
 
-def cmd_import(args) -> int:
-    from simplear.release import import_release, visual_tokenizer_arg
 
+def _write_folder(make) -> int:
+    """import / export: print the folder written, or the reason none was."""
     try:
-        out = import_release(args.release, visual_tokenizer_arg(args.visual_tokenizer), args.output)
+        out = make()
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(out)
     return 0
+
+
+def cmd_import(args) -> int:
+    from simplear.release import import_release, visual_tokenizer_arg
+
+    return _write_folder(lambda: import_release(args.release, visual_tokenizer_arg(args.visual_tokenizer), args.output))
 
 
 def cmd_export(args) -> int:
     from simplear.release import export_release
 
-    try:
-        out = export_release(args.checkpoint, args.output, args.report)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+    return _write_folder(lambda: export_release(args.checkpoint, args.output, args.report))
 
 
 def cmd_serve(args) -> int:
