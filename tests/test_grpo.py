@@ -50,7 +50,7 @@ def make_task(sft: Path, **over):
     from simplear.visual_tokenizers import VisualTokenizerConfig
 
     prompts = captions()
-    vt = VisualTokenizerConfig.model_validate(checkpoint_meta(sft)["visual_tokenizer"])
+    vt = over.get("visual_tokenizer") or VisualTokenizerConfig.model_validate(checkpoint_meta(sft)["visual_tokenizer"])
     kw = dict(init_path=str(sft), visual_tokenizer=vt, grid=(SIZE // 8, SIZE // 8), train_prompts=prompts[4:], eval_prompts=prompts[:4],
               rewards=[{"kind": "color_match", "weight": 1.0}], sampling=SamplingSpec(), grpo=GRPOSpec(num_generations=4),
               eval=EvalSpec(samples_per_prompt=2), samples=None, max_text_tokens=128)

@@ -185,3 +185,22 @@ def test_export_writes_the_release_format_and_round_trips(release, tmp_path):
     model = Qwen2ForCausalLM(Qwen2Config(**{**TINY_QWEN2, "vocab_size": old.size}))
     save_checkpoint(tmp_path / "old", model, old, ck.visual_tokenizer_config)
     assert main(["export", str(tmp_path / "old"), "-o", str(tmp_path / "old-export")]) == 2
+
+
+def test_a_grpo_step_from_a_release(release, tmp_path):
+    """GRPO's trainer starts from the release as published (init with its visual tokenizer): rollouts are drawn,
+    decoded and rewarded, and an optimizer step runs on it."""
+    from test_grpo import make_task
+
+    from simplear.grpo.trainer import build_trainer
+    from simplear.train import TrainConfig
+
+    torch.manual_seed(0)
+    task = make_task(release, visual_tokenizer=visual_tokenizer_arg(PIXEL_FSQ), grid=(4, 4))
+    trainer = build_trainer(task, TrainConfig(steps=1, global_batch_size=8, lr=1e-3), str(tmp_path / "hf"), device="cpu")
+    assert trainer.vocab.size == 703
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "rewards/color_match/mean" in r]
+    assert logged and 0 <= logged[0]["rewards/color_match/mean"] <= 1
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
