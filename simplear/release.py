@@ -70,14 +70,19 @@ def import_release(folder: str | Path, visual_tokenizer: VisualTokenizerConfig, 
 
         visual_tokenizer = visual_tokenizer.model_copy(update={"sha256": cosmos_digest(visual_tokenizer.path)})
     meta = describe_release(src, visual_tokenizer)
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} is not empty")
-    dst.mkdir(parents=True, exist_ok=True)
+    new_folder(dst)
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name != META_FILE and f.name.endswith(RELEASE_FILES):
             shutil.copy2(f, dst / f.name)
     (dst / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return dst
+
+
+def new_folder(dst: Path) -> None:
+    """The folder import and export write: new or empty, never merged into (nor over) what is there."""
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} is not empty")
+    dst.mkdir(parents=True, exist_ok=True)
 
 
 def export_release(checkpoint: str | Path, out: str | Path, report: str | Path | None = None) -> Path:
@@ -99,9 +104,7 @@ def export_release(checkpoint: str | Path, out: str | Path, report: str | Path |
     if laid != list(SPECIALS):
         raise ValueError(f"{src}: its specials are {laid} after the text tokens, not the reference code's {list(SPECIALS)}: "
                          "a checkpoint of the older two-specials layout does not load in the reference code")
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} is not empty")
-    dst.mkdir(parents=True, exist_ok=True)
+    new_folder(dst)
     ck.model.to(torch.bfloat16).save_pretrained(str(dst))
     tok.save_pretrained(str(dst))
     config_file = dst / "config.json"
@@ -114,7 +117,7 @@ def export_release(checkpoint: str | Path, out: str | Path, report: str | Path |
 
 
 def model_card(ck, source: Path, report: str | Path | None) -> str:
-    """The model hub's card: what the weights are, what decodes them, how to sample, and the eval figures."""
+    """The model hub's card: what the weights are, what decodes them, how they were trained, the eval figures."""
     vt = ck.visual_tokenizer_config
     lines = ["---", "library_name: transformers", "pipeline_tag: text-to-image", "tags: [simplear, autoregressive, text-to-image]",
              "---", "", f"# {source.name}", "",

@@ -147,10 +147,12 @@ class CosmosTokenizer:
         missing = [str(p) for p in (enc, dec) if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"cosmos tokenizer folder {folder} lacks {', '.join(missing)}")
-        if config.sha256 and cosmos_digest(folder) != config.sha256:
-            raise ValueError(f"{folder}: its encoder.jit and decoder.jit (sha256 {cosmos_digest(folder)[:16]}) are not the "
-                             f"Cosmos tokenizer the checkpoint was trained with (sha256 {config.sha256[:16]}): another "
-                             "variant or release decodes its codes into other images")
+        if config.sha256:
+            found = cosmos_digest(folder)
+            if found != config.sha256:
+                raise ValueError(f"{folder}: its encoder.jit and decoder.jit (sha256 {found[:16]}) are not the Cosmos "
+                                 f"tokenizer the checkpoint was trained with (sha256 {config.sha256[:16]}): another "
+                                 "variant or release decodes its codes into other images")
         self.device = resolve_device(config.device)
         if config.dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32

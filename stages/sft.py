@@ -13,7 +13,8 @@ from simplear.workflow import StageContext, StageResult, register_stage
 class SFTConfig(T2IStageConfig):
     init: str = "pretrain"  # a stage this one needs (its final checkpoint) or a checkpoint folder
     visual_tokenizer: VisualTokenizerConfig | None = Field(
-        None, description="`init` is a released checkpoint as published (it names none): the visual tokenizer it "
+        None, exclude_if=lambda v: v is None,  # unset: the config (and its fingerprint) as before it existed
+        description="`init` is a released checkpoint as published (it names none): the visual tokenizer it "
                           "decodes with, e.g. {kind: cosmos, path: Cosmos-1.0-Tokenizer-DV8x16x16}")
 
 

@@ -24,7 +24,8 @@ class CheckpointSpec(StrictModel):
     size: int | tuple[int, int] | None = Field(None, description="pixels (square, or [height, width]); default: the "
                                                "training stage's image size (a folder needs it)")
     visual_tokenizer: VisualTokenizerConfig | None = Field(
-        None, description="a folder that is a released checkpoint as published: the visual tokenizer it decodes with")
+        None, exclude_if=lambda v: v is None,  # unset: the config (and its fingerprint) as before it existed
+        description="a folder that is a released checkpoint as published: the visual tokenizer it decodes with")
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -70,7 +70,8 @@ class EvalSpec(StrictModel):
 class GRPOStageConfig(StrictModel):
     init: str = "sft"  # a needed stage (its final/ checkpoint) or a checkpoint folder
     visual_tokenizer: VisualTokenizerConfig | None = Field(
-        None, description="`init` is a released checkpoint as published (it names none): the visual tokenizer it "
+        None, exclude_if=lambda v: v is None,  # unset: the config (and its fingerprint) as before it existed
+        description="`init` is a released checkpoint as published (it names none): the visual tokenizer it "
                           "decodes with")
     size: int | tuple[int, int] = Field(description="image size in pixels (square, or [height, width])")
     prompts: PromptSpec

@@ -41,7 +41,8 @@ class ServeConfig(StrictModel):
     checkpoint: str | None = Field(None, description="a checkpoint folder; None: `<run_dir>/<from_stage>/final`")
     from_stage: str = Field("grpo", description="the stage whose final checkpoint is served (must be in `needs`)")
     visual_tokenizer: VisualTokenizerConfig | None = Field(
-        None, description="for a released checkpoint as published (it names none): the visual tokenizer it decodes "
+        None, exclude_if=lambda v: v is None,  # unset: the config (and its fingerprint) as before it existed
+        description="for a released checkpoint as published (it names none): the visual tokenizer it decodes "
                           "with, e.g. {kind: cosmos, path: Cosmos-1.0-Tokenizer-DV8x16x16}; a project checkpoint's own wins")
     engine: Literal["vllm", "torch"] = Field("vllm", description="vLLM, or the project's torch sampler")
     sjd_window: int | None = Field(None, ge=1, description="torch engine: speculative Jacobi decoding with this "
