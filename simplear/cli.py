@@ -155,28 +155,31 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from dataclasses import replace
     from pathlib import Path
 
     from simplear.devices import resolve_device, resolve_serving_dtype
     from simplear.model import load_checkpoint
-    from simplear.sampler import SamplingParams, TorchSampler
+    from simplear.sampler import TorchSampler
+    from simplear.sampling.spec import SamplingSpec
 
     from simplear.release import visual_tokenizer_arg
 
     device = resolve_device(args.device or "auto")
     try:
         vt = visual_tokenizer_arg(args.visual_tokenizer) if args.visual_tokenizer else None
+        asked = SamplingSpec(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             negative_prompt=args.negative_prompt, prompt_template=args.prompt_template, mode=args.mode,
+                             repetition_penalty=args.repetition_penalty)
         ckpt = load_checkpoint(args.model, device=device, dtype=resolve_serving_dtype(args.dtype, device), visual_tokenizer=vt)
-        params = SamplingParams(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                seed=args.seed, negative_prompt=args.negative_prompt)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sampler = TorchSampler(ckpt.model, ckpt.vocab, ckpt.load_visual_tokenizer())
     n = args.num_images
     seeds = [None if args.seed is None else args.seed + i for i in range(n)]  # one distinct, repeatable seed per image
-    images = sampler.generate_images([args.prompt] * n, size=args.size, params=[replace(params, seed=s) for s in seeds])
+    sampling = asked.over(ckpt.sampling)
+    print(f"sampling: {sampling.model_dump_json()}", file=sys.stderr)
+    images = sampler.generate_images([args.prompt] * n, size=args.size, params=[sampling.params(s) for s in seeds])
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
@@ -346,14 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "with --visual-tokenizer)")
     p.add_argument("--visual-tokenizer", help=VT_HELP)
     p.add_argument("-o", "--output", default="out.png", help="image path (with -n > 1: out_0.png, out_1.png, ...)")
-    p.add_argument("--cfg", type=float, default=6.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = none); every sampling "
+                                                          "flag left out: the checkpoint's recorded default")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--size", type=int, default=64, help="image side in pixels (a multiple of the tokenizer's downsample)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help=f"0 = greedy; otherwise at least {MIN_TEMPERATURE:g}")
+    p.add_argument("--temperature", type=float, default=None, help=f"0 = greedy; otherwise at least {MIN_TEMPERATURE:g}")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--negative-prompt", default="", help="the unconditional prompt of CFG (default: empty)")
+    p.add_argument("--negative-prompt", default=None, help='the unconditional prompt of CFG ("": the dropped caption)')
+    p.add_argument("--prompt-template", default=None, help="the text the model sees, with {prompt} where the prompt goes")
+    p.add_argument("--mode", choices=["visual", "reference"], default=None,
+                   help="reference: draw as the reference code's Hugging Face generate does (simplear.sampling.spec)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="mode reference: HF's repetition penalty")
     p.add_argument("-n", "--num-images", type=int, default=1)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from simplear.sampler import SamplingParams, TorchSampler
-from simplear.sampling.draw import DrawSettings, inverse_cdf, request_uniforms, resolve_seed
+from simplear.sampling.draw import DrawSettings, inverse_cdf, request_uniforms, resolve_seed, visual_mode_only
 from simplear.sampling.rows import KVRows, VisualHead
 
 
@@ -85,6 +85,7 @@ class JacobiSampler:
             prompts = [prompts]
         h, w = grid
         params = self._params(params, len(prompts))
+        visual_mode_only(params, "speculative Jacobi decoding")
         model = self.sampler.model
         was_training = model.training
         model.eval()

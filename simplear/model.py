@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from simplear.sampling.spec import DEFAULT_SAMPLING, SamplingSpec, recorded_sampling
 from simplear.visual_tokenizers import VisualTokenizerConfig
 from simplear.vocab import META_FILE, Vocabulary, _write_json_atomic
 
@@ -79,6 +80,7 @@ class Checkpoint:
     visual_tokenizer_config: VisualTokenizerConfig
     extra: dict = field(default_factory=dict)
     path: Path | None = None
+    sampling: SamplingSpec = field(default_factory=lambda: DEFAULT_SAMPLING)  # its recorded defaults, complete
 
     def load_visual_tokenizer(self):
         from simplear.visual_tokenizers import load_visual_tokenizer
@@ -87,7 +89,7 @@ class Checkpoint:
 
 
 def save_checkpoint(directory, model, vocab: Vocabulary, visual_tokenizer_config: VisualTokenizerConfig | dict,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, sampling: SamplingSpec = DEFAULT_SAMPLING) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     if not isinstance(visual_tokenizer_config, VisualTokenizerConfig):
@@ -110,6 +112,7 @@ def save_checkpoint(directory, model, vocab: Vocabulary, visual_tokenizer_config
         "version": FORMAT_VERSION,
         "vocab": vocab.metadata(),
         "visual_tokenizer": visual_tokenizer_config.model_dump(mode="json"),
+        "sampling": sampling.complete().model_dump(mode="json"),
         "extra": extra or {},
     }
     _write_json_atomic(d / META_FILE, meta)
@@ -156,4 +159,5 @@ def load_checkpoint(directory, device: str | torch.device = "cpu", dtype: torch.
     vt_config = VisualTokenizerConfig.model_validate(meta["visual_tokenizer"])
     model = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype if dtype is not None else "auto")
     model.to(device)
-    return Checkpoint(model=model, vocab=vocab, visual_tokenizer_config=vt_config, extra=meta.get("extra", {}), path=d)
+    return Checkpoint(model=model, vocab=vocab, visual_tokenizer_config=vt_config, extra=meta.get("extra", {}), path=d,
+                      sampling=recorded_sampling(meta))

@@ -14,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+from simplear.sampling.spec import REFERENCE_SAMPLING
 from simplear.visual_tokenizers import VisualTokenizerConfig
 from simplear.vocab import META_FILE, Vocabulary
 
@@ -57,8 +58,19 @@ def describe_release(folder: str | Path, visual_tokenizer: VisualTokenizerConfig
 
     return {"format": FORMAT, "version": FORMAT_VERSION, "vocab": vocab.metadata(),
             "visual_tokenizer": visual_tokenizer.model_dump(mode="json"),
+            # a release is drawn as its reference code draws it, with its generation_config's repetition penalty (used
+            # in the reference mode, the one that draws as Hugging Face's generate does)
+            "sampling": REFERENCE_SAMPLING.model_copy(update={"repetition_penalty": _repetition_penalty(d)}).model_dump(mode="json"),
             "extra": {"release": {"source": str(d), "architectures": config.get("architectures"),
                                   "torch_dtype": config.get("torch_dtype", config.get("dtype"))}}}
+
+
+def _repetition_penalty(folder: Path) -> float:
+    try:
+        value = json.loads((folder / "generation_config.json").read_text()).get("repetition_penalty", 1.0)
+    except (OSError, ValueError, AttributeError):
+        return 1.0
+    return float(value) if isinstance(value, (int, float)) and value > 0 else 1.0
 
 
 def import_release(folder: str | Path, visual_tokenizer: VisualTokenizerConfig, out: str | Path) -> Path:

@@ -17,6 +17,31 @@ from simplear.sampling.rows import KVRows, VisualHead
 __all__ = ["SamplingParams", "TorchSampler", "resolve_seed"]
 
 
+class RepetitionPenalty:
+    """Hugging Face's `RepetitionPenaltyLogitsProcessor` on the B conditional rows' logits over every id (the first B
+    rows of a step's logits; the unconditional ones untouched, as the reference's CFG processor runs after it on the
+    conditional scores only): each id already in the row, prompt included, has its logit divided by the penalty
+    (multiplied where negative)."""
+
+    def __init__(self, params: list[SamplingParams], prompts: list[list[int]], V: int, device):
+        self.penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        self.active = any(p.repetition_penalty != 1.0 for p in params)
+        self.seen = torch.zeros((len(prompts), V), dtype=torch.bool, device=device)
+        for i, ids in enumerate(prompts):
+            self.seen[i, torch.tensor(ids, dtype=torch.long, device=device)] = True
+
+    def __call__(self, logits_RV: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return logits_RV
+        B = len(self.seen)
+        c = logits_RV[:B]
+        penalised = torch.where(c < 0, c * self.penalty, c / self.penalty)
+        return torch.cat([torch.where(self.seen, penalised, c), logits_RV[B:]])
+
+    def saw(self, tokens_B: torch.Tensor) -> None:
+        self.seen.scatter_(1, tokens_B[:, None], True)
+
+
 class TorchSampler:
     """Generates visual codes (and images) from a causal LM over a `Vocabulary`.
 
@@ -65,7 +90,8 @@ class TorchSampler:
     def generate_codes(self, prompts: list[str], grid: tuple[int, int], params=None, return_logprobs: bool = False):
         """Codes (B, h, w) on CPU; with `return_logprobs`, also (B, h*w) float32 log-probs of the
         sampled codes under the CFG-combined, temperature-scaled distribution over the visual ids
-        (before top-k/top-p truncation: what a training forward can recompute)."""
+        (before top-k/top-p truncation: what a training forward can recompute). Requests in the reference mode
+        are drawn apart from the others (over every id); their log-probs are those of the ids drawn."""
         if isinstance(prompts, str):
             prompts = [prompts]
         h, w = grid
@@ -78,7 +104,14 @@ class TorchSampler:
         self.model.eval()
         try:
             with torch.no_grad():  # not inference_mode: callers (GRPO) use the log-probs next to autograd tensors
-                codes, logps = self._generate(prompts, N, params)
+                codes = torch.empty((B, N), dtype=torch.long, device=self.device)
+                logps = torch.empty((B, N), dtype=torch.float32, device=self.device)
+                for reference in (False, True):
+                    group = [i for i, p in enumerate(params) if p.reference_mode == reference]
+                    if group:
+                        at = torch.tensor(group, device=self.device)
+                        got = self._generate([prompts[i] for i in group], N, [params[i] for i in group], reference)
+                        codes[at], logps[at] = got
         finally:
             self.model.train(was_training)
         codes = codes.view(B, h, w).cpu()
@@ -86,16 +119,19 @@ class TorchSampler:
 
     def prompt_rows(self, prompts: list[str], params: list[SamplingParams], d: DrawSettings) -> list[list[int]]:
         """Token ids of every request's conditional row, then of the unconditional rows of the guided ones (`d.guided`)."""
-        cond = [self.vocab.prompt_ids(p, self.max_text_tokens) for p in prompts]
+        cond = [self.vocab.prompt_ids(q.conditional(p), self.max_text_tokens) for p, q in zip(prompts, params)]
         return cond + [self.vocab.prompt_ids(params[i].negative_prompt, self.max_text_tokens) for i in d.guided]
 
-    def _generate(self, prompts, N, params):
+    def _generate(self, prompts, N, params, reference: bool = False):
+        """`reference`: the draws are over every id (the reference mode): a text id drawn stays in the rows, as in
+        the reference's Hugging Face generate, and decodes as code 0, as its `clamp` does."""
         vocab, dev, B = self.vocab, self.device, len(prompts)
         uniforms = torch.stack([request_uniforms(resolve_seed(p), N) for p in params]).to(dev)
         K, vo = vocab.codebook_size, vocab.visual_offset
-        d = DrawSettings.of(params, K, dev)
+        d = DrawSettings.of(params, vocab.size if reference else K, dev)
         rows = self.prompt_rows(prompts, params, d)
-        head = VisualHead(self.model, vocab)
+        head = VisualHead(self.model, vocab, every_id=reference)
+        penalty = RepetitionPenalty(params, rows[:B], vocab.size, dev) if reference else None
         mk = lambda r: KVRows(self.model, head, r, vocab.pad_id, capacity=N, use_cache=self.use_kv_cache)  # noqa: E731
         # one stream: one forward of all B + U rows; two (batch_cfg=False): two full forwards, LM head included
         streams = [mk(rows)] if (self.batch_cfg or len(rows) == B) else [mk(rows[:B]), mk(rows[B:])]
@@ -108,12 +144,16 @@ class TorchSampler:
             for s in streams:
                 s.capture()
         for t in range(N):
+            if penalty is not None:
+                logits = penalty(logits)
             final = d.final_logprobs(logits)
             tok = d.draw(final, uniforms[:, t])
-            codes[:, t] = tok
+            codes[:, t] = (tok - vo).clamp(0, K - 1) if reference else tok
             logps[:, t] = final.gather(-1, tok[:, None]).squeeze(-1)
+            if penalty is not None:
+                penalty.saw(tok)
             if t + 1 < N:
-                feed = (tok[follow] + vo).split(split)
+                feed = (tok[follow] + (0 if reference else vo)).split(split)
                 logits = torch.cat([s.decode(x) for s, x in zip(streams, feed)])
         return codes, logps
 

@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import Field
 
 from simplear.config import ConfigError, StrictModel
+from simplear.sampling.spec import SamplingSpec, recorded_sampling
 from simplear.train.config import FINAL, LOSS_CURVE, METRICS, SAMPLES, TrainConfig
 from simplear.train.figures import plot_loss_curve
 from simplear.train.fit import run_training
@@ -49,10 +50,8 @@ class SampleSpec(StrictModel):
         "a purple diamond on an orange background",
     ]
     per_prompt: int = Field(4, ge=1)
-    cfg_scale: float = Field(4.0, ge=0, description="on held-out demo captions 4 did at least as well as 3, and 3 better than 1.5-2")
-    temperature: float = Field(1.0, ge=0)
-    top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
+    sampling: SamplingSpec = Field(SamplingSpec(), exclude_if=SamplingSpec.is_empty,
+                                   description="keys left out: the stage's checkpoint defaults (`defaults`)")
     seed: int = 0
     cell_pixels: int = Field(96, ge=16, description="each sample is shown at least this big (nearest-neighbour)")
 
@@ -65,8 +64,10 @@ class T2ITask(TrainTask):
 
     def __init__(self, *, sequence: SequenceSpec, caption: str, samples: SampleSpec | None, grid: tuple[int, int],
                  seed: int, checkpoint: str | None = None, model_init: str = "tiny", text_tokenizer: str | None = None,
-                 model_overrides: dict | None = None, visual_tokenizer: VisualTokenizerConfig | None = None):
+                 model_overrides: dict | None = None, visual_tokenizer: VisualTokenizerConfig | None = None,
+                 defaults: SamplingSpec | None = None):
         self.sequence, self.caption, self.samples, self.grid, self.seed = sequence, caption, samples, grid, seed
+        self.defaults = defaults or SamplingSpec()
         self.checkpoint, self.model_init, self.text_tokenizer = checkpoint, model_init, text_tokenizer
         self.model_overrides, self.visual_tokenizer = model_overrides or {}, visual_tokenizer
 
@@ -85,10 +86,10 @@ class T2ITask(TrainTask):
         source = resume_dir or (local_folder(self.checkpoint) if self.checkpoint else None)
         if source is not None:  # a release as published has no simplear.json: it is read with its visual tokenizer
             ck = load_checkpoint(source, device="cpu", dtype=torch.float32, visual_tokenizer=self.visual_tokenizer)
-            return Bundle(ck.model, ck.vocab, ck.visual_tokenizer_config)
+            return Bundle(ck.model, ck.vocab, ck.visual_tokenizer_config, self.defaults.over(ck.sampling))
         vocab = Vocabulary(self.text_tokenizer or self.model_init, codebook_size=self.visual_tokenizer.codebook_size)
         model = build_model(self.model_init, vocab, dtype=torch.float32, **self.model_overrides)
-        return Bundle(model, vocab, self.visual_tokenizer)
+        return Bundle(model, vocab, self.visual_tokenizer, self.defaults.complete())
 
     def collate(self, rows: dict[str, np.ndarray], position: Position, rank: int, bundle: Bundle) -> dict:
         import torch
@@ -128,24 +129,27 @@ class T2ITask(TrainTask):
     def finish(self, bundle: Bundle, model, out_dir: Path, device, autocast) -> None:
         if self.samples is None:
             return
-        grid_img = sample_grid(model, bundle.vocab, bundle.visual_tokenizer_config, self.samples, self.grid, device, autocast)
+        grid_img = sample_grid(model, bundle.vocab, bundle.visual_tokenizer_config, self.samples, bundle.sampling,
+                               self.grid, device, autocast)
         from simplear.workflow.manifest import atomic_path
 
         with atomic_path(out_dir / SAMPLES) as tmp:
             grid_img.save(tmp, format="PNG")
 
 
-def sample_grid(model, vocab, vt_config, spec: SampleSpec, grid: tuple[int, int], device, autocast=contextlib.nullcontext):
-    """A PNG-ready image: one row per prompt (its text above), `per_prompt` samples each."""
+def sample_grid(model, vocab, vt_config, spec: SampleSpec, defaults: SamplingSpec, grid: tuple[int, int], device,
+                autocast=contextlib.nullcontext):
+    """A PNG-ready image: one row per prompt (its text above), `per_prompt` samples each, drawn with the grid's
+    settings over `defaults` (the checkpoint's)."""
     from PIL import Image, ImageDraw
 
-    from simplear.sampler import SamplingParams, TorchSampler
+    from simplear.sampler import TorchSampler
     from simplear.visual_tokenizers import load_visual_tokenizer
 
     sampler = TorchSampler(model, vocab, load_visual_tokenizer(vt_config), device=device)
     prompts = [p for p in spec.prompts for _ in range(spec.per_prompt)]
-    params = [SamplingParams(cfg_scale=spec.cfg_scale, temperature=spec.temperature, top_k=spec.top_k,
-                             top_p=spec.top_p, seed=spec.seed + i) for i in range(len(prompts))]
+    sampling = spec.sampling.over(defaults)
+    params = [sampling.params(spec.seed + i) for i in range(len(prompts))]
     with autocast():
         images = sampler.generate_images(prompts, grid=grid, params=params)
     h, w = images[0].height, images[0].width
@@ -167,12 +171,16 @@ def has_final_checkpoint(manifest: dict) -> bool:
     return any(o["path"].startswith(f"{FINAL}/") for o in manifest["outputs"])
 
 
-def resolve_init(ctx, init: str, where: str, visual_tokenizer: VisualTokenizerConfig | None = None
-                 ) -> tuple[str, VisualTokenizerConfig]:
-    """Where the checkpoint a stage starts from lies (SFT from pretrain, GRPO from SFT): a folder, or on object
-    storage `<run dir URI>/<stage>/final` (workers fetch it with `local_folder`), and the visual tokenizer it
-    decodes with; a released checkpoint as published is taken with `visual_tokenizer` (checked against it). A
-    wrong or missing one is a ConfigError naming the key."""
+@dataclass(frozen=True)
+class InitCheckpoint:
+    location: str  # a folder, or on object storage `<run dir URI>/<stage>/final` (workers fetch it with `local_folder`)
+    visual_tokenizer: VisualTokenizerConfig  # what it decodes with
+    sampling: SamplingSpec  # the sampling defaults it records, complete
+
+
+def resolve_init(ctx, init: str, where: str, visual_tokenizer: VisualTokenizerConfig | None = None) -> InitCheckpoint:
+    """The checkpoint a stage starts from (SFT from pretrain, GRPO from SFT); a released checkpoint as published is
+    taken with `visual_tokenizer` (checked against it). A wrong or missing one is a ConfigError naming the key."""
     from simplear.model import checkpoint_meta
     from simplear.storage.staging import local_folder
 
@@ -191,7 +199,7 @@ def resolve_init(ctx, init: str, where: str, visual_tokenizer: VisualTokenizerCo
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{where}.init: {e} (expected a folder written by a pretrain/sft stage, or a released "
                           f"checkpoint with `{where}.visual_tokenizer`)") from None
-    return location, VisualTokenizerConfig.model_validate(meta["visual_tokenizer"])
+    return InitCheckpoint(location, VisualTokenizerConfig.model_validate(meta["visual_tokenizer"]), recorded_sampling(meta))
 
 
 def train_progress(location: str) -> str | None:
@@ -224,6 +232,10 @@ class T2IStageConfig(StrictModel):
     sequence: SequenceSpec = SequenceSpec()
     train: TrainConfig
     samples: SampleSpec | None = SampleSpec()
+    defaults: SamplingSpec = Field(SamplingSpec(), exclude_if=SamplingSpec.is_empty,
+                                   description="the sampling settings its checkpoints record, which generate, serve, eval "
+                                               "and GRPO use unless told otherwise; keys left out: the init checkpoint's "
+                                               "(from scratch: the built-in ones)")
 
 
 @dataclass
@@ -310,7 +322,7 @@ def run_t2i_stage(ctx, task_kwargs: dict, vt: VisualTokenizerConfig | None, data
     if vt is not None:
         check_codebook(data, vt, where)
     task = T2ITask(sequence=cfg.sequence, caption=cfg.data.caption, samples=cfg.samples, grid=data.grid,
-                   seed=cfg.train.seed, visual_tokenizer=vt, **task_kwargs)
+                   seed=cfg.train.seed, visual_tokenizer=vt, defaults=cfg.defaults, **task_kwargs)
     run = run_training(ctx, task, cfg.train, files=data.files, columns=task.columns)
     with ctx.output(LOSS_CURVE) as tmp:
         tmp.write_bytes(plot_loss_curve(run.rows, title=f"{ctx.name}: {data.rows} sequences, grid {data.grid[0]}x{data.grid[1]}"))

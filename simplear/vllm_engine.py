@@ -32,6 +32,7 @@ from pydantic import Field
 
 from simplear.config import StrictModel
 from simplear.sampler import SamplingParams, TorchSampler, resolve_seed
+from simplear.sampling.draw import visual_mode_only
 from simplear.vllm_cfg import EXTRA_KEY, logits_processor_class, logits_processor_class_v2, request_spec
 from simplear.vocab import MAX_TEXT_TOKENS
 
@@ -150,7 +151,7 @@ class VLLMSampler:
                                stop_token_ids=[vocab.pad_id],
                                extra_args={EXTRA_KEY: request_spec(lo, hi, vocab.pad_id, p, seed, pair, role)})
 
-            rows = [(vocab.prompt_ids(prompt, self.max_text_tokens), vparams("cond"))]
+            rows = [(vocab.prompt_ids(p.conditional(prompt), self.max_text_tokens), vparams("cond"))]
             if pair is not None:
                 rows.append((vocab.prompt_ids(p.negative_prompt, self.max_text_tokens), vparams("uncond")))
             jobs.append(_Job(i, rows))
@@ -196,6 +197,7 @@ class VLLMSampler:
         if N > self.max_image_tokens:
             raise ValueError(f"grid {h}x{w} has {N} tokens, the engine was built for at most {self.max_image_tokens}")
         params = self._params(params, len(prompts))
+        visual_mode_only(params, "the vLLM engine")
         codes = torch.empty((len(prompts), N), dtype=torch.long)
         for chunk in self._chunks(self._jobs(prompts, N, params), N):
             flat = [row for job in chunk for row in job.rows]

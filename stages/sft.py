@@ -22,6 +22,6 @@ class SFTConfig(T2IStageConfig):
 def run(ctx: StageContext) -> StageResult:
     cfg: SFTConfig = ctx.config
     where = f"stages.{ctx.name}.config"
-    checkpoint, vt = resolve_init(ctx, cfg.init, where, cfg.visual_tokenizer)
+    init = resolve_init(ctx, cfg.init, where, cfg.visual_tokenizer)
     data = tokenized_data(ctx, cfg.data, where)
-    return run_t2i_stage(ctx, dict(checkpoint=checkpoint), vt, data)
+    return run_t2i_stage(ctx, dict(checkpoint=init.location), init.visual_tokenizer, data)

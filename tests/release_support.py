@@ -18,7 +18,13 @@ QWEN25_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_sta
 PIXEL_FSQ = {"kind": "pixel-fsq", "levels": 4}  # the stand-in's visual tokenizer: 64 codes, 8 px per code
 
 
-def build_release(folder: Path, codebook: int = 64, seed: int = 0) -> Path:
+# Qwen2.5-0.5B-Instruct's generation_config.json, which a release fine-tuned from it carries along
+GENERATION_CONFIG = {"do_sample": True, "repetition_penalty": 1.1, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
+
+
+def build_release(folder: Path, codebook: int = 64, seed: int = 0, spread: float = 0.0) -> Path:
+    """`spread`: the new rows are set apart from their mean by this much noise, as training leaves them (the rows of
+    a freshly resized model are all the mean, so every code is equally likely)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from simplear.tiny import TINY_QWEN2, build_tiny_text_tokenizer
@@ -35,6 +41,8 @@ def build_release(folder: Path, codebook: int = 64, seed: int = 0) -> Path:
         mean = model.get_input_embeddings().weight.mean(0)
         model.resize_token_embeddings(len(tok) + codebook, mean_resizing=False)
         model.get_input_embeddings().weight[base:] = mean
+        if spread:
+            model.get_input_embeddings().weight[base:] += spread * torch.randn_like(model.get_input_embeddings().weight[base:])
     model.to(torch.bfloat16).save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     config_file = folder / "config.json"
@@ -42,4 +50,6 @@ def build_release(folder: Path, codebook: int = 64, seed: int = 0) -> Path:
     config["torch_dtype"] = str(config.pop("dtype", "bfloat16")).replace("torch.", "")
     config["transformers_version"] = "4.49.0"
     config_file.write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({**GENERATION_CONFIG, "eos_token_id": tok.eos_token_id,
+                                                               "transformers_version": "4.49.0"}, indent=2))
     return folder

@@ -83,14 +83,15 @@ def test_prompt_sets_read_geneval_and_dpg_files(tmp_path):
     meta = tmp_path / "evaluation_metadata.jsonl"
     meta.write_text(json.dumps({"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"})
                     + "\n\n" + json.dumps({"tag": "counting", "include": [{"class": "cat", "count": 2}], "prompt": "two cats"}) + "\n")
-    items = load_items(ctx, PromptSetSpec(name="g", source="geneval", path=str(meta), scorers=[{"kind": "shapes"}]), "w")
+    items, requests = load_items(ctx, PromptSetSpec(name="g", source="geneval", path=str(meta), scorers=[{"kind": "shapes"}]), "w")
+    assert [r.text for r in requests] == [i.prompt for i in items] and {r.negative_prompt for r in requests} == {None}
     assert [(i.prompt, i.metadata["tag"]) for i in items] == [("a photo of a dog", "single_object"), ("two cats", "counting")]
     csv = tmp_path / "dpg_bench.csv"
     csv.write_text("item_id,text,keywords,proposition_id,dependency,category_broad,category_detailed,tuple,question_natural_language\n"
                    "bus1,a red bus,bus,1,0,entity,whole,entity - whole (bus),Is there a bus?\n"
                    "bus1,a red bus,bus,2,1,attribute,color,attribute - color (bus red),Is the bus red?\n"
                    "bird2,two birds,bird,1,0,entity,whole,entity - whole (bird),Are there birds?\n")
-    items = load_items(ctx, PromptSetSpec(name="d", source="dpg", path=str(csv), scorers=[{"kind": "shapes"}]), "w")
+    items, _ = load_items(ctx, PromptSetSpec(name="d", source="dpg", path=str(csv), scorers=[{"kind": "shapes"}]), "w")
     assert [(i.prompt, i.id, len(i.metadata["questions"])) for i in items] == [("a red bus", "bus1", 2), ("two birds", "bird2", 1)]
     meta.write_text('{"prompt": "no tag"}\n')
     with pytest.raises(ConfigError, match="line 1 lacks GenEval's"):

@@ -69,6 +69,49 @@ def test_geneval_relative_position_with_its_margin():
     assert relative_position((103, 100, 123, 120), b, 0.0) == {"right of"}
 
 
+def _official_relative_position(a, b):
+    """GenEval's evaluate_images.py rule as it runs there: numpy on its mmdet float32 box rows, Python constants."""
+    import numpy as np
+
+    boxes = np.array([a, b], dtype=np.float32)[:, :4].reshape(2, 2, 2)
+    centre_a, centre_b = boxes.mean(axis=-2)
+    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
+    offset = centre_a - centre_b
+    shrunk = np.maximum(np.abs(offset) - 0.1 * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(shrunk) < 1e-3):
+        return set()
+    dx, dy = shrunk / np.linalg.norm(offset)
+    return {name for name, hit in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5),
+                                   ("below", dy > 0.5)) if hit}
+
+
+def test_geneval_decides_boundaries_in_float32_and_ties_later_first_as_the_official_script():
+    """Where float64 and GenEval's float32 disagree, the official decision: a score of float32(0.3) is not above
+    0.3, a relation at dx = 0.5 to float32's rounding; equal scores order the later detection first (numpy's
+    argsort(...)[::-1]), so the colour of a one-object clause is read on that one."""
+    import random
+
+    import numpy as np
+
+    at_threshold = float(np.float32(0.3))  # 0.30000001192..., above 0.3 in float64
+    assert keep_detections({"cup": [det(0, 0, 5, 5, at_threshold)]}, "single_object", CFG) == {}
+    a, b = (10.0, 15.919797897338867, 13.0, 25.919797897338867), (0.0, 0.0, 3.0, 10.0)
+    assert relative_position(a, b, 0.1) == _official_relative_position(a, b) == {"below"}  # float64: also "right of"
+    rng = random.Random(0)
+    for _ in range(2000):
+        a = [rng.uniform(-50, 50), rng.uniform(-50, 50)]
+        a += [a[0] + rng.uniform(0, 40), a[1] + rng.uniform(0, 40)]
+        assert relative_position(a, b, 0.1) == _official_relative_position(a, b)
+    first, second, third = det(0, 0, 5, 5, 0.8), det(10, 10, 15, 15, 0.8), det(20, 20, 25, 25, 0.9)
+    assert keep_detections({"cup": [first, second, third]}, "single_object", CFG)["cup"] == [third, second, first]
+    scores = np.array([0.8, 0.8, 0.9], dtype=np.float32)
+    assert np.argsort(scores)[::-1].tolist() == [2, 1, 0]  # the official order on the same scores
+    meta = {"tag": "color_attr", "include": [{"class": "cup", "count": 1, "color": "red"}]}
+    colours = lambda name, found: ["red" if d is second else "blue" for d in found]  # noqa: E731
+    kept = keep_detections({"cup": [first, second]}, "color_attr", CFG)
+    assert evaluate_metadata(kept, meta, colours) == (True, "")
+
+
 def test_geneval_position_clause_checks_against_its_target_group():
     meta = {"tag": "position", "include": [{"class": "skateboard", "count": 1},
                                            {"class": "bird", "count": 1, "position": ["below", 0]}]}

@@ -45,14 +45,16 @@ def captions(n_images: int = 256, seed: int = 5) -> list[str]:
 
 
 def make_task(sft: Path, **over):
-    from simplear.grpo.config import EvalSpec, GRPOSpec, GRPOTask, SamplingSpec
+    from simplear.grpo.config import EvalSpec, GRPOSpec, GRPOTask
     from simplear.model import checkpoint_meta
+    from simplear.sampling.spec import SamplingSpec
     from simplear.visual_tokenizers import VisualTokenizerConfig
 
     prompts = captions()
     vt = over.get("visual_tokenizer") or VisualTokenizerConfig.model_validate(checkpoint_meta(sft)["visual_tokenizer"])
     kw = dict(init_path=str(sft), visual_tokenizer=vt, grid=(SIZE // 8, SIZE // 8), train_prompts=prompts[4:], eval_prompts=prompts[:4],
-              rewards=[{"kind": "color_match", "weight": 1.0}], sampling=SamplingSpec(), grpo=GRPOSpec(num_generations=4),
+              rewards=[{"kind": "color_match", "weight": 1.0}], sampling=SamplingSpec(cfg_scale=1.0).complete(),
+              defaults=SamplingSpec().complete(), grpo=GRPOSpec(num_generations=4),
               eval=EvalSpec(samples_per_prompt=2), samples=None, max_text_tokens=128)
     kw.update(over)
     return GRPOTask(**kw)
@@ -130,11 +132,12 @@ def test_weighted_clip_and_color_match_rewards_score_the_rollouts(sft, tmp_path)
 def test_trainer_log_probs_are_the_samplers(sft, tmp_path, cfg_scale):
     """The policy's per-token log-probs over the sampled visual tokens equal what the sampler drew them with
     (visual ids only, CFG-combined, tempered), so the first importance ratio is 1 and the first KL is 0."""
-    from simplear.grpo.config import SamplingSpec
     from simplear.grpo.trainer import build_trainer
+    from simplear.sampling.spec import SamplingSpec
 
     torch.manual_seed(0)
-    task = make_task(sft, sampling=SamplingSpec(cfg_scale=cfg_scale, temperature=0.8))
+    task = make_task(sft, sampling=SamplingSpec(cfg_scale=cfg_scale, temperature=0.8, negative_prompt="a dark plain background",
+                                                prompt_template="a photo of {prompt}").complete())
     trainer = build_trainer(task, TrainConfig(steps=1, global_batch_size=8, lr=1e-5), str(tmp_path / "hf"), device="cpu")
     prompts = [p for p in task.train_prompts[:2] for _ in range(4)]
     rollout = trainer._rollout(prompts, trainer)
@@ -172,7 +175,7 @@ def grpo_workflow(tmp_path: Path, sft: Path, **grpo_config) -> Path:
                   "num_threads": 2, "seed": 0},
         "eval": {"samples_per_prompt": 8, "seed": 1000},
         "samples": {"prompts": ["a red circle on a blue background", "a white square on a green background"], "per_prompt": 2,
-                    "cfg_scale": 1.0},
+                    "sampling": {"cfg_scale": 1.0}},
     }
     for key, value in grpo_config.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) else value
@@ -309,7 +312,7 @@ def test_a_checkpoint_stages_trls_optimizer_state_once(sft, tmp_path):
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
         (hf / name).write_bytes(name.encode() * 1000)
     (hf / "trainer_state.json").write_text("{}")
-    checkpoint_folder(hf, tmp_path / "ours", ck.model, ck.vocab, ck.visual_tokenizer_config, {"step": 2}, {})
+    checkpoint_folder(hf, tmp_path / "ours", ck.model, ck.vocab, ck.visual_tokenizer_config, {"step": 2}, {}, ck.sampling)
     assert (tmp_path / "ours" / "optimizer.pt").read_bytes() == b"optimizer.pt" * 1000 and (tmp_path / "ours" / HF_STATE).exists()
     assert sorted(p.name for p in hf.iterdir()) == ["trainer_state.json"]  # moved, not copied
     assert load_checkpoint(tmp_path / "ours").extra["trainer_state"] == {"step": 2}
@@ -392,6 +395,6 @@ def test_several_iterations_per_generation_move_the_ratio_and_clip(sft, tmp_path
     clipped = [r["clip_ratio/region_mean"] for r in trainer.state.log_history if "clip_ratio/region_mean" in r]
     assert len(clipped) == 4 and max(clipped) > 0, clipped
     ids = torch.tensor([[trainer.vocab.t2i_id, trainer.vocab.soi_id] + [trainer.vocab.visual_offset] * 4])
-    lp, ent = visual_logps(trainer.model, ids, torch.ones_like(ids), 4, trainer.vocab, task.sampling, trainer.uncond_ids,
+    lp, ent = visual_logps(trainer.model, ids, torch.ones_like(ids), 4, trainer.vocab, trainer.draw, trainer.uncond_ids,
                            compute_entropy=True)
     assert lp.requires_grad and not ent.requires_grad

@@ -176,7 +176,7 @@ def test_serve_builds_sjd_for_the_torch_engine(tmp_path):
     from simplear.serving import ServeConfig, build_engine
 
     ckpt = make_checkpoint(tmp_path / "ckpt", layers=1)
-    engine = build_engine(ckpt, ServeConfig(engine="torch", sjd_window=4, sizes=["32x32"], device="cpu"))
+    engine, _ = build_engine(ckpt, ServeConfig(engine="torch", sjd_window=4, sizes=["32x32"], device="cpu"))
     assert isinstance(engine, JacobiSampler) and engine.window == 4
     images = engine.generate_images(["a red circle"], size=(32, 32), params=[SamplingParams(seed=1)])
     assert images[0].size == (32, 32)

@@ -97,7 +97,8 @@ def test_sft_and_grpo_init_take_a_release_with_its_visual_tokenizer_and_a_step_l
     ctx = SimpleNamespace(needs=["tokenize"], config_path=Path)
     with pytest.raises(ConfigError, match="stages.sft.config.visual_tokenizer"):
         resolve_init(ctx, str(release), "stages.sft.config")
-    location, vt = resolve_init(ctx, str(release), "stages.sft.config", visual_tokenizer_arg(PIXEL_FSQ))
+    init = resolve_init(ctx, str(release), "stages.sft.config", visual_tokenizer_arg(PIXEL_FSQ))
+    location, vt = init.location, init.visual_tokenizer
     assert location == str(release) and vt.codebook_size == 64
     task = T2ITask(sequence=SequenceSpec(cfg_dropout=0.0), caption="original", samples=None, grid=(4, 4), seed=0,
                    checkpoint=location, visual_tokenizer=vt)
@@ -143,7 +144,7 @@ def test_eval_and_serve_draw_from_a_release_as_published(release, tmp_path):
     with pytest.raises(ConfigError, match="give its visual tokenizer"):
         resolve_checkpoints(ctx, bare, "stages.eval.config")
 
-    served = build_engine(str(release), ServeConfig(checkpoint=str(release), engine="torch", visual_tokenizer=PIXEL_FSQ,
+    served, _ = build_engine(str(release), ServeConfig(checkpoint=str(release), engine="torch", visual_tokenizer=PIXEL_FSQ,
                                                     sizes=["32x32"]))
     assert torch.equal(served.generate_codes(["a red circle", "a blue square"], (4, 4), params), want)
 

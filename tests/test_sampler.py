@@ -250,16 +250,14 @@ def test_a_temperature_too_small_to_divide_by_is_refused(sampler, model, vocab):
     temperature allowed above it draws finite log-probs even from the flattest distribution."""
     from pydantic import ValidationError
 
-    from simplear.grpo.config import SamplingSpec as GRPOSampling
     from simplear.sampling.draw import DrawSettings
     from simplear.sampling.spec import MIN_TEMPERATURE, SamplingSpec
 
     for t in (1e-300, 1e-40, MIN_TEMPERATURE / 2):
         with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or at least 1e-05, got"):
             SamplingParams(temperature=t)
-        for spec in (SamplingSpec, GRPOSampling):  # workflow configs fail at load, naming the key
-            with pytest.raises(ValidationError, match="temperature"):
-                spec(temperature=t)
+        with pytest.raises(ValidationError, match="temperature"):  # workflow configs fail at load, naming the key
+            SamplingSpec(temperature=t)
     K = vocab.codebook_size
     flat = torch.zeros(1, K)
     logp = DrawSettings.of([SamplingParams(temperature=MIN_TEMPERATURE)], K, "cpu").final_logprobs(flat)
@@ -274,9 +272,9 @@ def test_a_serving_default_temperature_too_small_fails_where_the_config_loads():
 
     from simplear.serving.config import ServeConfig
 
-    with pytest.raises(ValidationError, match=r"defaults.temperature\n.*at least 1e-05, got 1e-09"):
-        ServeConfig.model_validate({"defaults": {"temperature": 1e-9}})
-    assert ServeConfig.model_validate({"defaults": {"temperature": 0}}).defaults.temperature == 0
+    with pytest.raises(ValidationError, match=r"sampling.temperature\n.*at least 1e-05, got 1e-09"):
+        ServeConfig.model_validate({"sampling": {"temperature": 1e-9}})
+    assert ServeConfig.model_validate({"sampling": {"temperature": 0}}).sampling.temperature == 0
 
 
 def test_a_request_with_such_a_temperature_gets_a_400():
@@ -286,12 +284,13 @@ def test_a_request_with_such_a_temperature_gets_a_400():
 
     from starlette.requests import Request
 
+    from simplear.sampling.spec import DEFAULT_SAMPLING
     from simplear.serving.app import ImageServer
     from simplear.serving.auth import BearerAuth
     from simplear.serving.config import ServeConfig
 
     server = object.__new__(ImageServer)
-    server.cfg, server.auth = ServeConfig(engine="torch"), BearerAuth([])
+    server.cfg, server.auth, server.defaults = ServeConfig(engine="torch"), BearerAuth([]), DEFAULT_SAMPLING
     body = json.dumps({"prompt": "a red circle", "temperature": 1e-300}).encode()
 
     async def receive():

@@ -50,7 +50,9 @@ def png(b64: str) -> Image.Image:
     ({"port": 0}, "port"),
     ({"max_n": 0}, "max_n"),
     ({"vllm": {"max_num_seqs": 1}}, "vllm.max_num_seqs"),
-    ({"defaults": {"top_p": 1.5}}, "defaults.top_p"),
+    ({"sampling": {"top_p": 1.5}}, "sampling.top_p"),
+    ({"sampling": {"prompt_template": "no slot"}}, "sampling.prompt_template"),
+    ({"defaults": {"guidance_scale": 6.0}}, "defaults: unknown key"),  # the HTTP name is for requests only
     ({"batch_size": 4}, "batch_size: unknown key"),
     ({"vllm": {"max_image_tokens": 64}}, "vllm.max_image_tokens: unknown key"),
     ({"max_batch_size": 16, "max_concurrent_requests": 8}, "max_concurrent_requests (8) is below max_batch_size"),
@@ -83,18 +85,25 @@ def test_torch_engine_weights_dtype(tmp_path):
 
     ckpt = make_checkpoint(tmp_path / "ckpt", layers=1)
     dtype = lambda engine: next(engine.model.parameters()).dtype  # noqa: E731
-    assert dtype(build_engine(ckpt, ServeConfig(engine="torch", sizes=["32x32"], device="cpu"))) == torch.float32
-    engine = build_engine(ckpt, ServeConfig(engine="torch", sizes=["32x32"], device="cpu", dtype="bfloat16"))
+    assert dtype(build_engine(ckpt, ServeConfig(engine="torch", sizes=["32x32"], device="cpu"))[0]) == torch.float32
+    engine, _ = build_engine(ckpt, ServeConfig(engine="torch", sizes=["32x32"], device="cpu", dtype="bfloat16"))
     assert dtype(engine) == torch.bfloat16
     assert engine.generate_codes(["a red circle"], (4, 4)).shape == (1, 4, 4)
     assert resolve_serving_dtype("auto", torch.device("cuda")) == torch.bfloat16
 
 
 def test_page_escapes_its_config():
-    page, _ = render_page(ServeConfig(sizes=["64x64"]), api_root="/x")
+    from simplear.sampling.spec import DEFAULT_SAMPLING, SamplingSpec
+
+    page, _ = render_page(ServeConfig(sizes=["64x64"]), DEFAULT_SAMPLING, api_root="/x")
     assert '"/x/v1/images/generations"' in page and "<form" in page and '"auth": false' in page
-    assert '"auth": true' in render_page(ServeConfig(), auth=True)[0]
-    assert "</script><script>" not in render_page(ServeConfig(sizes=["64x64"]), api_root="/</script><script>")[0]
+    assert '"auth": true' in render_page(ServeConfig(), DEFAULT_SAMPLING, auth=True)[0]
+    assert "</script><script>" not in render_page(ServeConfig(sizes=["64x64"]), DEFAULT_SAMPLING,
+                                                  api_root="/</script><script>")[0]
+    # the defaults come from the checkpoint's simplear.json, which someone else may have written
+    hostile = SamplingSpec(negative_prompt="</script><script>alert(1)</script>")
+    page, _ = render_page(ServeConfig(), hostile.over(DEFAULT_SAMPLING))
+    assert "</script><script>alert" not in page and '"guidance_scale": 1.5' in page
 
 
 def test_stage_is_registered():

@@ -291,8 +291,8 @@ def test_sft_init_accepts_a_checkpoint_folder(sft_ctx, tmp_path, small_bundle):
     from simplear.t2i import resolve_init
 
     save_checkpoint(tmp_path / "ckpt", small_bundle.model, small_bundle.vocab, small_bundle.visual_tokenizer_config)
-    location, vt = resolve_init(sft_ctx(str(tmp_path / "ckpt")), str(tmp_path / "ckpt"), "stages.sft.config")
-    assert location == str(tmp_path / "ckpt") and vt == small_bundle.visual_tokenizer_config
+    init = resolve_init(sft_ctx(str(tmp_path / "ckpt")), str(tmp_path / "ckpt"), "stages.sft.config")
+    assert init.location == str(tmp_path / "ckpt") and init.visual_tokenizer == small_bundle.visual_tokenizer_config
 
 
 # ---- the shipped workflow

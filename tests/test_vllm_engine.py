@@ -322,15 +322,18 @@ def test_seeded_codes_equal_torch(vllm_engine, torch_sampler):
 def test_the_eval_stage_draws_the_torch_engines_images_through_vllm(vllm_engine, torch_sampler, checkpoint, tmp_path):
     """The eval stage's drawing (`simplear.evaluation.generate`) with `engine: vllm`: batched calls of several
     prompts x samples, each image its own seed, write the very PNGs the torch engine writes."""
-    from simplear.evaluation.config import EvalSampling
     from simplear.evaluation.generate import Checkpoint, SetPlace, generate_set, set_key
     from simplear.model import load_checkpoint
     from simplear.scorers import items_from_prompts
     from simplear.visual_tokenizers import load_visual_tokenizer
 
     vt_config = load_checkpoint(checkpoint).visual_tokenizer_config
-    ck = Checkpoint(name="c", path=str(checkpoint), grid=GRID, visual_tokenizer=vt_config, key="k")
-    items, sampling, vt = items_from_prompts(PROMPTS[:3]), EvalSampling(cfg_scale=2.0, top_k=16), load_visual_tokenizer(vt_config)
+    from simplear.sampling.spec import SamplingSpec
+
+    sampling = SamplingSpec(cfg_scale=2.0, top_k=16, negative_prompt="a dark plain background",
+                            prompt_template="a picture of {prompt}").complete()
+    ck = Checkpoint(name="c", path=str(checkpoint), grid=GRID, visual_tokenizer=vt_config, key="k", sampling=sampling)
+    items, vt = items_from_prompts(PROMPTS[:3]), load_visual_tokenizer(vt_config)
     engines = {"torch": torch_sampler, "vllm": SimpleNamespace(generate_codes=lambda *a: vllm_engine("generate_codes", *a))}
     for name, engine in engines.items():
         key = set_key(ck, items, sampling, 7, 2, name)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from simplear.config import StrictModel
+from simplear.evaluation.protocol import IMAGES_PER_PROMPT, ReferenceProtocol
 from simplear.sampling.spec import SamplingSpec
 from simplear.scorers import ScorerConfig
 from simplear.visual_tokenizers import VisualTokenizerConfig
@@ -48,6 +49,11 @@ class PromptSetSpec(StrictModel):
     items: list[str] | None = None  # list
     max_prompts: int | None = Field(None, ge=1, description="the first prompts only (a quick look at a big set)")
     scorers: list[ScorerConfig] = Field(min_length=1)
+    protocol: ReferenceProtocol | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="`simplear`: draw as the reference benchmark scripts do (their style prefixes and negative "
+                    "prompts per prompt, CFG 6, temperature 1, all codes, 4 images), not with the checkpoints' "
+                    "defaults; simplear.evaluation.protocol")
 
     @property
     def grids(self) -> bool:
@@ -65,16 +71,14 @@ class PromptSetSpec(StrictModel):
         return self
 
 
-class EvalSampling(SamplingSpec):
-    cfg_scale: float = Field(4.0, ge=0)
-
-
 class EvalStageConfig(StrictModel):
     checkpoints: list[CheckpointSpec] | None = None  # default: the final/ of every needed stage that has one
     prompt_sets: list[PromptSetSpec] = Field(min_length=1)
     samples_per_prompt: int = Field(4, ge=1, description="images per prompt (GenEval and DPG-Bench use 4)")
     seed: int = Field(0, description="image j of prompt i gets seed + i * samples_per_prompt + j, for every checkpoint")
-    sampling: EvalSampling = EvalSampling()
+    sampling: SamplingSpec = Field(SamplingSpec(), exclude_if=SamplingSpec.is_empty,
+                                   description="keys left out: each checkpoint's recorded defaults (a release: the "
+                                               "reference inference settings)")
     batch_size: int = Field(32, ge=1, description="images per engine call")
     engine: Literal["torch", "vllm"] = "torch"
     vllm: VLLMOptions = VLLMOptions()
@@ -88,6 +92,8 @@ class EvalStageConfig(StrictModel):
             raise ValueError(f"prompt_sets: names must be unique, got {names}")
         if any(s.source == "dpg" for s in self.prompt_sets) and self.samples_per_prompt != 4:
             raise ValueError("samples_per_prompt: a dpg set is scored on a 2x2 grid, so it needs 4")
+        if any(s.protocol for s in self.prompt_sets) and self.samples_per_prompt != IMAGES_PER_PROMPT:
+            raise ValueError(f"samples_per_prompt: the simplear protocol draws {IMAGES_PER_PROMPT} images per prompt")
         return self
 
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from simplear.evaluation.config import EvalSampling
+from simplear.evaluation.protocol import DrawRequest
+from simplear.sampling.spec import SamplingSpec
 from simplear.scorers import EvalItem
 from simplear.scorers.dpg import make_grid
 from simplear.storage import Store, dump_json, join, open_store
@@ -46,6 +47,8 @@ class Checkpoint:
     grid: tuple[int, int]  # codes per column and row
     visual_tokenizer: VisualTokenizerConfig  # what decodes its codes (from its simplear.json)
     key: str  # what the weights are: the training stage's fingerprint, or the folder's weights files
+    sampling: SamplingSpec  # how it draws here: the stage's `sampling` over the checkpoint's recorded defaults
+    release: str | None = None  # the published release it is (simplear.evaluation.protocol.REFERENCE_FIGURES)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -83,10 +86,15 @@ def image_seed(seed: int, index: int, j: int, per_prompt: int) -> int:
     return seed + index * per_prompt + j
 
 
-def set_key(ck: Checkpoint, items: list[EvalItem], sampling: EvalSampling, seed: int, per_prompt: int, engine: str) -> dict:
-    prompts = hashlib.sha256(json.dumps([i.prompt for i in items]).encode()).hexdigest()
-    return {"checkpoint": ck.key, "grid": list(ck.grid), "sampling": sampling.model_dump(mode="json"), "seed": seed,
-            "samples_per_prompt": per_prompt, "prompts": prompts, "engine": engine}
+def set_key(ck: Checkpoint, items: list[EvalItem], sampling: SamplingSpec, seed: int, per_prompt: int, engine: str,
+            requests: list[DrawRequest] | None = None) -> dict:
+    """What a (checkpoint, set)'s images are; `requests` when they are not the plain prompts (a protocol's)."""
+    digest = lambda v: hashlib.sha256(json.dumps(v).encode()).hexdigest()  # noqa: E731
+    key = {"checkpoint": ck.key, "grid": list(ck.grid), "sampling": sampling.model_dump(mode="json"), "seed": seed,
+           "samples_per_prompt": per_prompt, "prompts": digest([i.prompt for i in items]), "engine": engine}
+    if requests is not None:
+        key["requests"] = digest([[r.text, r.negative_prompt] for r in requests])
+    return key
 
 
 def take_back(place: SetPlace, key: dict) -> dict[str, dict]:
@@ -129,9 +137,11 @@ def todo(place: SetPlace, items: list[EvalItem]) -> list[tuple[int, EvalItem]]:
 
 
 def generate_set(engine, visual_tokenizer, ck: Checkpoint, items: list[EvalItem], place: SetPlace, key: dict,
-                 sampling: EvalSampling, seed: int, per_prompt: int, batch_size: int,
-                 grids: bool) -> tuple[int, dict[str, dict]]:
-    """Draw the prompts not done yet; (how many were drawn now, manifest entries of the files written)."""
+                 sampling: SamplingSpec, seed: int, per_prompt: int, batch_size: int, grids: bool,
+                 requests: list[DrawRequest] | None = None) -> tuple[int, dict[str, dict]]:
+    """Draw the prompts not done yet; (how many were drawn now, manifest entries of the files written). `requests`:
+    what the engine is asked for each item (default: its prompt, with the set's negative prompt)."""
+    requests = requests or [DrawRequest(it.prompt) for it in items]
     store = place.store
     if store.read_json(place.key(KEY)) not in (None, key):  # the same fingerprint with other images cannot happen; be loud
         raise RuntimeError(f"{store.child(place.key())}: holds images of another key ({KEY}); move it away to draw again")
@@ -140,9 +150,11 @@ def generate_set(engine, visual_tokenizer, ck: Checkpoint, items: list[EvalItem]
     prompts_per_call = max(1, batch_size // per_prompt)
     for b in range(0, len(pending), prompts_per_call):
         chunk = pending[b: b + prompts_per_call]
-        requests = [(i, it, j) for i, it in chunk for j in range(per_prompt)]
-        params = [sampling.params(image_seed(seed, i, j, per_prompt)) for i, _, j in requests]
-        codes = engine.generate_codes([it.prompt for _, it, _ in requests], ck.grid, params)
+        asked = [(i, j, requests[i]) for i, _ in chunk for j in range(per_prompt)]
+        params = [sampling.params(image_seed(seed, i, j, per_prompt)) for i, j, _ in asked]
+        params = [p if r.negative_prompt is None else replace(p, negative_prompt=r.negative_prompt)
+                  for p, (_, _, r) in zip(params, asked)]
+        codes = engine.generate_codes([r.text for _, _, r in asked], ck.grid, params)
         images = [tensor_to_pil(t) for t in visual_tokenizer.decode(codes)]
         for n, (i, it) in enumerate(chunk):
             entries.update(write_prompt(place, i, it, images[n * per_prompt: (n + 1) * per_prompt], grids))

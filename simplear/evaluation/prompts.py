@@ -8,11 +8,14 @@ from pathlib import Path
 
 from simplear.config import ConfigError
 from simplear.evaluation.config import PromptSetSpec
+from simplear.evaluation.protocol import DrawRequest, reference_requests
 from simplear.scorers import EvalItem
 
 
-def load_items(ctx, spec: PromptSetSpec, where: str) -> list[EvalItem]:
-    """The set's items, in the order of their file (GenEval's prompt folders are its line numbers)."""
+def load_items(ctx, spec: PromptSetSpec, where: str) -> tuple[list[EvalItem], list[DrawRequest]]:
+    """The set's items, in the order of their file (GenEval's prompt folders are its line numbers), and what the
+    engine is asked for each (the prompt itself, or under `protocol` the reference run's text and negative prompt,
+    decided over the whole file before `max_prompts` cuts it)."""
     if spec.source == "list":
         prompts = [(p, {}) for p in spec.items]
     elif spec.source == "demo_held_out":
@@ -22,11 +25,25 @@ def load_items(ctx, spec: PromptSetSpec, where: str) -> list[EvalItem]:
         if not path.exists():
             raise ConfigError(f"{where}.path: {path} not found")
         prompts = {"geneval": _geneval, "dpg": _dpg, "file": _text_file}[spec.source](path, where)
-    if spec.max_prompts:
-        prompts = prompts[: spec.max_prompts]
     if not prompts:
         raise ConfigError(f"{where}: prompt set {spec.name!r} has no prompts")
-    return [p if isinstance(p, EvalItem) else EvalItem(prompt=p[0], metadata=p[1]) for p in prompts]
+    items = [p if isinstance(p, EvalItem) else EvalItem(prompt=p[0], metadata=p[1]) for p in prompts]
+    requests = draw_requests(spec, items)
+    n = spec.max_prompts or len(items)
+    return items[:n], requests[:n]
+
+
+def draw_requests(spec: PromptSetSpec, items: list[EvalItem]) -> list[DrawRequest]:
+    if spec.protocol is None:
+        return [DrawRequest(it.prompt) for it in items]
+    # the reference reads GenEval's `reprompt` where a line has one, and DPG-Bench's prompt files by name
+    texts = [it.metadata.get("reprompt") or it.prompt for it in items]
+    order = sorted(range(len(items)), key=lambda i: f"{items[i].id}.txt") if spec.source == "dpg" else range(len(items))
+    drawn = reference_requests([texts[i] for i in order], spec.protocol)
+    out: list[DrawRequest] = [None] * len(items)  # type: ignore[list-item]
+    for request, i in zip(drawn, order):
+        out[i] = request
+    return out
 
 
 def _demo_held_out(ctx, spec: PromptSetSpec, where: str) -> list[tuple[str, dict]]:

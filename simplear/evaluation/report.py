@@ -4,6 +4,7 @@ the same prompts and seeds as image grids side by side, pretrain -> SFT -> GRPO)
 from __future__ import annotations
 
 import html
+import json
 
 from simplear.storage import Store, join
 from simplear.workflow.manifest import commit_json, committed
@@ -51,11 +52,23 @@ def render_html(report: dict) -> str:
               for c in report["checkpoints"]]
     parts.append("</table>")
     for set_name, s in report["sets"].items():
-        parts.append(f"<h2>{e(set_name)}</h2><table class='scores'><tr><th>score</th>"
-                     + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>")
+        parts.append(f"<h2>{e(set_name)}</h2>")
+        if s.get("protocol"):
+            p = s["protocol"]
+            parts.append(f"<p class='note'>Protocol {e(p['kind'])}: drawn as the reference benchmark scripts draw "
+                         f"(seed {p['seed']}, {p['chunks']} process(es), {p['loader_workers']} loader workers; "
+                         f"{e(json.dumps(p['sampling']))})"
+                         + "".join(f"; {e(n)} at {e('x'.join(map(str, sz)))}, not the protocol's 1024x1024"
+                                   for n, sz in p.get("not_at_its_size", {}).items()) + ".</p>")
+        parts.append("<table class='scores'><tr><th>score</th>" + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>")
         for scorer, by_ck in s["scores"].items():
             parts.append(f"<tr><td>{e(scorer)}</td>" + "".join(f"<td>{_figure((by_ck.get(n) or {}).get('overall'))}</td>"
                                                                for n in names) + "</tr>")
+            published = (s.get("reference") or {}).get(scorer) or {}
+            if published:  # a release's published figure beside ours
+                parts.append(f"<tr class='reference'><td>{e(scorer)}: published</td>" + "".join(
+                    f"<td>{published[n]['figure']:.3f} <span class='se'>({e(published[n]['source'])})</span></td>"
+                    if n in published else "<td></td>" for n in names) + "</tr>")
             figures = dict.fromkeys(f for agg in by_ck.values() for f in (agg or {}).get("figures", {}))
             for f in figures:  # e.g. the demo's colour attribution and shape correctness, each alone
                 parts.append(f"<tr><td>{e(scorer)}: {e(f)}</td>" + "".join(

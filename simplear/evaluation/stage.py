@@ -11,6 +11,7 @@ from simplear.config import ConfigError
 from simplear.evaluation.config import CheckpointSpec, EvalStageConfig
 from simplear.evaluation.generate import IMAGES, KEY, Checkpoint, SetPlace, scoring_inputs, set_key, take_back, todo
 from simplear.evaluation.prompts import load_items
+from simplear.evaluation.protocol import BENCHMARK_SAMPLING, FIGURES_SOURCE, IMAGE_SIZE, REFERENCE_FIGURES
 from simplear.evaluation.report import REPORT_HTML, REPORT_JSON, write_report
 from simplear.evaluation.workers import DrawJob, ScoreJob, draw_all, score_all
 from simplear.storage import join
@@ -26,6 +27,8 @@ NOTES = ["Same prompts and seeds for every checkpoint: image j of prompt i has s
 
 def resolve_checkpoints(ctx, cfg: EvalStageConfig, where: str) -> list[Checkpoint]:
     from simplear.model import checkpoint_meta
+    from simplear.evaluation.protocol import release_name
+    from simplear.sampling.spec import recorded_sampling
     from simplear.t2i import has_final_checkpoint
     from simplear.train import FINAL
     from simplear.visual_tokenizers import VisualTokenizerConfig
@@ -67,11 +70,28 @@ def resolve_checkpoints(ctx, cfg: EvalStageConfig, where: str) -> list[Checkpoin
         else:
             raise ConfigError(f"{where}.checkpoints[{i}]: stage {spec.stage!r} recorded no training grid; give `size`")
         name = spec.name or spec.stage or file_name(Path(path).name)
-        out.append(Checkpoint(name=name, path=path, grid=grid, visual_tokenizer=vt, key=key))
+        source = ((meta.get("extra") or {}).get("release") or {}).get("source")  # a release, as published or imported
+        out.append(Checkpoint(name=name, path=path, grid=grid, visual_tokenizer=vt, key=key,
+                              sampling=cfg.sampling.over(recorded_sampling(meta)),
+                              release=release_name(source) if source else None))
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}.checkpoints: names must be unique, got {names} (set `name`)")
     return out
+
+
+def protocol_entry(spec, checkpoints: list[Checkpoint]) -> dict:
+    """A protocol set's line in the report: the protocol, its settings, and the published figure of every checkpoint
+    that is a release, beside ours (a size other than the protocol's is said)."""
+    if spec.protocol is None:
+        return {}
+    kinds = [sc.kind for sc in spec.scorers if sc.kind in ("geneval", "dpg")]
+    reference = {k: {ck.name: {"release": ck.release, "figure": REFERENCE_FIGURES[ck.release][k], "source": FIGURES_SOURCE}
+                     for ck in checkpoints if ck.release} for k in kinds}
+    sizes = {ck.name: list(ck.size) for ck in checkpoints if tuple(ck.size) != (IMAGE_SIZE, IMAGE_SIZE)}
+    return {"protocol": {**spec.protocol.model_dump(mode="json"), "sampling": BENCHMARK_SAMPLING.model_dump(mode="json"),
+                         "not_at_its_size": sizes},
+            "reference": reference}
 
 
 def _weights_digest(path: Path, where: str) -> str:
@@ -103,17 +123,23 @@ def run_eval_stage(ctx):
     cfg: EvalStageConfig = ctx.config
     where = f"stages.{ctx.name}.config"
     checkpoints = resolve_checkpoints(ctx, cfg, where)
-    sets = {s.name: (s, load_items(ctx, s, f"{where}.prompt_sets[{i}]")) for i, s in enumerate(cfg.prompt_sets)}
+    if cfg.engine == "vllm" and any(ck.sampling.mode == "reference" for ck in checkpoints):
+        raise ConfigError(f"{where}.sampling.mode: the reference mode runs on the torch engine only (engine: torch)")
+    loaded = {s.name: (s, *load_items(ctx, s, f"{where}.prompt_sets[{i}]")) for i, s in enumerate(cfg.prompt_sets)}
+    sets = {name: (spec, items) for name, (spec, items, _) in loaded.items()}
     run, store = ctx.store.uri, ctx.store
     work, entries = [], {}  # entries: the manifest entries of the images known without reading them again
     for ck in checkpoints:
         jobs = []
-        for name, (spec, items) in sets.items():
-            key = set_key(ck, items, cfg.sampling, cfg.seed, cfg.samples_per_prompt, cfg.engine)
+        for name, (spec, items, requests) in loaded.items():
+            sampling = BENCHMARK_SAMPLING if spec.protocol else ck.sampling
+            key = set_key(ck, items, sampling, cfg.seed, cfg.samples_per_prompt, cfg.engine,
+                          requests if spec.protocol else None)
             place = SetPlace.of(run, ctx.name, ck, name)
             entries.update(take_back(place, key))
             if store.read_json(place.key(KEY)) != key or todo(place, items):
-                jobs.append(DrawJob(set_name=name, items=items, place=place, key=key, grids=spec.grids))
+                jobs.append(DrawJob(set_name=name, items=items, place=place, key=key, grids=spec.grids,
+                                    sampling=sampling, requests=requests))
         if jobs:
             work.append((ck, jobs))
     workers: dict = {}  # where each task and actor ran, and on what
@@ -133,12 +159,13 @@ def run_eval_stage(ctx):
         got = score_all([j for _, j in jobs], run, ctx.resources, ctx.name, workers)
         scores.update({where_: got[n] for n, (where_, _) in enumerate(jobs)})
 
-    report = {"checkpoints": [{"name": c.name, "path": c.path, "size": list(c.size)} for c in checkpoints],
-              "samples_per_prompt": cfg.samples_per_prompt, "seed": cfg.seed, "sampling": cfg.sampling.model_dump(mode="json"),
+    report = {"checkpoints": [{"name": c.name, "path": c.path, "size": list(c.size),
+                               "sampling": c.sampling.model_dump(mode="json")} for c in checkpoints],
+              "samples_per_prompt": cfg.samples_per_prompt, "seed": cfg.seed,
               "engine": cfg.engine, "sets": {}, "notes": NOTES}
     metrics: dict = {"drawn_prompts": drawn, "workers": workers}
     for name, (spec, items) in sets.items():
-        entry = {"prompts": len(items), "scores": {}, "grids": []}
+        entry = {"prompts": len(items), "scores": {}, "grids": [], **protocol_entry(spec, checkpoints)}
         for sc_cfg in spec.scorers:
             by_ck = entry["scores"][sc_cfg.kind] = {ck.name: scores[name, sc_cfg.kind, ck.name] for ck in checkpoints}
             for ck in checkpoints:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from simplear.evaluation.generate import SetPlace
+from simplear.evaluation.protocol import DrawRequest
+from simplear.sampling.spec import SamplingSpec
 from simplear.scorers import EvalItem
 from simplear.storage import join, open_store
 from simplear.workflow.manifest import commit_json, committed
@@ -64,6 +66,8 @@ class DrawJob:
     place: SetPlace
     key: dict
     grids: bool
+    sampling: SamplingSpec  # complete: the checkpoint's, or a protocol's
+    requests: list[DrawRequest]  # what the engine is asked for each item
 
 
 def draw_checkpoint(cfg, ck, jobs: list[DrawJob]) -> tuple[dict[str, int], dict[str, dict], dict]:
@@ -79,8 +83,8 @@ def draw_checkpoint(cfg, ck, jobs: list[DrawJob]) -> tuple[dict[str, int], dict[
     log.info("%s: drawing %s on %s", ck.name, ", ".join(j.set_name for j in jobs), device)
     drawn, entries = {}, {}
     for j in jobs:
-        drawn[j.set_name], written = generate_set(engine, vt, ck, j.items, j.place, j.key, cfg.sampling, cfg.seed,
-                                                  cfg.samples_per_prompt, cfg.batch_size, grids=j.grids)
+        drawn[j.set_name], written = generate_set(engine, vt, ck, j.items, j.place, j.key, j.sampling, cfg.seed,
+                                                  cfg.samples_per_prompt, cfg.batch_size, j.grids, j.requests)
         entries.update(written)
     return drawn, entries, {**placement(), "device": str(device)}
 

@@ -9,19 +9,12 @@ from pydantic import Field, model_validator
 
 from simplear.config import StrictModel
 from simplear.rewards import RewardConfig
-from simplear.sampling.spec import SamplingSpec as DrawSpec
+from simplear.sampling.spec import SamplingSpec
 from simplear.scorers import ScorerConfig
 from simplear.t2i import SampleSpec
 from simplear.train import TrainConfig
 from simplear.visual_tokenizers import VisualTokenizerConfig
 from simplear.vocab import MAX_TEXT_TOKENS
-
-
-class SamplingSpec(DrawSpec):
-    """How the group's images are drawn. Log-probs are over the untruncated distribution (top-k/top-p
-    only restrict the draw), as in the sampler's `return_logprobs`, so the temperature cannot be 0."""
-
-    temperature: float = Field(1.0, gt=0)
 
 
 class PromptSpec(StrictModel):
@@ -61,7 +54,8 @@ class EvalSpec(StrictModel):
     samples_per_prompt: int = Field(4, ge=1)
     batch_size: int = Field(64, ge=1)
     seed: int = 10_000
-    sampling: SamplingSpec | None = None  # default: the training sampling
+    sampling: SamplingSpec = Field(SamplingSpec(), exclude_if=SamplingSpec.is_empty,
+                                   description="keys left out: the rollouts' (`sampling`)")
     scorers: list[ScorerConfig] = Field([], description="scores reported but not trained on, the eval stage's scorers "
                                         "(`simplear.scorers`): shapes in the demo, hps in production")
     cfg_scales: list[float] = Field([], description="the evaluation again at these CFG scales (the serving one)")
@@ -76,7 +70,13 @@ class GRPOStageConfig(StrictModel):
     size: int | tuple[int, int] = Field(description="image size in pixels (square, or [height, width])")
     prompts: PromptSpec
     rewards: list[RewardConfig] = Field(min_length=1)
-    sampling: SamplingSpec = SamplingSpec()
+    sampling: SamplingSpec = Field(SamplingSpec(), exclude_if=SamplingSpec.is_empty,
+                                   description="how the groups' images are drawn; keys left out: the checkpoint defaults "
+                                               "(`defaults`). The temperature cannot be 0: log-probs are over the "
+                                               "untruncated distribution (top-k/top-p only restrict the draw)")
+    defaults: SamplingSpec = Field(SamplingSpec(), exclude_if=SamplingSpec.is_empty,
+                                   description="the sampling settings its checkpoints record (generate, serve, eval use "
+                                               "them unless told otherwise); keys left out: the init checkpoint's")
     grpo: GRPOSpec = GRPOSpec()
     train: TrainConfig  # global_batch_size: completions per optimizer step (prompts x num_generations)
     eval: EvalSpec = EvalSpec()
@@ -106,7 +106,8 @@ class GRPOTask:
     train_prompts: list[str]
     eval_prompts: list[str]
     rewards: list[dict]
-    sampling: SamplingSpec
+    sampling: SamplingSpec  # the rollouts', complete
+    defaults: SamplingSpec  # what its checkpoints record, complete
     grpo: GRPOSpec
     eval: EvalSpec
     samples: SampleSpec | None

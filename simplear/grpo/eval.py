@@ -12,7 +12,8 @@ import statistics
 import time
 from pathlib import Path
 
-from simplear.grpo.config import GRPOTask, SamplingSpec
+from simplear.grpo.config import GRPOTask
+from simplear.sampling.spec import SamplingSpec
 from simplear.rewards import WeightedRewards
 from simplear.scorers import Scorer, build_scorer, items_from_prompts
 from simplear.t2i import sample_grid
@@ -88,7 +89,7 @@ def evaluate_before_after(task: GRPOTask, policy, vocab, visual_tokenizer, vt_co
     from simplear.workflow.manifest import atomic_path, atomic_write_json
 
     spec = task.eval
-    sampling = spec.sampling or task.sampling
+    sampling = spec.sampling.over(task.sampling)
     before_model = load_checkpoint(task.init_path, device=device, dtype=torch.float32, visual_tokenizer=task.visual_tokenizer).model
     scorers = tuple(build_scorer(c) for c in spec.scorers)
     common = dict(vocab=vocab, visual_tokenizer=visual_tokenizer, rewards=rewards, scorers=scorers,
@@ -118,7 +119,7 @@ def evaluate_before_after(task: GRPOTask, policy, vocab, visual_tokenizer, vt_co
              json.dumps(comparison.get("total", {})))
     if task.samples is not None:
         for model, name in ((policy, SAMPLES), (before_model, SAMPLES_BEFORE)):
-            img = sample_grid(model, vocab, vt_config, task.samples, task.grid, device, autocast)
+            img = sample_grid(model, vocab, vt_config, task.samples, task.defaults, task.grid, device, autocast)
             with atomic_path(out_dir / name) as tmp:
                 img.save(tmp, format="PNG")
     return comparison

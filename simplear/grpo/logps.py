@@ -2,15 +2,16 @@
 
 Recomputed for the policy and for the frozen reference (the KL term) over the sampled visual tokens
 under the sampler's own distribution: visual ids only, CFG-combined when `cfg_scale != 1` (the
-unconditional rows run too), divided by the temperature. So on-policy the importance ratio is exactly
-1 and the KL to the reference is 0 at the first step.
+unconditional rows run too), divided by the temperature: the sampler's own formula
+(`simplear.sampling.draw.DrawSettings.final_logprobs`), so on-policy the importance ratio is exactly 1 and the KL to
+the reference is 0 at the first step.
 """
 
 from __future__ import annotations
 
 import types
 
-from simplear.grpo.config import SamplingSpec
+from simplear.sampling.draw import DrawSettings, SamplingParams
 
 
 def install_visual_head(model, vocab) -> None:
@@ -33,7 +34,7 @@ def install_visual_head(model, vocab) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def visual_logps(model, input_ids, attention_mask, n_completion: int, vocab, sampling: SamplingSpec,
+def visual_logps(model, input_ids, attention_mask, n_completion: int, vocab, params: SamplingParams,
                  uncond_ids: list[int], compute_entropy: bool = False):
     """Per-token log-probs (B, T) of the completion's visual tokens under the sampler's distribution, and entropies."""
     import torch
@@ -42,7 +43,8 @@ def visual_logps(model, input_ids, attention_mask, n_completion: int, vocab, sam
     B = input_ids.size(0)
     completion = input_ids[:, -n_completion:]
     rows, mask = input_ids, attention_mask
-    cfg = sampling.cfg_scale != 1.0
+    settings = DrawSettings.of([params] * B, vocab.codebook_size, input_ids.device)
+    cfg = bool(settings.guided)
     if cfg:  # unconditional rows: the negative prompt followed by the same completion
         u = torch.tensor(uncond_ids, dtype=input_ids.dtype, device=input_ids.device).expand(B, -1)
         u_rows = torch.cat([u, completion], 1)
@@ -53,12 +55,7 @@ def visual_logps(model, input_ids, attention_mask, n_completion: int, vocab, sam
         mask = torch.cat([pad(mask, 0), pad(u_mask, 0)])
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     logits_BTK = model(input_ids=rows, attention_mask=mask, position_ids=position_ids, visual_head=n_completion)
-    if cfg:
-        logp = F.log_softmax(logits_BTK, -1)
-        c, u = logp[:B], logp[B:]
-        logits_BTK = u + sampling.cfg_scale * (c - u)
-    # = the sampler's log_softmax(log_softmax(combined) / T): normalising first only shifts by a constant
-    final = F.log_softmax(logits_BTK / sampling.temperature, -1)
+    final = settings.final_logprobs(logits_BTK)
     codes = completion - vocab.visual_offset
     valid = (codes >= 0) & (codes < vocab.codebook_size)
     token_logp = final.gather(-1, codes.clamp(0, vocab.codebook_size - 1).unsqueeze(-1)).squeeze(-1) * valid

@@ -26,7 +26,8 @@ HF_FILES = ("optimizer.pt", "scheduler.pt", "training_args.bin", "rng_state.pth"
 HF_RESUME_ONLY = (*HF_FILES, "rng_state*", HF_STATE)  # what final/ leaves out
 
 
-def checkpoint_folder(hf_checkpoint: Path, dest: Path, model, vocab, vt_config, state: dict, extra: dict) -> None:
+def checkpoint_folder(hf_checkpoint: Path, dest: Path, model, vocab, vt_config, state: dict, extra: dict,
+                      sampling) -> None:
     """A loadable SimpleAR checkpoint (HF layout, simplear.json) with trl's optimizer/scheduler/RNG files and
     its trainer state (as hf_trainer_state.json); our trainer_state.json holds step and resumes. trl's files are
     moved, not copied (both folders are in the node's staging dir): the optimizer state, twice the weights with
@@ -38,7 +39,7 @@ def checkpoint_folder(hf_checkpoint: Path, dest: Path, model, vocab, vt_config, 
         if f.name in HF_FILES or f.name.startswith("rng_state"):
             shutil.move(f, dest / f.name)
     shutil.copy2(hf_checkpoint / "trainer_state.json", dest / HF_STATE)
-    save_checkpoint(dest, model, vocab, vt_config, extra={"trainer_state": state, **extra})
+    save_checkpoint(dest, model, vocab, vt_config, extra={"trainer_state": state, **extra}, sampling=sampling)
     (dest / TRAINER_STATE).write_text(json.dumps(state, indent=2))
 
 
@@ -102,10 +103,10 @@ def report_callback(task: GRPOTask, cfg: TrainConfig, work: WorkDir, session, re
             hf_dir = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
             ours = {"step": step, "resumed_at": resumed_at, "world_size": args.world_size, "stage": task.stage}
             extra = {"train": cfg.model_dump(mode="json"), "grpo": task.grpo.model_dump(mode="json"),
-                     "sampling": task.sampling.model_dump(mode="json"), "init": task.init_path}
+                     "rollout_sampling": task.sampling.model_dump(mode="json"), "init": task.init_path}
             report_checkpoint(session, self.last or {"step": step}, f"checkpoint-{step:08d}",
                               lambda d: checkpoint_folder(hf_dir, d, model, self.trainer.vocab, self.trainer.simplear_vt_config,
-                                                          ours, extra))
+                                                          ours, extra, task.defaults))
             self.clock.reset()
             shutil.rmtree(hf_dir, ignore_errors=True)  # reported: Ray Train's copy is the one kept
             if self.writer:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import zlib
 
-from simplear.grpo.config import SamplingSpec
+from simplear.sampling.spec import SamplingSpec
 from simplear.grpo.logps import install_visual_head, visual_logps
 from simplear.rewards import WeightedRewards
 
@@ -30,7 +30,8 @@ def trainer_class():
                      max_text_tokens: int | None = None, **kwargs):
             self.vocab, self.visual_tokenizer, self.grid = vocab, visual_tokenizer, tuple(grid)
             self.sampling, self.sampling_seed, self.max_text_tokens = sampling, sampling_seed, max_text_tokens
-            self.uncond_ids = vocab.prompt_ids(sampling.negative_prompt, max_text_tokens)
+            self.draw = sampling.params(None)  # the settings every rollout image shares (its seed aside)
+            self.uncond_ids = vocab.prompt_ids(self.draw.negative_prompt, max_text_tokens)
             super().__init__(*args, rollout_func=self._rollout, **kwargs)
             for m in (self.model, self.ref_model):
                 if m is not None:
@@ -47,7 +48,7 @@ def trainer_class():
                 codes, logps = sampler.generate_codes(list(prompts), self.grid, params, return_logprobs=True)
             images = self.visual_tokenizer.decode(codes).float().cpu()
             return {
-                "prompt_ids": [self.vocab.prompt_ids(p, self.max_text_tokens) for p in prompts],
+                "prompt_ids": [self.vocab.prompt_ids(self.draw.conditional(p), self.max_text_tokens) for p in prompts],
                 "completion_ids": self.vocab.codes_to_ids(codes.reshape(len(prompts), -1)).tolist(),
                 "logprobs": logps.tolist(),
                 "decoded_images": list(images),
@@ -62,7 +63,7 @@ def trainer_class():
             for i in range(0, input_ids.size(0), batch_size):
                 with self.accelerator.autocast():
                     lp, ent = visual_logps(model, input_ids[i: i + batch_size], attention_mask[i: i + batch_size],
-                                           logits_to_keep, self.vocab, self.sampling, self.uncond_ids, compute_entropy)
+                                           logits_to_keep, self.vocab, self.draw, self.uncond_ids, compute_entropy)
                 logps.append(lp)
                 entropies.append(ent)
             return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None

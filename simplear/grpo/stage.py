@@ -30,14 +30,21 @@ def reward_panels(rows: list[dict]) -> list[Panel]:
 def make_task(ctx, cfg: GRPOStageConfig) -> GRPOTask:
     """Everything the workers need, checked before any of them starts."""
     where = f"stages.{ctx.name}.config"
-    init, vt = resolve_init(ctx, cfg.init, where, cfg.visual_tokenizer)
+    init = resolve_init(ctx, cfg.init, where, cfg.visual_tokenizer)
+    vt, defaults = init.visual_tokenizer, cfg.defaults.over(init.sampling)
+    sampling = cfg.sampling.over(defaults)
+    if not sampling.temperature:
+        raise ConfigError(f"{where}.sampling.temperature: GRPO needs a temperature above 0 (log-probs of greedy draws "
+                          "are not defined)")
+    if sampling.mode != "visual":
+        raise ConfigError(f"{where}.sampling.mode: GRPO's log-probs are over the visual ids; set mode: visual")
     H, W = (cfg.size, cfg.size) if isinstance(cfg.size, int) else cfg.size
     if H % vt.downsample or W % vt.downsample:
         raise ConfigError(f"{where}.size: {H}x{W} is not a multiple of the visual tokenizer's downsample {vt.downsample}")
     train_prompts, eval_prompts = resolve_prompts(ctx, cfg.prompts, where)
-    return GRPOTask(init_path=init, visual_tokenizer=vt, grid=(H // vt.downsample, W // vt.downsample), train_prompts=train_prompts,
+    return GRPOTask(init_path=init.location, visual_tokenizer=vt, grid=(H // vt.downsample, W // vt.downsample), train_prompts=train_prompts,
                     eval_prompts=eval_prompts, rewards=[r.model_dump(mode="json") for r in cfg.rewards],
-                    sampling=cfg.sampling, grpo=cfg.grpo, eval=cfg.eval, samples=cfg.samples,
+                    sampling=sampling, defaults=defaults, grpo=cfg.grpo, eval=cfg.eval, samples=cfg.samples,
                     max_text_tokens=cfg.max_text_tokens, stage=ctx.name)
 
 

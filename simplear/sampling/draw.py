@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from simplear.sampling.spec import check_temperature
+from simplear.sampling.spec import PROMPT_SLOT, check_temperature, check_template
 
 
 @dataclass
@@ -40,10 +40,16 @@ class SamplingParams:
     top_p: float | None = None
     seed: int | None = None  # None: drawn from torch's global RNG (so torch.manual_seed makes runs repeatable)
     negative_prompt: str = ""  # the unconditional prompt of CFG; "" is the dropped caption of training
+    prompt_template: str = PROMPT_SLOT  # the conditional text, the prompt in its slot
     greedy: bool = False
+    reference_mode: bool = False  # drawn over every id as the reference's HF generate draws (the torch engine only)
+    repetition_penalty: float = 1.0  # reference mode: HF's, on the conditional logits of the ids in the row
 
     def __post_init__(self):
         check_temperature(self.temperature)
+        check_template(self.prompt_template)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -53,9 +59,20 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0
 
-    @property
-    def is_filtered(self) -> bool:
-        return (self.top_k is not None or self.top_p is not None) and not self.is_greedy
+    def is_filtered(self, K: int) -> bool:
+        """Whether top-k / top-p leaves out any of K codes (k >= K or p = 1 keep them all: nothing to sort)."""
+        return not self.is_greedy and ((self.top_k or K) < K or (self.top_p or 1.0) < 1.0)
+
+    def conditional(self, prompt: str) -> str:
+        """The text of the conditional row: the prompt in the template (a plain replace: braces in it stay)."""
+        return self.prompt_template.replace(PROMPT_SLOT, prompt)
+
+
+def visual_mode_only(params: list[SamplingParams], engine: str) -> None:
+    """The engines that draw among the visual ids only refuse the reference mode (it needs every id's logit)."""
+    if any(p.reference_mode for p in params):
+        raise ValueError(f"{engine} draws among the visual ids only: the reference sampling mode runs on the torch "
+                         "engine (engine: torch, without sjd_window)")
 
 
 def resolve_seed(p: SamplingParams) -> int:
@@ -153,9 +170,9 @@ class DrawSettings:
             temp=t([1.0 if p.is_greedy else p.temperature for p in params], torch.float32)[:, None],
             top_k=t([min(p.top_k or K, K) for p in params], torch.long),
             top_p=t([p.top_p or 1.0 for p in params], torch.float64),
-            filtered=t([p.is_filtered for p in params], torch.bool),
+            filtered=t([p.is_filtered(K) for p in params], torch.bool),
             greedy=t([p.is_greedy for p in params], torch.bool),
-            any_filtered=any(p.is_filtered for p in params),
+            any_filtered=any(p.is_filtered(K) for p in params),
             any_greedy=any(p.is_greedy for p in params),
         )
 

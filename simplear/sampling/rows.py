@@ -40,8 +40,8 @@ class VisualHead:
     dtype, so the sampler's log-probs have the precision of GRPO's recomputed ones (`simplear.grpo.logps`).
     """
 
-    def __init__(self, model, vocab):
-        vo, K = vocab.visual_offset, vocab.codebook_size
+    def __init__(self, model, vocab, every_id: bool = False):
+        vo, K = (0, vocab.size) if every_id else (vocab.visual_offset, vocab.codebook_size)  # every_id: the reference mode
         self.w_KH = model.get_output_embeddings().weight[vo: vo + K]  # made per generation: never stale after a GRPO step
         self.w_HK = self.w_KH.T.contiguous() if self.w_KH.device.type == "cpu" else None
 

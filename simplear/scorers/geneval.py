@@ -1,8 +1,9 @@
 """GenEval (Ghosh et al. 2023, github.com/djghosh13/geneval) with transformers and open_clip, without mmdet.
 
 GenEval's rules as its `evaluation/evaluate_images.py` applies them (read at commit af4902f):
-- detections per class above 0.3 (0.9 for `counting`), the most confident first, at most 16 per class; a
-  less confident box overlapping a kept one by IoU >= `max_overlap` is dropped, which its default (1) never does;
+- detections per class above 0.3 (0.9 for `counting`), the most confident first (equal scores: the later
+  first), at most 16 per class; a less confident box overlapping a kept one by IoU >= `max_overlap` is dropped,
+  which its default (1) never does; scores, boxes and positions are compared in float32, as its mmdet arrays are;
 - each `include` clause {class, count, color?, position?} needs `count` objects of the class; colour and
   position are judged on the `count` most confident ones only; `exclude` clauses {class, count} fail when that
   many are found (counting: "three" also means not four); clauses combine with AND;
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from simplear.scorers.base import EvalItem, GenEvalConfig, Scorer, as_pil_images, by_category, check_lengths
 
 log = logging.getLogger("simplear.scorers.geneval")
@@ -55,11 +58,23 @@ class Detection:
 
 
 def box_iou(a, b) -> float:
-    """IoU counting boxes in whole pixels, corners included (GenEval's convention)."""
-    area = lambda x1, y1, x2, y2: max(x2 - x1 + 1, 0) * max(y2 - y1 + 1, 0)  # noqa: E731
+    """IoU counting boxes in whole pixels, corners included (GenEval's convention), in float32 as its mmdet boxes."""
+    a, b = np.asarray(a[:4], dtype=np.float32), np.asarray(b[:4], dtype=np.float32)
+    zero = np.float32(0)
+    area = lambda x1, y1, x2, y2: max(x2 - x1 + 1, zero) * max(y2 - y1 + 1, zero)  # noqa: E731
     inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
-    union = area(*a[:4]) + area(*b[:4]) - inter
-    return inter / union if union else 0.0
+    union = area(*a) + area(*b) - inter
+    return float(inter / union) if union else 0.0
+
+
+def confidence_order(scores: Sequence[float], threshold: float) -> list[int]:
+    """Indices of the scores above `threshold`, the most confident first, as GenEval orders them: in float32 (its
+    mmdet scores; a score of float32(0.3) is not above 0.3) and, among equal scores, the later first (numpy's
+    `argsort(...)[::-1]` over a stable order, which numpy's sort gives for up to 16 values and for ties in general
+    is not promised)."""
+    s = np.asarray(scores, dtype=np.float32)
+    order = sorted(range(len(s)), key=lambda i: (s[i], i), reverse=True)
+    return [i for i in order if s[i] > np.float32(threshold)]
 
 
 def keep_detections(candidates: dict[str, list[Detection]], tag: str, config: GenEvalConfig) -> dict[str, list[Detection]]:
@@ -67,7 +82,7 @@ def keep_detections(candidates: dict[str, list[Detection]], tag: str, config: Ge
     threshold = config.counting_threshold if tag == "counting" else config.threshold
     kept = {}
     for name, detections in candidates.items():
-        ranked = sorted((d for d in detections if d.score > threshold), key=lambda d: -d.score)[: config.max_objects]
+        ranked = [detections[i] for i in confidence_order([d.score for d in detections], threshold)][: config.max_objects]
         chosen = []
         while ranked:
             best = ranked.pop(0)
@@ -80,22 +95,25 @@ def keep_detections(candidates: dict[str, list[Detection]], tag: str, config: Ge
 
 
 def relative_position(a, b, margin: float) -> set[str]:
-    """Where box a lies relative to box b: a subset of {left of, right of, above, below} (y grows downwards)."""
-    offset = [(a[i] + a[i + 2]) / 2 - (b[i] + b[i + 2]) / 2 for i in (0, 1)]
-    sizes = [abs(a[i + 2] - a[i]) + abs(b[i + 2] - b[i]) for i in (0, 1)]
-    shrunk = [math.copysign(max(abs(o) - margin * s, 0.0), o) for o, s in zip(offset, sizes)]
-    if all(abs(v) < 1e-3 for v in shrunk):
+    """Where box a lies relative to box b: a subset of {left of, right of, above, below} (y grows downwards).
+    Computed in float32 as GenEval computes it on its boxes, so a relation at the boundary is decided as there."""
+    f = np.float32
+    boxes = np.asarray([a[:4], b[:4]], dtype=f).reshape(2, 2, 2)
+    centre_a, centre_b = boxes.mean(axis=-2)
+    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
+    offset = centre_a - centre_b
+    shrunk = np.maximum(np.abs(offset) - f(margin) * (dim_a + dim_b), f(0)) * np.sign(offset)
+    if np.all(np.abs(shrunk) < f(1e-3)):
         return set()
-    length = math.hypot(*offset)
-    dx, dy = (v / length for v in shrunk)
+    dx, dy = shrunk / np.linalg.norm(offset)
     relations = set()
-    if dx < -0.5:
+    if dx < f(-0.5):
         relations.add("left of")
-    if dx > 0.5:
+    if dx > f(0.5):
         relations.add("right of")
-    if dy < -0.5:
+    if dy < f(-0.5):
         relations.add("above")
-    if dy > 0.5:
+    if dy > f(0.5):
         relations.add("below")
     return relations
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from simplear.serving.auth import (BearerAuth, host_header_is_loopback, is_loopback, key_digest, load_api_keys,
                                    refuse_open_api)
-from simplear.serving.config import ImageRequest, RequestError, ServeConfig, error_body, parse_request
+from simplear.sampling.spec import recorded_sampling
+from simplear.serving.config import ImageRequest, RequestError, ServeConfig, error_body, parse_request, request_defaults
 from simplear.serving.limits import Admission, BodyTooLarge, BodyTooSlow, deployment_limits, read_body
 from simplear.serving.metrics import ServeMetrics
 from simplear.serving.page import render_page
@@ -35,11 +36,19 @@ def read_checkpoint_meta(location: str | Path, visual_tokenizer=None) -> dict:
 
 
 def build_engine(location: str | Path, cfg: ServeConfig):
-    """A sampler with `generate_images(prompts, size=(H, W), params=[...])`: vLLM, torch or torch + SJD."""
+    """(a sampler with `generate_images(prompts, size=(H, W), params=[...])`: vLLM, torch or torch + SJD, what a
+    request leaves out gets: the config's `sampling` over the checkpoint's recorded defaults)."""
+    meta = read_checkpoint_meta(location, cfg.visual_tokenizer)
+    defaults = cfg.sampling.over(recorded_sampling(meta))
+    if defaults.mode == "reference" and (cfg.engine != "torch" or cfg.sjd_window):
+        raise ValueError("sampling.mode reference runs on the torch engine only (engine: torch, no sjd_window)")
+    return _engine(location, cfg, meta), defaults
+
+
+def _engine(location: str | Path, cfg: ServeConfig, meta: dict):
     from simplear.storage.staging import local_folder
     from simplear.visual_tokenizers import VisualTokenizerConfig, load_visual_tokenizer
 
-    meta = read_checkpoint_meta(location, cfg.visual_tokenizer)
     checkpoint = local_folder(location)
     vt = load_visual_tokenizer(VisualTokenizerConfig.model_validate(meta["visual_tokenizer"]))
     for w, h in cfg.parsed_sizes():
@@ -100,7 +109,7 @@ class ImageServer:
         from ray import serve
 
         self.cfg = ServeConfig.model_validate(config)
-        self.engine = build_engine(checkpoint, self.cfg)
+        self.engine, self.defaults = build_engine(checkpoint, self.cfg)
         self.auth = BearerAuth(key_digests)
         self.loopback_only = is_loopback(self.cfg.host)
         self.metrics = ServeMetrics(self.cfg.app_name, serve.get_replica_context().replica_id.unique_id)
@@ -140,7 +149,7 @@ class ImageServer:
             msg = f"{request.method} {path} is not allowed" if status == 405 else f"no route {path}"
             return _error(status, msg, kind="not_found" if status == 404 else "method_not_allowed")
         if route == "page":
-            html, headers = render_page(self.cfg, api_root=root.rstrip("/"), auth=self.auth.required)
+            html, headers = render_page(self.cfg, self.defaults, api_root=root.rstrip("/"), auth=self.auth.required)
             return HTMLResponse(html, headers=headers)
         if route == "health":
             return JSONResponse(self.health(detailed=self.auth.refusal(request.headers.get("authorization")) is None))
@@ -211,7 +220,7 @@ class ImageServer:
             "status": "ok",
             "engine": self.cfg.engine if not self.cfg.sjd_window else f"torch+sjd(window={self.cfg.sjd_window})",
             "sizes": self.cfg.sizes,
-            "defaults": self.cfg.defaults.model_dump(),
+            "defaults": request_defaults(self.defaults),
             "max_n": self.cfg.max_n,
             "max_prompt_chars": self.cfg.max_prompt_chars,
             "auth": self.auth.required,
@@ -222,16 +231,7 @@ class ImageServer:
         }
 
     def _job(self, req: ImageRequest, size: tuple[int, int]) -> _Job:
-        from simplear.sampler import SamplingParams
-
-        d = self.cfg.defaults
-        base = SamplingParams(
-            cfg_scale=d.guidance_scale if req.guidance_scale is None else req.guidance_scale,
-            temperature=d.temperature if req.temperature is None else req.temperature,
-            top_k=d.top_k if req.top_k is None else req.top_k,
-            top_p=d.top_p if req.top_p is None else req.top_p,
-            negative_prompt=req.negative_prompt,
-        )
+        base = req.sampling().over(self.defaults).params(None)
         first = req.seed if req.seed is not None else secrets.randbits(62)
         params = [replace(base, seed=(first + i) % 2**63) for i in range(req.n)]  # one repeatable seed per image
         return _Job([req.prompt] * req.n, size, params)

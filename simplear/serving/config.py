@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from simplear.config import StrictModel
-from simplear.sampling.spec import check_temperature
+from simplear.sampling.spec import SamplingSpec
 from simplear.serving.auth import env_api_keys
 from simplear.visual_tokenizers import VisualTokenizerConfig
 from simplear.vllm_engine import VLLMOptions
@@ -17,21 +17,6 @@ from simplear.vocab import MAX_TEXT_TOKENS
 
 
 SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
-
-
-class GenerationDefaults(StrictModel):
-    """What a request that leaves a parameter out gets."""
-
-    guidance_scale: float = Field(1.5, ge=0, le=50, description="CFG scale; 1.5 beat 3 on held-out demo prompts "
-                                                                "(ENVIRONMENT.md)")
-    temperature: float = Field(1.0, ge=0, le=10, description="0 = greedy")
-    top_k: int | None = Field(None, ge=1, description="keep the k likeliest visual tokens; None: all")
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling; None: off")
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float) -> float:  # a bad default fails where the config loads, not at each request
-        return check_temperature(v)
 
 
 class ServeConfig(StrictModel):
@@ -74,7 +59,9 @@ class ServeConfig(StrictModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="a longer request body gets 413")
     body_timeout_s: float = Field(10, gt=0, description="a request body not in whole by then gets 408: a slow "
                                                         "sender would hold one of the replica's request slots")
-    defaults: GenerationDefaults = Field(GenerationDefaults(), description="what a request leaves out gets")
+    sampling: SamplingSpec = Field(SamplingSpec(), exclude_if=SamplingSpec.is_empty,
+                                   description="what a request leaves out gets; keys left out here: the checkpoint's "
+                                               "recorded defaults (the HTTP API names cfg_scale guidance_scale)")
     vllm: VLLMOptions = Field(VLLMOptions(), description="the vLLM engine's options")
     smoke_prompt: str | None = Field("a red circle on a blue background", description="the stage's check request; "
                                                                                        "None: no check")
@@ -149,7 +136,7 @@ class ImageRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=10)
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1)
-    negative_prompt: str = ""
+    negative_prompt: str | None = None
     response_format: Literal["b64_json"] = "b64_json"
     model: str | None = None
     user: str | None = None
@@ -167,6 +154,20 @@ class ImageRequest(BaseModel):
         if isinstance(v, float):
             raise ValueError("must be an integer")
         return v
+
+
+    def sampling(self) -> SamplingSpec:
+        """The request's own settings; the server's defaults fill in the rest. Its rules (e.g. the temperature's) are
+        the configs', so a refusal names the same bounds."""
+        return SamplingSpec(cfg_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k,
+                            top_p=self.top_p, negative_prompt=self.negative_prompt)
+
+
+def request_defaults(spec: SamplingSpec) -> dict:
+    """What a request that leaves a parameter out gets, under the request's names (the page's form, /health)."""
+    d = spec.complete()
+    return {"guidance_scale": d.cfg_scale, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
+            "negative_prompt": d.negative_prompt, "prompt_template": d.prompt_template}
 
 
 class RequestError(ValueError):
@@ -196,13 +197,18 @@ def parse_request(body: bytes, cfg: ServeConfig) -> tuple[ImageRequest, tuple[in
     if not req.prompt.strip():
         raise RequestError("prompt must not be empty", "prompt")
     for name in ("prompt", "negative_prompt"):
-        text = getattr(req, name)
+        text = getattr(req, name) or ""
         if len(text) > cfg.max_prompt_chars:
             raise RequestError(f"{name} is longer than {cfg.max_prompt_chars} characters", name)
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate from a JSON escape: the tokenizer would fail the whole batch
             raise RequestError(f"{name} is not valid Unicode (a lone surrogate)", name) from None
+    try:
+        req.sampling()
+    except ValidationError as e:  # the configs' rules (the temperature's floor): their own words, with the key
+        first = e.errors()[0]
+        raise RequestError(str(first.get("ctx", {}).get("error") or first["msg"]), str(first["loc"][0])) from None
     if req.n > cfg.max_n:
         raise RequestError(f"n must be at most {cfg.max_n}, got {req.n}", "n")
     size = req.size or cfg.sizes[0]

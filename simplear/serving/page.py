@@ -7,7 +7,10 @@ import hashlib
 import json
 from typing import TYPE_CHECKING
 
+from simplear.serving.config import request_defaults
+
 if TYPE_CHECKING:
+    from simplear.sampling.spec import SamplingSpec
     from simplear.serving.config import ServeConfig
 
 
@@ -38,6 +41,7 @@ for (const s of CONFIG.sizes) {
 }
 $("guidance_scale").value = CONFIG.defaults.guidance_scale;
 $("temperature").value = CONFIG.defaults.temperature;
+$("negative_prompt").placeholder = CONFIG.defaults.negative_prompt || "(empty)";
 $("key-label").hidden = !CONFIG.auth;
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -102,7 +106,7 @@ def _hash_source(text: str) -> str:
     return f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
 
 
-def render_page(cfg: ServeConfig, api_root: str = "", auth: bool = False) -> tuple[str, dict[str, str]]:
+def render_page(cfg: ServeConfig, defaults: SamplingSpec, api_root: str = "", auth: bool = False) -> tuple[str, dict[str, str]]:
     """The page and its headers; `auth`: the API wants a key, so the page shows a field for it. The headers let a
     browser run only the page's own script and style (by hash), fetch only from this origin and show the page in
     no frame: an injected script, or a site that frames the page over its key field, gets nowhere."""
@@ -112,7 +116,7 @@ def render_page(cfg: ServeConfig, api_root: str = "", auth: bool = False) -> tup
         "engine": cfg.engine if not cfg.sjd_window else
         f"torch + speculative Jacobi decoding (window {cfg.sjd_window})",
         "sizes": cfg.sizes,
-        "defaults": cfg.defaults.model_dump(),
+        "defaults": request_defaults(defaults),
         "max_n": cfg.max_n,
         "max_prompt_chars": cfg.max_prompt_chars,
     }

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from simplear.sampling.spec import DEFAULT_SAMPLING, SamplingSpec
 from simplear.train_data import Position, WorkerRows
 from simplear.visual_tokenizers import VisualTokenizerConfig
 
@@ -19,6 +20,7 @@ class Bundle:
     model: Any
     vocab: Any
     visual_tokenizer_config: VisualTokenizerConfig
+    sampling: SamplingSpec = field(default_factory=lambda: DEFAULT_SAMPLING)  # the defaults its checkpoints record
 
 
 class TrainTask:
@@ -47,7 +49,7 @@ class TrainTask:
         """Write a checkpoint of `model` (unsharded, same weights as bundle.model) to `directory`."""
         from simplear.model import save_checkpoint
 
-        save_checkpoint(directory, model, bundle.vocab, bundle.visual_tokenizer_config, extra=extra)
+        save_checkpoint(directory, model, bundle.vocab, bundle.visual_tokenizer_config, extra=extra, sampling=bundle.sampling)
 
     def finish(self, bundle: Bundle, model, out_dir: Path, device, autocast) -> None:
         """Rank 0, after the final checkpoint: e.g. the sample grid."""
