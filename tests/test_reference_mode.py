@@ -82,6 +82,39 @@ def test_greedy_codes_and_step_log_probs_equal_the_reference_loops(release, scal
         assert not torch.equal(TorchSampler(model, vocab).generate_codes([PROMPT], GRID, [visual.params(0)]), codes)
 
 
+def test_each_steps_distribution_equals_hf_generates_when_sampling(release):
+    """Sampled (temperature 0.8, top-k 200 and top-p 0.9 over the whole vocabulary): along the ids HF `generate`
+    drew, the distribution the torch engine's functions make of each step (the repetition penalty, the CFG formula,
+    the truncation) equals the one HF's processors made (softmax of its processed scores), at every id."""
+    from transformers import LogitsProcessorList
+
+    from simplear.sampler import RepetitionPenalty
+    from simplear.sampling.draw import DrawSettings
+
+    model, vocab, _ = release
+    ids = torch.tensor([vocab.prompt_ids(PROMPT)])
+    negative = torch.tensor([vocab.prompt_ids(NEGATIVE)])
+    model.generation_config.eos_token_id = None
+    torch.manual_seed(0)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.8, top_k=200,
+                         top_p=0.9, max_new_tokens=16, repetition_penalty=1.3, pad_token_id=vocab.pad_id,
+                         logits_processor=LogitsProcessorList([_ReferenceCFG(6.0, negative, model)]),
+                         output_scores=True, return_dict_in_generate=True)
+    drawn = out.sequences[0, ids.shape[1]:]
+    params = SamplingSpec(mode="reference", cfg_scale=6.0, temperature=0.8, top_k=200, top_p=0.9,
+                          repetition_penalty=1.3, negative_prompt=NEGATIVE).params(0)
+    settings = DrawSettings.of([params], vocab.size, "cpu")
+    penalty = RepetitionPenalty([params], [ids[0].tolist()], vocab.size, "cpu")
+    with torch.no_grad():
+        for t, hf_scores in enumerate(out.scores):
+            c = model(torch.cat([ids, drawn[None, :t]], 1)).logits[:, -1, : vocab.size]
+            u = model(torch.cat([negative, drawn[None, :t]], 1)).logits[:, -1, : vocab.size]
+            ours = settings.truncated(settings.final_logprobs(penalty(torch.cat([c, u])))[:, None])[0, 0]
+            torch.testing.assert_close(ours.float(), F.softmax(hf_scores[0].float(), -1), rtol=1e-4, atol=1e-5)
+            penalty.saw(drawn[t: t + 1])
+    assert len(set(drawn.tolist())) > 3  # a real draw, not one id over and over
+
+
 def test_a_release_records_its_repetition_penalty_and_the_visual_only_engines_refuse_the_mode(release, tmp_path):
     from simplear.jacobi import JacobiSampler
 

@@ -49,6 +49,22 @@ def test_a_release_loads_with_its_visual_tokenizer_in_the_reference_layout(relea
                                                                          ck.vocab.visual_offset, ck.vocab.size)
 
 
+def test_a_release_with_slow_tokenizer_files_only_reads_as_the_fast_one(release, tmp_path):
+    """The RL releases ship vocab.json/merges.txt and a 4.x tokenizer_config.json listing the added tokens, no
+    tokenizer.json: the same ids, specials and embedding rows as the stand-in with tokenizer.json, the same greedy
+    codes, and `simplear import` takes it."""
+    slow = build_release(tmp_path / "slow", slow_tokenizer=True)
+    assert not (slow / "tokenizer.json").exists() and (slow / "merges.txt").exists()
+    vt = visual_tokenizer_arg(PIXEL_FSQ)
+    a, b = load_checkpoint(slow, visual_tokenizer=vt), load_checkpoint(release, visual_tokenizer=vt)
+    prompt = "<|t2i|> a red circle, on a blue background<|soi|>"
+    assert a.vocab.prompt_ids(prompt) == b.vocab.prompt_ids(prompt) and a.vocab.size == b.vocab.size == 703
+    assert [a.vocab.text_tokenizer.convert_tokens_to_ids(t) for t in SPECIALS] == list(range(632, 639))
+    assert torch.equal(greedy_codes(a), greedy_codes(b))
+    assert main(["import", str(slow), "--visual-tokenizer", json.dumps(PIXEL_FSQ), "-o", str(tmp_path / "imported")]) == 0
+    assert torch.equal(greedy_codes(load_checkpoint(tmp_path / "imported")), greedy_codes(b))
+
+
 def test_a_release_without_or_with_the_wrong_visual_tokenizer_is_refused_clearly(release):
     with pytest.raises(ValueError, match="give its visual tokenizer"):
         load_checkpoint(release)

@@ -1,6 +1,7 @@
 """The vLLM engine: the CFG logits processor on its own (both runner interfaces), then one vLLM (in a Ray actor,
 started once) against the torch engine on the same checkpoint: the same codes, greedy and seeded, with and
-without CFG."""
+without CFG. That checkpoint is a release as published (the release format `simplear export` writes, its
+tokenizer as slow-tokenizer files only, as the RL releases ship it), read with the visual tokenizer it is given."""
 
 from __future__ import annotations
 
@@ -249,17 +250,31 @@ GRID = (8, 8)  # 64 tokens
 PROMPTS = ["a red circle on a blue background", "green", "a small yellow star at the top left of a plain black background", ""]
 
 
+VT = {"kind": "pixel-fsq", "levels": 4}  # the release's visual tokenizer, given (a release names none)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    # seed 3: a random model whose greedy picks guidance and a negative prompt do change (test_greedy_codes_equal_torch_with_cfg)
-    return make_checkpoint(tmp_path_factory.mktemp("vllm") / "ckpt", seed=3)
+    """A release as published, bf16, slow-tokenizer files only. Its weights: seed 3's random model, whose greedy
+    picks guidance and a negative prompt do change (test_greedy_codes_equal_torch_with_cfg)."""
+    from release_support import as_slow_tokenizer
+    from simplear.release import export_release
+
+    root = tmp_path_factory.mktemp("vllm")
+    release = export_release(make_checkpoint(root / "ckpt", seed=3), root / "release")
+    return as_slow_tokenizer(release)
+
+
+def release_checkpoint(path):
+    from simplear.model import load_checkpoint
+    from simplear.release import visual_tokenizer_arg
+
+    return load_checkpoint(path, dtype=torch.float32, visual_tokenizer=visual_tokenizer_arg(VT))
 
 
 @pytest.fixture(scope="module")
 def torch_sampler(checkpoint):
-    from simplear.model import load_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = release_checkpoint(checkpoint)
     return TorchSampler(ckpt.model, ckpt.vocab)
 
 
@@ -271,9 +286,13 @@ def vllm_engine(ray_head, checkpoint):
     from conftest import attach_ray
     from simplear.vllm_engine import VLLMSampler
 
+    from simplear.model import checkpoint_meta
+    from simplear.release import visual_tokenizer_arg
+
     attach_ray(ray_head)
-    options = {"max_num_seqs": 4, "kv_cache_gib": 0.25}
-    actor = ray.remote(num_cpus=0)(VLLMSampler).remote(str(checkpoint), None, options, 64, 64)
+    options = {"max_num_seqs": 4, "kv_cache_gib": 0.25, "dtype": "float32"}  # the torch engine's float32 over bf16 weights
+    meta = checkpoint_meta(checkpoint, visual_tokenizer_arg(VT))  # what serve and eval hand it for a release
+    actor = ray.remote(num_cpus=0)(VLLMSampler).remote(str(checkpoint), None, options, 64, 64, meta=meta)
 
     def call(method, *args):
         return ray.get(getattr(actor, method).remote(*args), timeout=600)
@@ -323,11 +342,10 @@ def test_the_eval_stage_draws_the_torch_engines_images_through_vllm(vllm_engine,
     """The eval stage's drawing (`simplear.evaluation.generate`) with `engine: vllm`: batched calls of several
     prompts x samples, each image its own seed, write the very PNGs the torch engine writes."""
     from simplear.evaluation.generate import Checkpoint, SetPlace, generate_set, set_key
-    from simplear.model import load_checkpoint
     from simplear.scorers import items_from_prompts
     from simplear.visual_tokenizers import load_visual_tokenizer
 
-    vt_config = load_checkpoint(checkpoint).visual_tokenizer_config
+    vt_config = release_checkpoint(checkpoint).visual_tokenizer_config
     from simplear.sampling.spec import SamplingSpec
 
     sampling = SamplingSpec(cfg_scale=2.0, top_k=16, negative_prompt="a dark plain background",
