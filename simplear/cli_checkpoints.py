@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+from simplear.visual_tokenizers import DECODE_BATCH
+
 VT_HELP = ("the visual tokenizer a release decodes with (a release does not name it): the Cosmos tokenizer's folder "
            "(encoder.jit, decoder.jit, e.g. Cosmos-1.0-Tokenizer-DV8x16x16), or a visual tokenizer config as JSON")
 
@@ -30,7 +32,7 @@ def cmd_generate(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sampler = TorchSampler(ckpt.model, ckpt.vocab, ckpt.load_visual_tokenizer())
+    sampler = TorchSampler(ckpt.model, ckpt.vocab, ckpt.load_visual_tokenizer(decode_batch=args.decode_batch))
     n = args.num_images
     seeds = [None if args.seed is None else args.seed + i for i in range(n)]  # one distinct, repeatable seed per image
     sampling = asked.over(ckpt.sampling)
@@ -90,6 +92,8 @@ def add_checkpoint_commands(sub) -> None:
                    help="reference: draw as the reference code's Hugging Face generate does (simplear.sampling.spec)")
     p.add_argument("--repetition-penalty", type=float, default=None, help="mode reference: HF's repetition penalty")
     p.add_argument("-n", "--num-images", type=int, default=1)
+    p.add_argument("--decode-batch", type=int, default=DECODE_BATCH,
+                   help="1024x1024 images per decoder call (more of smaller ones): bounds the decoder's memory")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weights; auto: bfloat16 on a GPU, else the checkpoint's")

@@ -12,9 +12,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_serving_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """`dtype: auto` serves in bf16 on a GPU (half the weight reads per step; no log-prob is kept, so no precision is
-    owed to training) and keeps the checkpoint's dtype elsewhere; None: the checkpoint's. GRPO loads in fp32 itself."""
+def resolve_serving_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`dtype: auto` draws in bf16 on a GPU (half the weight reads per step; no log-prob is kept, so no precision is
+    owed to training) and in fp32 elsewhere, whatever dtype the checkpoint was saved in (training checkpoints are fp32,
+    releases bf16). GRPO loads in fp32 and runs under autocast itself."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

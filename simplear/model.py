@@ -82,10 +82,10 @@ class Checkpoint:
     path: Path | None = None
     sampling: SamplingSpec = field(default_factory=lambda: DEFAULT_SAMPLING)  # its recorded defaults, complete
 
-    def load_visual_tokenizer(self):
+    def load_visual_tokenizer(self, **kwargs):
         from simplear.visual_tokenizers import load_visual_tokenizer
 
-        return load_visual_tokenizer(self.visual_tokenizer_config)
+        return load_visual_tokenizer(self.visual_tokenizer_config, **kwargs)
 
 
 def save_checkpoint(directory, model, vocab: Vocabulary, visual_tokenizer_config: VisualTokenizerConfig | dict,

@@ -75,6 +75,40 @@ class VisualTokenizer(Protocol):
     def decode(self, codes_BHW: torch.Tensor) -> torch.Tensor: ...
 
 
+# Images of 1024x1024 per decoder call (more of smaller ones, in proportion to their pixels): Cosmos DV8x16x16's
+# decoder holds roughly 0.3-0.5 GiB of activations per 1024x1024 image (estimated from its layout), so 8 stay within
+# ~4 GiB, beside a vLLM holding 0.9 of an 80 GB GPU. Serve and eval take `decode_batch`, `simplear generate` a flag.
+DECODE_BATCH = 8
+_DECODE_PIXELS = 1024 * 1024
+
+
+class ChunkedDecode:
+    """`decode` in bounded calls, whoever asks (serve's batches of up to max_batch_size x max_n images, eval's
+    batches, GRPO's groups, `generate -n`): each call decodes at most `images_per_call` images and its result goes to
+    the host before the next, so the device holds one chunk's activations and pixels at a time."""
+
+    decode_batch: int = DECODE_BATCH
+    downsample: int
+
+    def images_per_call(self, h: int, w: int) -> int:
+        return max(1, self.decode_batch * _DECODE_PIXELS // (h * w * self.downsample**2))
+
+    @torch.no_grad()
+    def decode(self, codes_BHW: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) codes -> (B, 3, H, W) float32 images in [-1, 1], on the host."""
+        codes = torch.as_tensor(codes_BHW).long()
+        if codes.ndim != 3:
+            raise ValueError(f"expected codes of shape (B, h, w), got {tuple(codes.shape)}")
+        B, h, w = codes.shape
+        if B == 0:
+            return torch.empty((0, 3, h * self.downsample, w * self.downsample))
+        n = self.images_per_call(h, w)
+        return torch.cat([self._decode(codes[i: i + n]).float().cpu() for i in range(0, B, n)])
+
+    def _decode(self, codes_BHW: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
 def _check_images(images: torch.Tensor, downsample: int) -> None:
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
@@ -83,7 +117,7 @@ def _check_images(images: torch.Tensor, downsample: int) -> None:
         raise ValueError(f"image size {H}x{W} is not a multiple of the tokenizer's downsample {downsample}")
 
 
-class PixelFSQTokenizer:
+class PixelFSQTokenizer(ChunkedDecode):
     """Weight-free: each code is the quantized mean colour of a downsample x downsample block."""
 
     def __init__(self, config: VisualTokenizerConfig):
@@ -101,11 +135,7 @@ class PixelFSQTokenizer:
         q = torch.round((pooled.clamp(-1, 1) + 1) / 2 * (L - 1)).long()  # (B, 3, h, w) in [0, L-1]
         return q[:, 0] * L * L + q[:, 1] * L + q[:, 2]
 
-    @torch.no_grad()
-    def decode(self, codes_BHW: torch.Tensor) -> torch.Tensor:
-        codes = torch.as_tensor(codes_BHW).long()
-        if codes.ndim != 3:
-            raise ValueError(f"expected codes of shape (B, h, w), got {tuple(codes.shape)}")
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(f"codes out of range [0, {self.codebook_size})")
         L = self.levels
@@ -135,7 +165,7 @@ def _digest(files: tuple[str, ...], _state: tuple) -> str:
     return h.hexdigest()
 
 
-class CosmosTokenizer:
+class CosmosTokenizer(ChunkedDecode):
     """Cosmos discrete tokenizer from TorchScript files (NVIDIA's releases: `encoder.jit` maps (B, 3, [1,] H, W)
     in [-1, 1] to (indices, codes), `decoder.jit` maps indices back). A JIT that casts to bf16 inside (as the
     reference code's loader does) fails in fp32 on a CPU: it is then run in bf16, with a warning."""
@@ -183,11 +213,8 @@ class CosmosTokenizer:
             raise ValueError(f"{self.name}: encoder gave indices {tuple(indices.shape)}, expected {expected} (downsample {self.downsample})")
         return indices.long()
 
-    @torch.no_grad()
-    def decode(self, codes_BHW: torch.Tensor) -> torch.Tensor:
-        codes = torch.as_tensor(codes_BHW).long().to(self.device)
-        if codes.ndim != 3:
-            raise ValueError(f"expected codes of shape (B, h, w), got {tuple(codes.shape)}")
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        codes = codes.to(self.device)
         if self.temporal:
             codes = codes.unsqueeze(1)  # (B, 1, h, w)
         img = self._run("_decoder", codes)
@@ -210,15 +237,17 @@ class CosmosTokenizer:
             return getattr(self, which)(x.to(self.dtype) if x.is_floating_point() else x)
 
 
-def load_visual_tokenizer(config: VisualTokenizerConfig | dict, device=None) -> VisualTokenizer:
-    """`device`: where a worker decodes (Cosmos runs there; the pixel tokenizer is plain tensor code on any)."""
+def load_visual_tokenizer(config: VisualTokenizerConfig | dict, device=None,
+                          decode_batch: int = DECODE_BATCH) -> VisualTokenizer:
+    """`device`: where a worker decodes (Cosmos runs there; the pixel tokenizer is plain tensor code on any);
+    `decode_batch`: 1024x1024 images per decoder call (`ChunkedDecode`)."""
     if not isinstance(config, VisualTokenizerConfig):
         config = VisualTokenizerConfig.model_validate(config)
     if device is not None and config.kind == "cosmos":
         config = config.model_copy(update={"device": str(device)})
-    if config.kind == "pixel-fsq":
-        return PixelFSQTokenizer(config)
-    return CosmosTokenizer(config)
+    tokenizer = PixelFSQTokenizer(config) if config.kind == "pixel-fsq" else CosmosTokenizer(config)
+    tokenizer.decode_batch = decode_batch
+    return tokenizer
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -40,15 +40,17 @@ that importing this module (the serve stage's config does, through the engine) i
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 
-from simplear.sampling.draw import DrawSettings, SamplingParams, request_uniforms
+from simplear.sampling.draw import DrawSettings, SamplingParams, request_uniforms, to_device
 
 logger = logging.getLogger(__name__)
 
 EXTRA_KEY = "simplear"  # vllm.SamplingParams.extra_args[EXTRA_KEY]: see `request_spec`
+_SERIALS = itertools.count()
 _SAMPLING_KEYS = ("cfg_scale", "temperature", "top_k", "top_p", "greedy")
 
 
@@ -72,6 +74,7 @@ class _Row:
     role: str | None  # "cond" | "uncond" | None
     uniforms: torch.Tensor  # (max_tokens,) float64: uniform t draws token t
     output_ids: list[int] | None = None  # V1: vLLM's live list of the request's output tokens
+    serial: int = field(default_factory=lambda: next(_SERIALS))  # this request's, never reused (`id` may be)
 
 
 def _spec_params(vparams) -> tuple[dict, SamplingParams] | None:
@@ -112,7 +115,21 @@ def _row(vparams, device, output_ids: list[int] | None = None) -> _Row | None:
     spec, params = parsed
     lo, hi = spec["visual"]
     return _Row(int(lo), int(hi), int(spec["stop"]), params, spec.get("pair"), spec.get("role"),
-                request_uniforms(params.seed, vparams.max_tokens).to(device), output_ids)
+                to_device(request_uniforms(params.seed, vparams.max_tokens), torch.float64, device), output_ids)
+
+
+@dataclass
+class _Group:
+    """The draws of one visual range while the batch keeps the same requests at the same logits rows: everything on
+    the device, built once when the batch changes; a step then copies nothing from the host (it only advances
+    `t`, the token indices, on the device)."""
+
+    key: tuple  # ((cond logits row, request serial, uncond logits row or None), ...) in draw order
+    t_host: list[int]  # the token indices of the last step, to tell a next step from a change
+    settings: DrawSettings
+    rows: torch.Tensor  # conditional rows, then the unconditional rows of the guided ones
+    uniforms: torch.Tensor  # (B, max tokens) float64
+    t: torch.Tensor  # (B,) long: token indices
 
 
 class PairDraws:
@@ -120,6 +137,7 @@ class PairDraws:
 
     def __init__(self):
         self.parted: set[str] = set()  # pairs that went out of step: their rows only get the stop id from then on
+        self.groups: dict[tuple[int, int], _Group] = {}  # by visual range: the last step's
 
     def apply(self, logits: torch.Tensor, sampled: list[tuple[int, _Row, int]]) -> torch.Tensor:
         """`sampled`: (logits row, its request, token index) of each of our requests that vLLM samples this step."""
@@ -150,15 +168,31 @@ class PairDraws:
         return logits
 
     def _draw(self, logits: torch.Tensor, lo: int, hi: int, group: list) -> None:
-        dev = logits.device
+        g = self._group(logits.device, lo, hi, group)
+        d = g.settings
+        final = d.final_logprobs(logits[g.rows, lo:hi])
+        u = g.uniforms.gather(1, g.t[:, None])[:, 0]
+        tok = d.draw(final, u) + lo
+        self._one_hot(logits, g.rows, torch.cat([tok, tok[d.cfg_idx]]))
+
+    def _group(self, dev, lo: int, hi: int, group: list) -> _Group:
+        """The step's `_Group`: the last one advanced by a token where the same requests sit at the same rows one
+        token further on (the steady state), else built anew (a request came, went or moved)."""
+        key = tuple((r, row.serial, ur) for r, row, _, ur in group)
+        ts = [t for _, _, t, _ in group]
+        last = self.groups.get((lo, hi))
+        if last is not None and last.key == key and all(t == s + 1 for t, s in zip(ts, last.t_host)):
+            last.t.add_(1)
+            last.t_host = ts
+            return last
         d = DrawSettings.of([row.params for _, row, _, _ in group], hi - lo, dev)
         uncond = [group[i][3] for i in d.guided]
         assert None not in uncond, "a guided request without its unconditional row"  # _spec_params: pair iff guided
-        rows = torch.tensor([r for r, _, _, _ in group] + uncond, dtype=torch.long, device=dev)
-        final = d.final_logprobs(logits[rows, lo:hi])
-        u = torch.stack([row.uniforms[t] for _, row, t, _ in group])
-        tok = d.draw(final, u) + lo
-        self._one_hot(logits, rows, torch.cat([tok, tok[d.cfg_idx]]))
+        uniforms = torch.nn.utils.rnn.pad_sequence([row.uniforms for _, row, _, _ in group], batch_first=True)
+        g = _Group(key, ts, d, to_device([r for r, _, _, _ in group] + uncond, torch.long, dev), uniforms,
+                   to_device(ts, torch.long, dev))
+        self.groups[(lo, hi)] = g
+        return g
 
     @staticmethod
     def _one_hot(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> None:

@@ -43,7 +43,7 @@ class VLLMOptions(StrictModel):
     """How the vLLM engine is built; the defaults suit a CPU machine and the demo's small images."""
 
     max_num_seqs: int = Field(32, ge=2)  # rows per engine step (a CFG image is two rows)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # "auto": the checkpoint's (vLLM's own "auto" is bf16 on CPU)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # "auto": bf16 on a GPU, fp32 on CPU (any saved dtype)
     kv_cache_gib: float | None = Field(None, gt=0)  # None: vLLM's default (CPU: VLLM_CPU_KVCACHE_SPACE, else 4 GiB)
     gpu_memory_utilization: float = Field(0.8, gt=0, le=1)  # on CPU: the fraction of RAM vLLM may reserve
     enforce_eager: bool | None = None  # None: eager on CPU (no compile wait), graphs on GPU
@@ -57,9 +57,13 @@ def _saved_config(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "config.json").read_text())
 
 
-def _saved_dtype(checkpoint: Path) -> str:
-    config = _saved_config(checkpoint)
-    return str(config.get("dtype") or config.get("torch_dtype") or "auto")
+def admissible_blocks(num_gpu_blocks: int, watermark: float = 0.0) -> int:
+    """The KV blocks a chunk may fill: vLLM's block pool holds one null block back from the first, and its scheduler
+    keeps the watermark's share free for a waiting request (0 by default). A chunk filling every block would be
+    admitted and then see one row preempted, parting a CFG pair. 0: unknown (no bound)."""
+    if num_gpu_blocks <= 0:
+        return 0
+    return max(1, num_gpu_blocks - 1 - int(watermark * num_gpu_blocks))
 
 
 @dataclass
@@ -93,10 +97,11 @@ class VLLMSampler:
         if visual_tokenizer is not None and visual_tokenizer.codebook_size != self.vocab.codebook_size:
             raise ValueError(f"visual tokenizer has {visual_tokenizer.codebook_size} codes, vocabulary {self.vocab.codebook_size}")
         self.llm = self._build_llm()
-        cache = self.llm.llm_engine.vllm_config.cache_config
-        self.block_size = int(cache.block_size)
-        self.num_blocks = int(cache.num_gpu_blocks or 0)
-        self.max_batched_tokens = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
+        config = self.llm.llm_engine.vllm_config
+        self.block_size = int(config.cache_config.block_size)
+        self.num_blocks = admissible_blocks(int(config.cache_config.num_gpu_blocks or 0),
+                                            float(getattr(config.scheduler_config, "watermark", 0.0) or 0.0))
+        self.max_batched_tokens = int(config.scheduler_config.max_num_batched_tokens)
 
     def _build_llm(self):
         o = self.options
@@ -118,7 +123,7 @@ class VLLMSampler:
         kwargs = dict(
             model=str(self.checkpoint),
             skip_tokenizer_init=True,  # prompts go in as ids; visual ids have no text to detokenize
-            dtype=o.dtype if o.dtype != "auto" else _saved_dtype(self.checkpoint),
+            dtype=o.dtype if o.dtype != "auto" else ("bfloat16" if on_gpu else "float32"),  # as the torch engine's
             max_model_len=max_model_len,
             max_num_seqs=o.max_num_seqs,
             # the whole admitted chunk prefills in one step (see the module docstring)
@@ -157,7 +162,7 @@ class VLLMSampler:
             jobs.append(_Job(i, rows))
         return jobs
 
-    def _chunks(self, jobs: list[_Job], N: int) -> list[list[_Job]]:
+    def _chunks(self, jobs: list[_Job], N: int) -> list[list[_Job]]:  # `num_blocks`: the admissible ones
         """Groups of jobs that vLLM admits whole in its first step and never preempts."""
         chunks, cur, rows, tokens, blocks = [], [], 0, 0, 0
         for job in jobs:

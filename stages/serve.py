@@ -18,20 +18,34 @@ from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.registry import register_stage
 
 
-def send_check_request(api: str, prompt: str, key: str | None, timeout_s: float = 600) -> dict:
+def send_check_request(api: str, prompt: str, key: str | None, timeout_s: float = 600, n: int = 1,
+                       size: str | None = None, seed: int = 0) -> dict:
     """One generation request straight to the app, never through $http_proxy: a proxy would see the key and the
     answer, and one that cannot reach the app's loopback address would fail the stage."""
     import urllib.request
 
-    body = json.dumps({"prompt": prompt, "seed": 0}).encode()
+    body = json.dumps({"prompt": prompt, "seed": seed, "n": n, **({"size": size} if size else {})}).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with direct.open(urllib.request.Request(api, data=body, headers=headers), timeout=timeout_s) as r:
         return json.loads(r.read())
 
 
+def check_at_full_load(api: str, cfg: ServeConfig, key: str | None) -> dict:
+    """The stage's check: `max_batch_size` requests at once, each of `max_n` images at the largest size, so that a
+    replica that cannot hold its configured load (the engine's batch, the decoder's memory) fails here and not on
+    its first busy minute; the first answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    largest = max(cfg.sizes, key=lambda s: (lambda w, h: w * h)(*map(int, s.split("x"))))
+    with ThreadPoolExecutor(cfg.max_batch_size) as pool:
+        answers = list(pool.map(lambda i: send_check_request(api, cfg.smoke_prompt, key, n=cfg.max_n, size=largest,
+                                                             seed=i * cfg.max_n), range(cfg.max_batch_size)))
+    return answers[0]
+
+
 @register_stage("serve", ServeConfig, version=3,
-                operational=("max_batch_size", "batch_wait_timeout_s", "max_concurrent_requests", "retry_after_s",
+                operational=("max_batch_size", "decode_batch", "batch_wait_timeout_s", "max_concurrent_requests", "retry_after_s",
                              "request_timeout_s", "max_body_bytes", "body_timeout_s", "replace_existing"), object_store=True)
 def run(ctx: StageContext) -> StageResult:
     cfg: ServeConfig = ctx.config
@@ -47,8 +61,9 @@ def run(ctx: StageContext) -> StageResult:
     metrics: dict[str, Any] = {"url": served.url, "engine": cfg.engine, "deploy_s": round(deploy_s, 2)}
     if cfg.smoke_prompt:
         t1 = time.time()
-        answer = send_check_request(api, cfg.smoke_prompt, keys[0] if keys else None)
+        answer = check_at_full_load(api, cfg, keys[0] if keys else None)
         metrics["smoke_latency_s"] = round(time.time() - t1, 3)
+        metrics["smoke_images"] = cfg.max_batch_size * cfg.max_n
         with ctx.output("sample.png") as tmp:
             Path(tmp).write_bytes(base64.b64decode(answer["data"][0]["b64_json"]))
     endpoint = {"url": served.url, "api": api, "app_name": cfg.app_name, "checkpoint": str(checkpoint),

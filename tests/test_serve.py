@@ -76,7 +76,8 @@ def test_defaults_bind_loopback_and_pick_vllm():
 
 
 def test_torch_engine_weights_dtype(tmp_path):
-    """bf16 weights only where asked (or on a GPU by default): a CPU replica keeps the checkpoint's fp32."""
+    """bf16 weights only where asked or on a GPU by default; fp32 on CPU, even for a checkpoint saved in bf16 (a
+    release, an export), and whatever the training checkpoint's fp32 on a GPU."""
     import torch
 
     from serve_support import make_checkpoint
@@ -90,6 +91,38 @@ def test_torch_engine_weights_dtype(tmp_path):
     assert dtype(engine) == torch.bfloat16
     assert engine.generate_codes(["a red circle"], (4, 4)).shape == (1, 4, 4)
     assert resolve_serving_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    from simplear.release import export_release
+
+    saved_bf16 = export_release(ckpt, tmp_path / "release")  # a release as published, read with its tokenizer
+    engine, _ = build_engine(saved_bf16, ServeConfig(engine="torch", sizes=["32x32"], device="cpu",
+                                                     visual_tokenizer={"kind": "pixel-fsq", "levels": 4}))
+    assert dtype(engine) == torch.float32
+
+
+def test_no_decode_call_exceeds_the_bound_at_the_replicas_full_load(tmp_path):
+    """max_batch_size 16 requests of max_n 4 images at 1024x1024 (64 images in one engine call), the engine's codes
+    made at once: the visual tokenizer is called for at most decode_batch (8) of them at a time; 64x64 images,
+    256 times smaller, go in one call."""
+    import torch
+
+    from serve_support import make_checkpoint
+    from simplear.sampler import SamplingParams
+    from simplear.serving import build_engine
+    from simplear.serving.app import ImageServer, _Job
+
+    cfg = ServeConfig(engine="torch", sizes=["1024x1024", "64x64"], device="cpu", max_batch_size=16, max_n=4)
+    engine, _ = build_engine(make_checkpoint(tmp_path / "ckpt", layers=1), cfg)
+    vt, calls = engine.visual_tokenizer, []
+    decode_chunk = vt._decode
+    vt._decode = lambda codes: calls.append(len(codes)) or decode_chunk(codes)
+    engine.generate_codes = lambda prompts, grid, params=None: torch.randint(0, 64, (len(prompts), *grid))
+    server = object.__new__(ImageServer)
+    server.engine = engine
+    jobs = [_Job(["a red circle"] * cfg.max_n, (1024, 1024), [SamplingParams(seed=i)] * cfg.max_n)
+            for i in range(cfg.max_batch_size)]
+    answers = server._generate(jobs + [_Job(["a"] * 4, (64, 64), [SamplingParams()] * 4)])
+    assert [len(a) for a in answers] == [4] * 17
+    assert calls == [cfg.decode_batch] * 8 + [4] and cfg.decode_batch == 8
 
 
 def test_page_escapes_its_config():
@@ -250,7 +283,7 @@ def test_stage_deploys_checks_and_returns(serve_torch_app, tmp_path, monkeypatch
     auth.take_api_keys_from_env()  # what engine.connect_ray does before ray.init
     assert API_KEYS_ENV not in os.environ
     config = {"checkpoint": str(serve_torch_app.checkpoint), "engine": "torch", "port": serve_torch_app.port,
-              "app_name": "stage", "route_prefix": "/stage", "sizes": ["32x32"],
+              "app_name": "stage", "route_prefix": "/stage", "sizes": ["32x32", "16x16"], "max_batch_size": 3, "max_n": 2,
               "api_keys_file": write_keys(tmp_path / "keys", key)}
     (tmp_path / "w.yaml").write_text(yaml.safe_dump(
         {"run_dir": "run", "stages": {"serve": {"uses": "serve", "config": config, "resources": {"cpus": 0}}}}))
@@ -260,6 +293,7 @@ def test_stage_deploys_checks_and_returns(serve_torch_app, tmp_path, monkeypatch
     manifest = statuses["serve"].manifest
     assert sorted(o["path"] for o in manifest["outputs"]) == ["endpoint.json", "sample.png"]
     assert manifest["metrics"]["smoke_latency_s"] > 0 and manifest["metrics"]["url"].endswith("/stage")
+    assert manifest["metrics"]["smoke_images"] == 6  # the check: the replica's full load, 3 requests x 2 images
     stage_dir = tmp_path / "run" / "serve"
     endpoint = json.loads((stage_dir / "endpoint.json").read_text())
     assert endpoint["url"] == f"http://127.0.0.1:{serve_torch_app.port}/stage" and endpoint["auth"] == "bearer"

@@ -93,6 +93,43 @@ def test_processor_draws_the_torch_engines_token_into_both_rows():
     assert_one_hot(got[3], expected_token(CFG_P, 3, masked[3], masked[0]))
 
 
+def test_a_steady_step_makes_no_tensor_from_the_host(monkeypatch):
+    """The per-row settings, rows and uniforms live on the device from the step the batch changes: the steps after
+    it make no tensor from host values (each one a copy that waits for the queue on a GPU), and still draw the torch
+    engine's tokens; a request joining makes the next step build them again."""
+    import simplear.vllm_cfg as vllm_cfg
+
+    made = []
+    real_tensor, real_to_device = torch.tensor, vllm_cfg.to_device
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append("tensor") or real_tensor(*a, **k))
+    monkeypatch.setattr(vllm_cfg, "to_device", lambda *a, **k: made.append("to_device") or real_to_device(*a, **k))
+    proc = CFGLogitsProcessor()
+    out_c, out_u, out_x = [], [], []
+    proc.update_state(update(3, added=[(0, vparams(CFG_P, "a", "uncond", max_tokens=8), [1], out_u),
+                                       (1, vparams(PLAIN_P, max_tokens=8), [1], out_x),
+                                       (2, vparams(CFG_P, "a", "cond", max_tokens=8), [1], out_c)]))
+    torch.manual_seed(0)
+    per_step = []
+    for t in range(5):
+        made.clear()
+        logits = torch.randn(3, V)
+        got = proc.apply(logits.clone())
+        per_step.append(len(made))
+        assert_one_hot(got[2], expected_token(CFG_P, t, logits[2], logits[0]))
+        assert_one_hot(got[1], expected_token(PLAIN_P, t, logits[1]))
+        for out, row in ((out_c, 2), (out_u, 0), (out_x, 1)):
+            out.append(int(got[row].argmax()))
+    assert per_step[0] > 0 and per_step[1:] == [0, 0, 0, 0], per_step
+    late = SamplingParams(seed=9)
+    proc.update_state(update(4, added=[(3, vparams(late, max_tokens=8), [1], [])]))
+    made.clear()
+    logits = torch.randn(4, V)
+    got = proc.apply(logits.clone())
+    assert made and proc.draws.parted == set()
+    assert_one_hot(got[3], expected_token(late, 0, logits[3]))
+    assert_one_hot(got[2], expected_token(CFG_P, 5, logits[2], logits[0]))
+
+
 def test_processor_follows_moves_swaps_and_removals():
     from vllm.v1.sample.logits_processor import MoveDirectionality
 
@@ -386,6 +423,20 @@ def test_chunks_respect_the_step_limits():
         assert sum(math.ceil((len(ids) + 20) / 16) for ids, _ in rows) <= 12
     with pytest.raises(ValueError, match="KV blocks"):
         eng._chunks([_Job(0, [([0] * 10, None)])], N=1000)
+
+
+def test_admission_leaves_the_null_block_and_the_watermark_out():
+    """A cache of 12 blocks admits 11 (vLLM's block pool keeps a null block): two images of 6 blocks each, exactly the
+    cache, go in two chunks, not one that vLLM would admit and then preempt a row of; with a 0.1 watermark, 10."""
+    from simplear.vllm_engine import VLLMOptions, VLLMSampler, _Job, admissible_blocks
+
+    assert (admissible_blocks(12), admissible_blocks(12, 0.1), admissible_blocks(0)) == (11, 10, 0)
+    eng = VLLMSampler.__new__(VLLMSampler)
+    eng.options = VLLMOptions(max_num_seqs=8)
+    eng.max_batched_tokens, eng.block_size, eng.num_blocks = 1000, 16, admissible_blocks(12)
+    pair = lambda i: _Job(i, [([0] * 12, None), ([0] * 12, None)])  # noqa: E731  (a CFG pair: 12 prompt tokens a row)
+    assert [len(c) for c in eng._chunks([pair(0), pair(1)], N=36)] == [1, 1]  # 48 tokens: 3 blocks a row, 12 in all
+    assert [len(c) for c in eng._chunks([pair(0), pair(1)], N=20)] == [2]  # 32 tokens: 2 blocks a row, 8 in all
 
 
 def test_a_parted_image_raises_at_its_token():

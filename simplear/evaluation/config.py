@@ -10,7 +10,7 @@ from simplear.config import StrictModel
 from simplear.evaluation.protocol import IMAGES_PER_PROMPT, ReferenceProtocol
 from simplear.sampling.spec import SamplingSpec
 from simplear.scorers import ScorerConfig
-from simplear.visual_tokenizers import VisualTokenizerConfig
+from simplear.visual_tokenizers import DECODE_BATCH, VisualTokenizerConfig
 from simplear.vllm_engine import VLLMOptions
 from simplear.workflow.names import NAME
 
@@ -80,6 +80,8 @@ class EvalStageConfig(StrictModel):
                                    description="keys left out: each checkpoint's recorded defaults (a release: the "
                                                "reference inference settings)")
     batch_size: int = Field(32, ge=1, description="images per engine call")
+    decode_batch: int = Field(DECODE_BATCH, ge=1, description="1024x1024 images per visual-tokenizer decode call (more "
+                                                               "of smaller ones): bounds the decoder's memory")
     engine: Literal["torch", "vllm"] = "torch"
     vllm: VLLMOptions = VLLMOptions()
     device: str = "auto"  # torch engine and scorers: cuda when the task has a GPU
@@ -99,5 +101,5 @@ class EvalStageConfig(StrictModel):
 
 # keys that change speed or memory, never an image or a score (a batch's composition does not change a request's
 # draws: each request has its own uniforms)
-EVAL_OPERATIONAL = ("batch_size", "vllm.max_num_seqs", "vllm.kv_cache_gib", "vllm.gpu_memory_utilization",
+EVAL_OPERATIONAL = ("batch_size", "decode_batch", "vllm.max_num_seqs", "vllm.kv_cache_gib", "vllm.gpu_memory_utilization",
                     "vllm.enforce_eager", "vllm.in_process")

@@ -37,13 +37,12 @@ def placement() -> dict:
 
 
 def open_engine(cfg, ck, device):
-    """(engine with `generate_codes`, visual tokenizer) for one checkpoint."""
-    import torch
-
+    """(engine with `generate_codes`, visual tokenizer) for one checkpoint: bf16 on a GPU, fp32 elsewhere."""
+    from simplear.devices import resolve_serving_dtype
     from simplear.storage.staging import local_folder
     from simplear.visual_tokenizers import load_visual_tokenizer
 
-    vt = load_visual_tokenizer(ck.visual_tokenizer, device)
+    vt = load_visual_tokenizer(ck.visual_tokenizer, device, decode_batch=cfg.decode_batch)
     folder = local_folder(ck.path)  # a checkpoint on a bucket: fetched once per node
     if cfg.engine == "vllm":
         from simplear.model import checkpoint_meta
@@ -54,7 +53,8 @@ def open_engine(cfg, ck, device):
     from simplear.model import load_checkpoint
     from simplear.sampler import TorchSampler
 
-    loaded = load_checkpoint(folder, device=device, dtype=torch.float32, visual_tokenizer=ck.visual_tokenizer)
+    loaded = load_checkpoint(folder, device=device, dtype=resolve_serving_dtype("auto", device),
+                             visual_tokenizer=ck.visual_tokenizer)
     loaded.model.eval()
     return TorchSampler(loaded.model, loaded.vocab, device=device), vt
 

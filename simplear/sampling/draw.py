@@ -75,6 +75,16 @@ def visual_mode_only(params: list[SamplingParams], engine: str) -> None:
                          "engine (engine: torch, without sjd_window)")
 
 
+def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list or tensor on `device`: to a GPU from pinned memory without waiting for the queue (a copy from
+    pageable memory waits for every kernel queued before it); on the CPU, as it is."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    t = t.to(dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 def resolve_seed(p: SamplingParams) -> int:
     """Without a seed a request gets one from torch's global RNG, so torch.manual_seed still repeats a run."""
     return p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -162,7 +172,7 @@ class DrawSettings:
     @classmethod
     def of(cls, params: list[SamplingParams], K: int, device) -> DrawSettings:
         guided = [i for i, p in enumerate(params) if p.cfg_scale != 1.0]
-        t = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        t = lambda values, dtype: to_device(values, dtype, device)  # noqa: E731
         return cls(
             guided=guided,
             cfg_idx=t(guided, torch.long),

@@ -50,7 +50,7 @@ def _engine(location: str | Path, cfg: ServeConfig, meta: dict):
     from simplear.visual_tokenizers import VisualTokenizerConfig, load_visual_tokenizer
 
     checkpoint = local_folder(location)
-    vt = load_visual_tokenizer(VisualTokenizerConfig.model_validate(meta["visual_tokenizer"]))
+    vt = load_visual_tokenizer(VisualTokenizerConfig.model_validate(meta["visual_tokenizer"]), decode_batch=cfg.decode_batch)
     for w, h in cfg.parsed_sizes():
         if w % vt.downsample or h % vt.downsample:
             raise ValueError(f"size {w}x{h} is not a multiple of the visual tokenizer's downsample {vt.downsample}")

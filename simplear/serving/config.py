@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from simplear.config import StrictModel
 from simplear.sampling.spec import SamplingSpec
 from simplear.serving.auth import env_api_keys
-from simplear.visual_tokenizers import VisualTokenizerConfig
+from simplear.visual_tokenizers import DECODE_BATCH, VisualTokenizerConfig
 from simplear.vllm_engine import VLLMOptions
 from simplear.vocab import MAX_TEXT_TOKENS
 
@@ -50,6 +50,9 @@ class ServeConfig(StrictModel):
     max_text_tokens: int = Field(MAX_TEXT_TOKENS, ge=1, description="caption tokens the model sees (longer ones are "
                                                                     "cut), as trained")
     max_batch_size: int = Field(16, ge=1, description="requests gathered into one engine call")
+    decode_batch: int = Field(DECODE_BATCH, ge=1, description="1024x1024 images per visual-tokenizer decode call (more "
+                                                               "of smaller ones): bounds the decoder's memory beside "
+                                                               "the engine at max_batch_size x max_n images")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill")
     max_concurrent_requests: int = Field(64, ge=1, description="per replica, generating or waiting for a batch; the "
                                                                "next gets 429")
@@ -63,8 +66,9 @@ class ServeConfig(StrictModel):
                                    description="what a request leaves out gets; keys left out here: the checkpoint's "
                                                "recorded defaults (the HTTP API names cfg_scale guidance_scale)")
     vllm: VLLMOptions = Field(VLLMOptions(), description="the vLLM engine's options")
-    smoke_prompt: str | None = Field("a red circle on a blue background", description="the stage's check request; "
-                                                                                       "None: no check")
+    smoke_prompt: str | None = Field("a red circle on a blue background",
+                                     description="the stage's check: max_batch_size requests of max_n images each at "
+                                                 "the largest size, at once (the replica's full load); None: no check")
 
     _driver_api_keys: list[str] = PrivateAttr(default_factory=list)
 
