@@ -14,8 +14,14 @@ writes a JSON with:
   checkpointing and of the loss's chunks is not counted (it is work the GPU does on top).
 - fsdp: the same step with the model under torch FSDP2 (`fully_shard` per decoder layer and the root)
   through `torch.distributed` at world size 1 (NCCL on GPU, gloo on CPU).
-- sample: `simplear.sampler.TorchSampler` (KV cache, CFG 6.0 as served) generating the 4,096 codes of a
-  1024 x 1024 image (64 x 64 grid), seconds per image at batch 1 and 16.
+- sample: `simplear.sampler.TorchSampler` (KV cache, CFG 6.0 as served, bf16 as `dtype: auto` draws on a GPU)
+  generating the 4,096 codes of a 1024 x 1024 image (64 x 64 grid), as the eval stage draws: seconds per image
+  at batch 1 and 64, and each step beside its bandwidth floor: the bytes one step must read (the bf16 weights
+  once, plus every row's keys and values up to the step's position, averaged over the image) over the GPU's
+  memory bandwidth (H100 3.35 TB/s, H200 4.8 TB/s; unknown elsewhere).
+- decode: `simplear.visual_tokenizers.ChunkedDecode` over a TorchScript module shaped like Cosmos DV8x16x16's
+  decoder path (16x upsampling in convolutions from the codes' six FSQ digits), 64 images at 1024 x 1024 in calls
+  of `decode_batch` (8): peak memory (the bound serve and eval rely on) and images/s.
 - tokenizer: a TorchScript module shaped like Cosmos DV8x16x16's encoder path (16x downsampling in
   convolutions, FSQ levels 8,8,8,5,5,5 = 64,000 codes) encoding 1024 x 1024 images: images/s.
 """
@@ -40,12 +46,33 @@ VOCAB = 151_665 + 7 + 64_000
 FULL = dict(model=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                        num_key_value_heads=2, head_dim=64, vocab_size=VOCAB, tie_word_embeddings=True,
                        max_position_embeddings=8192, rope_theta=1_000_000.0),
-            train=[(8, 1282), (2, 4354)], steps=4, warmup=2, grid=(64, 64), sample_batches=(1, 16), image=1024,
-            tokenizer_batch=8)
+            train=[(8, 1282), (2, 4354)], steps=4, warmup=2, grid=(64, 64), sample_batches=(1, 64), image=1024,
+            tokenizer_batch=8, decode_images=64)
 TINY = dict(model=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=1, head_dim=32, vocab_size=2_000, tie_word_embeddings=True,
                        max_position_embeddings=512),
-            train=[(2, 40), (1, 72)], steps=2, warmup=1, grid=(4, 4), sample_batches=(1, 2), image=64, tokenizer_batch=2)
+            train=[(2, 40), (1, 72)], steps=2, warmup=1, grid=(4, 4), sample_batches=(1, 2), image=64, tokenizer_batch=2,
+            decode_images=5)
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM HBM3 / HBM3e
+
+
+def bandwidth(device) -> float | None:
+    name = torch.cuda.get_device_name() if device.type == "cuda" else ""
+    return next((bw for key, bw in BANDWIDTH.items() if key in name), None)
+
+
+def step_floor_s(model, rows: int, prompt: int, tokens: int, device) -> float | None:
+    """Seconds a decode step cannot beat: the weights (as drawn) plus the KV cache of `rows` rows up to the step's
+    position (mean over the image's steps), read once from memory at the GPU's bandwidth."""
+    bw = bandwidth(device)
+    if bw is None:
+        return None
+    c = model.config
+    elem = 2 if device.type == "cuda" else 4
+    weights = sum(p.numel() for p in model.parameters()) * elem
+    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem
+    mean_context = prompt + tokens / 2
+    return (weights + rows * mean_context * kv_per_token) / bw
 
 
 def sync(device) -> None:
@@ -154,8 +181,60 @@ def sample(model, device, grid: tuple[int, int], batches: tuple[int, ...]) -> li
         sync(device)
         s = time.perf_counter() - t0
         assert codes.shape == (b, *grid)
-        out.append({"batch": b, "tokens_per_image": grid[0] * grid[1], "seconds": round(s, 2), "s_per_image": round(s / b, 3)})
+        N = grid[0] * grid[1]
+        floor = step_floor_s(sampler.model, 2 * b, len(vocab.prompt_ids(prompts[0])), N, device)
+        out.append({"batch": b, "tokens_per_image": N, "seconds": round(s, 2), "s_per_image": round(s / b, 3),
+                    "step_ms": round(1000 * s / N, 3), "floor_step_ms": None if floor is None else round(1000 * floor, 3)})
     return out
+
+
+class CosmosShapedDecoder(torch.nn.Module):
+    """Codes -> their six FSQ digits -> 16x upsampling in four stages of 2x nearest + convolutions -> RGB."""
+
+    def __init__(self, width: int = 128):
+        super().__init__()
+        chans = [6, 4 * width, 4 * width, 2 * width, width]
+        layers: list[torch.nn.Module] = []
+        for a, b in zip(chans, chans[1:]):
+            layers += [torch.nn.Upsample(scale_factor=2.0, mode="nearest"), torch.nn.Conv2d(a, b, 3, padding=1),
+                       torch.nn.SiLU(), torch.nn.Conv2d(b, b, 3, padding=1), torch.nn.SiLU()]
+        layers.append(torch.nn.Conv2d(width, 3, 3, padding=1))
+        self.net = torch.nn.Sequential(*layers)
+        self.register_buffer("basis", torch.tensor([1, 8, 64, 512, 2560, 12800]))
+        self.register_buffer("levels", torch.tensor([8, 8, 8, 5, 5, 5]))
+
+    def forward(self, codes):
+        digits = (codes[:, None] // self.basis.view(1, 6, 1, 1)) % self.levels.view(1, 6, 1, 1)
+        x = digits.to(self.net[1].weight.dtype) / (self.levels.view(1, 6, 1, 1) - 1) * 2 - 1
+        return torch.tanh(self.net(x))
+
+
+def decode_memory(device, image: int, images: int, width: int) -> dict:
+    """`images` decoded at `image` px through `ChunkedDecode` (decode_batch 8 at 1024^2): peak memory, images/s."""
+    from simplear.visual_tokenizers import DECODE_BATCH, ChunkedDecode
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    net = torch.jit.script(CosmosShapedDecoder(width).to(device, dtype).eval())
+
+    class Decoder(ChunkedDecode):
+        downsample = 16
+
+        def _decode(self, codes):
+            return net(codes.to(device))
+
+    dec, h = Decoder(), image // 16
+    codes = torch.randint(0, 64_000, (images, h, h))
+    with torch.inference_mode():
+        dec.decode(codes[:1])
+        sync(device)
+        reset_peak(device)
+        t0 = time.perf_counter()
+        out = dec.decode(codes)
+        sync(device)
+    s = time.perf_counter() - t0
+    assert out.shape == (images, 3, image, image) and out.device.type == "cpu"
+    return {"image": image, "images": images, "decode_batch": DECODE_BATCH, "images_per_call": dec.images_per_call(h, h),
+            "images_per_s": round(images / s, 2), "peak_memory_gib": peak_gib(device)}
 
 
 class CosmosShapedEncoder(torch.nn.Module):
@@ -224,6 +303,8 @@ def main() -> int:
     reset_peak(device)
     result["sample"] = sample(build_model(spec["model"], device), device, spec["grid"], spec["sample_batches"])
     result["tokenizer"] = tokenizer_throughput(device, spec["image"], spec["tokenizer_batch"], 16 if args.tiny else 128)
+    reset_peak(device)
+    result["decode"] = decode_memory(device, spec["image"], spec["decode_images"], 16 if args.tiny else 128)
     result["imports"] = sorted(m for m in ("ray", "vllm") if m in sys.modules)
     result["seconds"] = round(time.perf_counter() - t_all, 1)
 
@@ -234,9 +315,13 @@ def main() -> int:
     f = result["fsdp"]
     rows.append(("FSDP2 step, world 1", f"{f['micro_batch']} x {f['tokens']}", f"{f['tokens_per_s']:.0f} tok/s, peak {f['peak_memory_gib']} GiB"))
     for r in result["sample"]:
-        rows.append(("sample, CFG 6, KV cache", f"batch {r['batch']}, {r['tokens_per_image']} tok", f"{r['s_per_image']} s per image"))
+        rows.append(("sample, CFG 6, KV cache", f"batch {r['batch']}, {r['tokens_per_image']} tok",
+                     f"{r['s_per_image']} s per image, {r['step_ms']} ms a step (floor {r['floor_step_ms']} ms)"))
     t = result["tokenizer"]
     rows.append(("Cosmos-shaped encode", f"{t['batch']} x {t['image']}^2", f"{t['images_per_s']} images/s"))
+    d = result["decode"]
+    rows.append(("Cosmos-shaped decode, chunked", f"{d['images']} x {d['image']}^2, {d['images_per_call']} a call",
+                 f"{d['images_per_s']} images/s, peak {d['peak_memory_gib']} GiB"))
     width = [max(len(str(r[i])) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, width)))

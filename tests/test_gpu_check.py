@@ -21,3 +21,6 @@ def test_gpu_check_tiny_runs_every_part_without_ray_or_vllm(tmp_path):
     assert r["fsdp"]["world_size"] == 1 and r["fsdp"]["tokens_per_s"] > 0
     assert [s["batch"] for s in r["sample"]] == [1, 2] and all(s["s_per_image"] > 0 for s in r["sample"])
     assert r["tokenizer"]["codes_per_image"] == (64 // 16) ** 2 and r["tokenizer"]["images_per_s"] > 0
+    assert all(s["step_ms"] > 0 and s["floor_step_ms"] is None for s in r["sample"])  # no bandwidth known on CPU
+    # 5 images of 64^2 at 8 per call of 1024^2: one call
+    assert r["decode"]["images"] == 5 and r["decode"]["images_per_call"] >= 5 and r["decode"]["images_per_s"] > 0
