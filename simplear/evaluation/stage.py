@@ -125,13 +125,12 @@ def run_eval_stage(ctx):
     checkpoints = resolve_checkpoints(ctx, cfg, where)
     if cfg.engine == "vllm" and any(ck.sampling.mode == "reference" for ck in checkpoints):
         raise ConfigError(f"{where}.sampling.mode: the reference mode runs on the torch engine only (engine: torch)")
-    loaded = {s.name: (s, *load_items(ctx, s, f"{where}.prompt_sets[{i}]")) for i, s in enumerate(cfg.prompt_sets)}
-    sets = {name: (spec, items) for name, (spec, items, _) in loaded.items()}
+    sets = {s.name: (s, *load_items(ctx, s, f"{where}.prompt_sets[{i}]")) for i, s in enumerate(cfg.prompt_sets)}
     run, store = ctx.store.uri, ctx.store
     work, entries = [], {}  # entries: the manifest entries of the images known without reading them again
     for ck in checkpoints:
         jobs = []
-        for name, (spec, items, requests) in loaded.items():
+        for name, (spec, items, requests) in sets.items():
             sampling = BENCHMARK_SAMPLING if spec.protocol else ck.sampling
             key = set_key(ck, items, sampling, cfg.seed, cfg.samples_per_prompt, cfg.engine,
                           requests if spec.protocol else None)
@@ -146,7 +145,7 @@ def run_eval_stage(ctx):
     drawn = draw_all(cfg, ctx.resources, ctx.name, work, workers, entries) if work else {}
 
     scores, jobs = {}, []
-    for name, (spec, items) in sets.items():
+    for name, (spec, items, _) in sets.items():
         for sc_cfg in spec.scorers:
             for ck in checkpoints:
                 cached, job = score_job(sc_cfg, name, SetPlace.of(run, ctx.name, ck, name), items, cfg.samples_per_prompt,
@@ -164,7 +163,7 @@ def run_eval_stage(ctx):
               "samples_per_prompt": cfg.samples_per_prompt, "seed": cfg.seed,
               "engine": cfg.engine, "sets": {}, "notes": NOTES}
     metrics: dict = {"drawn_prompts": drawn, "workers": workers}
-    for name, (spec, items) in sets.items():
+    for name, (spec, items, _) in sets.items():
         entry = {"prompts": len(items), "scores": {}, "grids": [], **protocol_entry(spec, checkpoints)}
         for sc_cfg in spec.scorers:
             by_ck = entry["scores"][sc_cfg.kind] = {ck.name: scores[name, sc_cfg.kind, ck.name] for ck in checkpoints}
