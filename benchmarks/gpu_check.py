@@ -17,8 +17,9 @@ writes a JSON with:
 - sample: `simplear.sampler.TorchSampler` (KV cache, CFG 6.0 as served, bf16 as `dtype: auto` draws on a GPU)
   generating the 4,096 codes of a 1024 x 1024 image (64 x 64 grid), as the eval stage draws: seconds per image
   at batch 1 and 64, and each step beside its bandwidth floor: the bytes one step must read (the bf16 weights
-  once, plus every row's keys and values up to the step's position, averaged over the image) over the GPU's
-  memory bandwidth (H100 3.35 TB/s, H200 4.8 TB/s; unknown elsewhere).
+  of the body and the head's visual rows once, plus every row's keys and values up to the step's position,
+  averaged over the image) over the GPU's memory bandwidth (H100 3.35 TB/s, H200 4.8 TB/s; unknown elsewhere).
+  The step is the engine's CUDA-graph replay per length bucket, grouped-query attention kept grouped.
 - decode: `simplear.visual_tokenizers.ChunkedDecode` over a TorchScript module shaped like Cosmos DV8x16x16's
   decoder path (16x upsampling in convolutions from the codes' six FSQ digits), 64 images at 1024 x 1024 in calls
   of `decode_batch` (8): peak memory (the bound serve and eval rely on) and images/s.
@@ -61,15 +62,18 @@ def bandwidth(device) -> float | None:
     return next((bw for key, bw in BANDWIDTH.items() if key in name), None)
 
 
-def step_floor_s(model, rows: int, prompt: int, tokens: int, device) -> float | None:
-    """Seconds a decode step cannot beat: the weights (as drawn) plus the KV cache of `rows` rows up to the step's
+def step_floor_s(model, rows: int, prompt: int, tokens: int, codebook: int, device) -> float | None:
+    """Seconds a decode step cannot beat: the weights it reads (as drawn: the body, and of the embedding table and the
+    LM head only the `codebook` visual rows the head scores) plus the KV cache of `rows` rows up to the step's
     position (mean over the image's steps), read once from memory at the GPU's bandwidth."""
     bw = bandwidth(device)
     if bw is None:
         return None
     c = model.config
     elem = 2 if device.type == "cuda" else 4
-    weights = sum(p.numel() for p in model.parameters()) * elem
+    tables = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    body = sum(p.numel() for p in model.parameters() if id(p) not in tables)
+    weights = (body + codebook * c.hidden_size) * elem
     kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem
     mean_context = prompt + tokens / 2
     return (weights + rows * mean_context * kv_per_token) / bw
@@ -182,7 +186,8 @@ def sample(model, device, grid: tuple[int, int], batches: tuple[int, ...]) -> li
         s = time.perf_counter() - t0
         assert codes.shape == (b, *grid)
         N = grid[0] * grid[1]
-        floor = step_floor_s(sampler.model, 2 * b, len(vocab.prompt_ids(prompts[0])), N, device)
+        floor = step_floor_s(sampler.model, 2 * b, len(vocab.prompt_ids(prompts[0])), N, vocab.codebook_size,
+                             device)
         out.append({"batch": b, "tokens_per_image": N, "seconds": round(s, 2), "s_per_image": round(s / b, 3),
                     "step_ms": round(1000 * s / N, 3), "floor_step_ms": None if floor is None else round(1000 * floor, 3)})
     return out

@@ -40,7 +40,7 @@ import torch
 
 from simplear.sampler import SamplingParams, TorchSampler
 from simplear.sampling.draw import DrawSettings, inverse_cdf, request_uniforms, resolve_seed, visual_mode_only
-from simplear.sampling.rows import KVRows, VisualHead
+from simplear.sampling.rows import KVRows, VisualHead, drawing
 
 
 @dataclass
@@ -86,14 +86,8 @@ class JacobiSampler:
         h, w = grid
         params = self._params(params, len(prompts))
         visual_mode_only(params, "speculative Jacobi decoding")
-        model = self.sampler.model
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                codes, steps = self._decode(prompts, h * w, params)
-        finally:
-            model.train(was_training)
+        with drawing(self.sampler.model), torch.inference_mode():
+            codes, steps = self._decode(prompts, h * w, params)
         self.last_stats = JacobiStats(steps=steps.tolist(), tokens=h * w)
         codes = codes.view(len(prompts), h, w).cpu()
         return (codes, self.last_stats) if return_stats else codes

@@ -2,7 +2,8 @@
 
 Each request's conditional row and, when cfg_scale != 1, its unconditional row (the negative prompt) run
 through the model together, one token per step, on a preallocated static KV cache (`simplear.sampling.rows`):
-the step reads nothing back to the host, and on CUDA it is a replayed CUDA graph. The token is drawn from the
+the step reads nothing back to the host, attends only to the slots in use with grouped-query attention kept grouped,
+and on CUDA it is a replayed CUDA graph (one per length bucket). The token is drawn from the
 CFG-combined distribution over the visual ids with the request's own uniforms (`simplear.sampling.draw`, shared
 with vLLM's logits processor and SJD): one seed names one image whatever else is in the batch.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from simplear.sampling.draw import DrawSettings, SamplingParams, request_uniforms, resolve_seed
-from simplear.sampling.rows import KVRows, VisualHead
+from simplear.sampling.rows import CudaGraphs, KVRows, VisualHead, drawing
 
 __all__ = ["SamplingParams", "TorchSampler", "resolve_seed"]
 
@@ -48,11 +49,14 @@ class TorchSampler:
     `device` None keeps the model where it is. `use_kv_cache=False` recomputes the whole prefix
     every step, and `batch_cfg=False` runs conditional and unconditional rows as two forwards:
     both exist for the benchmark, the results are the same. `capture` (default: on CUDA) replays
-    the one-token step as a CUDA graph; it needs CUDA and the KV cache.
+    the one-token step from recorded graphs, one per length bucket; it needs the KV cache, and CUDA unless a `recorder`
+    is given (by default a new `CudaGraphs` per stream and call; the tests give an eager stand-in with its protocol,
+    which rehearses the bucketed step on CPU).
     """
 
     def __init__(self, model, vocab, visual_tokenizer=None, device=None, use_kv_cache: bool = True,
-                 batch_cfg: bool = True, max_text_tokens: int | None = None, capture: bool | None = None):
+                 batch_cfg: bool = True, max_text_tokens: int | None = None, capture: bool | None = None,
+                 recorder=None):
         if device is not None:
             model.to(device)
         self.model = model
@@ -62,9 +66,11 @@ class TorchSampler:
         self.use_kv_cache = use_kv_cache
         self.batch_cfg = batch_cfg
         self.max_text_tokens = max_text_tokens
-        self.capture = (self.device.type == "cuda" and use_kv_cache) if capture is None else capture
-        if self.capture and (self.device.type != "cuda" or not use_kv_cache):
-            raise ValueError(f"capture (a CUDA graph of the cached step) needs a CUDA device and the KV cache, "
+        self.recorder = recorder
+        on_cuda = self.device.type == "cuda"
+        self.capture = ((on_cuda or recorder is not None) and use_kv_cache) if capture is None else capture
+        if self.capture and (not (on_cuda or recorder is not None) or not use_kv_cache):
+            raise ValueError(f"capture (CUDA graphs of the cached step) needs a CUDA device and the KV cache, "
                              f"got {self.device} with use_kv_cache={use_kv_cache}")
         if model.config._attn_implementation != "sdpa":
             raise ValueError(f"the torch engine builds SDPA attention masks: load the model with attn_implementation='sdpa' "
@@ -100,20 +106,16 @@ class TorchSampler:
         if B == 0:
             codes = torch.empty((0, h, w), dtype=torch.long)
             return (codes, torch.empty((0, N))) if return_logprobs else codes
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():  # not inference_mode: callers (GRPO) use the log-probs next to autograd tensors
-                codes = torch.empty((B, N), dtype=torch.long, device=self.device)
-                logps = torch.empty((B, N), dtype=torch.float32, device=self.device)
-                for reference in (False, True):
-                    group = [i for i, p in enumerate(params) if p.reference_mode == reference]
-                    if group:
-                        at = torch.tensor(group, device=self.device)
-                        got = self._generate([prompts[i] for i in group], N, [params[i] for i in group], reference)
-                        codes[at], logps[at] = got
-        finally:
-            self.model.train(was_training)
+        # not inference_mode: callers (GRPO) use the log-probs next to autograd tensors
+        with drawing(self.model), torch.no_grad():
+            codes = torch.empty((B, N), dtype=torch.long, device=self.device)
+            logps = torch.empty((B, N), dtype=torch.float32, device=self.device)
+            for reference in (False, True):
+                group = [i for i, p in enumerate(params) if p.reference_mode == reference]
+                if group:
+                    at = torch.tensor(group, device=self.device)
+                    got = self._generate([prompts[i] for i in group], N, [params[i] for i in group], reference)
+                    codes[at], logps[at] = got
         codes = codes.view(B, h, w).cpu()
         return (codes, logps.float().cpu()) if return_logprobs else codes
 
@@ -142,7 +144,7 @@ class TorchSampler:
         logits = torch.cat([s.prefill() for s in streams])  # (B + U, K)
         if self.capture:
             for s in streams:
-                s.capture()
+                s.capture(self.recorder or CudaGraphs(dev))
         for t in range(N):
             if penalty is not None:
                 logits = penalty(logits)
