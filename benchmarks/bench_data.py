@@ -1,7 +1,7 @@
 """filter + tokenize on Ray Data vs one process vs multiprocessing.Pool(2): the stages' own functions in all three.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_data.py [--images 20000] [--size 512] [--warmup 1000]
-        [--data DIR] [--json out.json]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_data.py [--images 10000] [--size 512] [--warmup 1000]
+        [--repeat 2] [--settle-below 1.0] [--settle-limit 240] [--data DIR] [--json out.json]
 
 Input: a finished download stage of `--images` photo-like JPEGs (smooth colour fields with grain, so they
 compress and decode like photos, not like flat test cards), short edge `--size` (one in ten half that,
@@ -14,21 +14,27 @@ downsample 8, to Parquet in parts of `rows_per_part`). Ray Data runs them as the
 one task per source, an actor pool of 2 behind CPU reader tasks) on a cluster started once and warmed;
 the loop calls them one after another; the pool maps them over sources in 2 processes.
 
-Each is run twice, on a warm-up set (`--warmup` images) and on the full set: the steady-state rate is
+A round runs an engine twice, on a warm-up set (`--warmup` images) and on the full set: the steady-state rate is
 the difference of images over the difference of seconds, so the fixed costs of a run (worker and actor
-start-up, imports, the tokenizer's load) cancel; start-up is reported apart. CPU-seconds per image come
-from sampling the CPU times of this process and all its descendants (Ray's raylet and workers, the pool's
-processes) every 0.2 s; the load average is the 1-minute one, sampled while the runs go. The filter's
-kept keys and the codes of all three are compared before any figure is printed.
+start-up, imports, the tokenizer's load) cancel; start-up is reported apart. Each engine runs `--repeat` rounds
+and the median is reported. CPU-seconds per image come from sampling the CPU times of this process and all its
+descendants (Ray's raylet and workers, the pool's processes) every 0.2 s, also by operator (what each process
+was doing when sampled: a Ray worker's title names its task or actor). Before each run the script waits (up to
+`--settle-limit` s) for the 1-minute load average to fall below `--settle-below`, and records the load before
+and during the run; when a run still started above it, another workload was running and no ratio is printed.
+Ray Data's own `stats()` of the last full run are kept in the JSON. The filter's kept keys and the codes of all
+three are compared before any figure is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -45,7 +51,7 @@ from pipelines import filter as filter_stage  # noqa: E402
 from pipelines import pretokenize  # noqa: E402
 from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA as DOWNLOAD_SCHEMA  # noqa: E402
 from pipelines.pixels import record_pixel_files  # noqa: E402
-from pipelines.resumable_parquet import (SRC, SRC_FILE, PartsWriter, SplitByReason, input_sources, read_process_write,  # noqa: E402
+from pipelines.resumable_parquet import (RUN, SRC, SRC_FILE, PartsWriter, SplitByReason, input_sources, read_process_write,  # noqa: E402
                                          read_sources, to_arrow)
 from simplear.workflow.context import StageContext  # noqa: E402
 from simplear.storage.local import LocalStore  # noqa: E402
@@ -131,13 +137,13 @@ def record(ctx: StageContext) -> None:
     atomic_write_json(ctx.stage_dir / "_MANIFEST.json", {"fingerprint": "bench", "outputs": describe_outputs(ctx.store, ctx.name)})
 
 
-def source_batch(s) -> dict[str, list]:
-    return {"path": [s.path], SRC: [s.id], SRC_FILE: [s.ref]}
+def source_batch(s, run_dir) -> dict[str, list]:
+    return {"path": [s.path], SRC: [s.id], SRC_FILE: [s.ref], RUN: [str(run_dir)]}
 
 
 def filter_one(args) -> None:
     run_dir, source, cfg = args
-    read_process_write(source_batch(source), fn=filter_stage.filter_batch, stage_dir=str(Path(run_dir) / "filter"),
+    read_process_write(source_batch(source, run_dir), fn=filter_stage.filter_batch, run=str(run_dir), stage="filter",
                        fn_kwargs={"min_short_edge": cfg.min_short_edge, "max_aspect_ratio": cfg.max_aspect_ratio,
                                   "verify_decode": cfg.verify_decode, "max_pixels": cfg.max_pixels},
                        split=SplitByReason(filter_stage.KEPT_SCHEMA, filter_stage.REJECTED_SCHEMA),
@@ -155,10 +161,10 @@ def tokenize_one(args) -> None:
     run_dir, source, cfg = args
     if _ENCODER is None:
         _ENCODER = pretokenize.Encoder(cfg, cpus=1)
-    writer = PartsWriter(str(Path(run_dir) / "tokenize"), pretokenize.Split(cfg.resolutions))
+    writer = PartsWriter(str(run_dir), "tokenize", pretokenize.Split(cfg.resolutions))
     pending: list = []
-    blocks = read_sources(source_batch(source), columns=None, rows_per_block=cfg.batch_size, prepare=pretokenize.prepare_crops,
-                          prepare_kwargs={"run_dir": str(run_dir), "resolutions": cfg.resolutions})
+    blocks = read_sources(source_batch(source, run_dir), columns=None, rows_per_block=cfg.batch_size,
+                          prepare=pretokenize.prepare_crops, prepare_kwargs={"run": str(run_dir), "resolutions": cfg.resolutions})
     for table in blocks:
         pending.append(table)
         if sum(t.num_rows for t in pending) >= cfg.rows_per_part:
@@ -189,28 +195,53 @@ def run_ray(run_dir: Path, cfgs) -> None:
 
 # ---- measuring -------------------------------------------------------------------------------------------
 
+RAY_SERVICES = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor", "runtime_env", "ray_client_server")
+
+
+def who(p, me: int) -> str:
+    """What a process is doing, for per-operator CPU: Ray's workers name their task or actor in their title
+    (`ray::<name>`), Ray's own services by their program, the pool's workers and this driver apart."""
+    if p.pid == me:
+        return "driver"
+    try:
+        title = " ".join(p.cmdline()) or p.name()
+    except Exception:  # noqa: BLE001 - gone between listing and reading
+        return "other"
+    if title.startswith("ray::"):
+        name = title[5:].split(" ")[0]
+        return "ray worker idle" if name.startswith("IDLE") else name
+    if any(svc in title for svc in RAY_SERVICES):
+        return "ray services"
+    return "pool worker" if "multiprocessing" in title else "other"
+
 
 class Meter:
-    """CPU-seconds of this process and every descendant (sampled, so a process that exits keeps its last
-    sample), and the 1-minute load average, while a run goes."""
+    """CPU-seconds of this process and every descendant, in total and by what each process was doing when sampled
+    (a process's CPU since the last sample goes to its title now: Ray task workers change title with each task),
+    and the 1-minute load average while a run goes."""
 
     def __init__(self, every: float = 0.2):
         import psutil
 
         self.psutil, self.every = psutil, every
         self.cpu: dict[int, float] = {}
+        self.by_op: dict[str, float] = {}
         self.loads: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _sample(self) -> None:
+    def _sample(self, count: bool = True) -> None:
         me = self.psutil.Process()
         for p in [me] + me.children(recursive=True):
             try:
                 t = p.cpu_times()
-                self.cpu[p.pid] = t.user + t.system
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
-                pass
+                continue
+            now = t.user + t.system
+            if count:
+                op = who(p, me.pid)
+                self.by_op[op] = self.by_op.get(op, 0.0) + now - self.cpu.get(p.pid, 0.0)  # new: all of it
+            self.cpu[p.pid] = now
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
@@ -218,7 +249,7 @@ class Meter:
             self.loads.append(os.getloadavg()[0])
 
     def __enter__(self):
-        self._sample()
+        self._sample(count=False)
         self.base = dict(self.cpu)
         self.t0 = time.perf_counter()
         self._thread.start()
@@ -230,7 +261,17 @@ class Meter:
         self._thread.join()
         self._sample()
         self.cpu_s = sum(v - self.base.get(pid, 0.0) for pid, v in self.cpu.items())
-        self.load = max(self.loads) if self.loads else os.getloadavg()[0]
+        self.load_max = max(self.loads) if self.loads else os.getloadavg()[0]
+        self.load_mean = sum(self.loads) / len(self.loads) if self.loads else os.getloadavg()[0]
+
+
+def settle(below: float, limit_s: float) -> float:
+    """Wait (up to `limit_s`) for the 1-minute load average to fall below `below`, so a run does not start on what
+    the previous one left (it decays with a 1-minute time constant); the load it starts at."""
+    deadline = time.monotonic() + limit_s
+    while os.getloadavg()[0] >= below and time.monotonic() < deadline:
+        time.sleep(2)
+    return os.getloadavg()[0]
 
 
 def outputs(run_dir: Path, size: int) -> tuple[list[str], dict[str, tuple]]:
@@ -239,31 +280,50 @@ def outputs(run_dir: Path, size: int) -> tuple[list[str], dict[str, tuple]]:
     return sorted(kept), dict(zip(t["key"], map(tuple, t["codes"])))
 
 
-def measure(name: str, fn, warm: Path, full: Path, n_warm: int, n_full: int, work: Path) -> dict:
-    runs = {}
-    for label, data, n in (("warmup", warm, n_warm), ("full", full, n_full)):
-        run_dir = run_dir_for(data, work / f"{name}-{label}")
-        with Meter() as m:
-            fn(run_dir)
-        runs[label] = {"images": n, "seconds": round(m.seconds, 2), "cpu_s": round(m.cpu_s, 1), "load_avg_max": round(m.load, 2)}
-        print(f"  {name} {label}: {n} images in {m.seconds:.1f} s, {m.cpu_s:.0f} CPU-s, load {m.load:.2f}", flush=True)
-    w, f = runs["warmup"], runs["full"]
-    steady = (f["images"] - w["images"]) / (f["seconds"] - w["seconds"])
-    return {**runs, "steady_images_per_s": round(steady, 1),
-            "startup_s": round(w["seconds"] - w["images"] / steady, 2),
-            "cpu_s_per_image": round((f["cpu_s"] - w["cpu_s"]) / (f["images"] - w["images"]), 4)}
+def measure(name: str, fn, warm: Path, full: Path, n_warm: int, n_full: int, work: Path, repeat: int, guard: dict) -> dict:
+    """`repeat` rounds of a warm-up run and a full run; the steady state of each round (the full run's extra images
+    over its extra seconds: fixed costs cancel), the median over rounds."""
+    rounds = []
+    for r in range(repeat):
+        runs = {}
+        for label, data, n in (("warmup", warm, n_warm), ("full", full, n_full)):
+            run_dir = run_dir_for(data, work / f"{name}-{label}")
+            before = settle(guard["below"], guard["limit_s"])
+            with Meter() as m:
+                fn(run_dir)
+            runs[label] = {"images": n, "seconds": round(m.seconds, 2), "cpu_s": round(m.cpu_s, 1),
+                           "load_before": round(before, 2), "load_max": round(m.load_max, 2),
+                           "load_mean": round(m.load_mean, 2),
+                           "cpu_s_by_operator": {k: round(v, 1) for k, v in sorted(m.by_op.items(), key=lambda kv: -kv[1])
+                                                 if v >= 0.05}}
+            print(f"  {name} round {r + 1} {label}: {n} images in {m.seconds:.1f} s, {m.cpu_s:.0f} CPU-s, load before "
+                  f"{before:.2f}, during {m.load_mean:.2f} (max {m.load_max:.2f})", flush=True)
+        w, f = runs["warmup"], runs["full"]
+        steady = (f["images"] - w["images"]) / (f["seconds"] - w["seconds"])
+        runs.update(steady_images_per_s=round(steady, 1), startup_s=round(w["seconds"] - w["images"] / steady, 2),
+                    cpu_s_per_image=round((f["cpu_s"] - w["cpu_s"]) / (f["images"] - w["images"]), 4))
+        rounds.append(runs)
+    med = lambda key: round(statistics.median(r[key] for r in rounds), 4)  # noqa: E731
+    return {"steady_images_per_s": med("steady_images_per_s"), "startup_s": med("startup_s"),
+            "cpu_s_per_image": med("cpu_s_per_image"), "rounds": rounds}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=20_000)
+    ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--size", type=int, default=512, help="short edge of the images (and the tokenize resolution)")
     ap.add_argument("--warmup", type=int, default=1_000)
+    ap.add_argument("--repeat", type=int, default=2, help="rounds per engine (the median is reported)")
+    ap.add_argument("--settle-below", type=float, default=1.0, help="1-min load average a run waits for")
+    ap.add_argument("--settle-limit", type=float, default=240.0, help="seconds a run waits for it at most")
     ap.add_argument("--data", help="keep the generated input here (reused when there)")
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ["SIMPLEAR_DATA_STATS"] = "1"
+    stats = StatsLog()
     cfgs = configs(args.size)
+    guard = {"below": args.settle_below, "limit_s": args.settle_limit}
     data = Path(args.data or tempfile.mkdtemp(prefix="bench-data-input-"))
     t0 = time.perf_counter()
     n_warm = make_download(data / f"warm-{args.size}-{args.warmup}", 10**7, args.warmup, args.size)
@@ -278,12 +338,17 @@ def main() -> int:
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         run_ray(run_dir_for(warm, work / "ray-start"), cfgs)  # the cluster warm: worker processes started, imports done
-        results["ray_data"] = measure("ray_data", lambda d: run_ray(d, cfgs), warm, full, n_warm, n_full, work)
+        stats.records.clear()
+        results["ray_data"] = measure("ray_data", lambda d: run_ray(d, cfgs), warm, full, n_warm, n_full, work,
+                                      args.repeat, guard)
+        results["ray_data"]["stats_last_full_run"] = stats.records[-2:]
         ray.shutdown()
-        results["single_loop"] = measure("single_loop", lambda d: run_local(d, cfgs), warm, full, n_warm, n_full, work)
+        results["single_loop"] = measure("single_loop", lambda d: run_local(d, cfgs), warm, full, n_warm, n_full, work,
+                                         args.repeat, guard)
         with multiprocessing.get_context("spawn").Pool(2) as pool:
             pool.map(time.sleep, [0.1, 0.1])  # both started
-            results["pool_2"] = measure("pool_2", lambda d: run_local(d, cfgs, pool), warm, full, n_warm, n_full, work)
+            results["pool_2"] = measure("pool_2", lambda d: run_local(d, cfgs, pool), warm, full, n_warm, n_full, work,
+                                        args.repeat, guard)
         size = args.size
         ref = outputs(work / "single_loop-full", size)
         same = all(outputs(work / f"{k}-full", size) == ref for k in ("ray_data", "pool_2"))
@@ -293,20 +358,48 @@ def main() -> int:
             ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     rate = {k: v["steady_images_per_s"] for k, v in results.items()}
+    starts = [run["load_before"] for r in results.values() for rnd in r["rounds"] for run in (rnd["warmup"], rnd["full"])]
+    contended = max(starts) >= args.settle_below
+    ratio = lambda a, b: None if contended else round(a / b, 2)  # noqa: E731
     summary = {
-        "speedup_vs_loop": round(rate["ray_data"] / rate["single_loop"], 2),
-        "speedup_vs_pool": round(rate["ray_data"] / rate["pool_2"], 2),
-        "load_avg": round(max(r[p]["load_avg_max"] for r in results.values() for p in ("warmup", "full")), 2),
+        "speedup_vs_loop": ratio(rate["ray_data"], rate["single_loop"]),
+        "speedup_vs_pool": ratio(rate["ray_data"], rate["pool_2"]),
+        "cpu_per_image_vs_loop": ratio(results["ray_data"]["cpu_s_per_image"], results["single_loop"]["cpu_s_per_image"]),
+        "load_avg": {"before_max": round(max(starts), 2),
+                     "during_max": round(max(run["load_max"] for r in results.values() for rnd in r["rounds"]
+                                             for run in (rnd["warmup"], rnd["full"])), 2)},
+        "contended": contended,
         "same_outputs": same, "images": n_full, "warmup_images": n_warm, "size": args.size, "kept": kept, "tokenized": coded,
         "cpus": os.cpu_count(), **results,
     }
     print(json.dumps(summary, indent=2))
-    print(f"filter + tokenize, {n_full} JPEGs at {args.size} px: steady state Ray Data {rate['ray_data']} img/s, "
-          f"loop {rate['single_loop']}, Pool(2) {rate['pool_2']}: {summary['speedup_vs_loop']}x the loop, "
-          f"{summary['speedup_vs_pool']}x the pool (load avg up to {summary['load_avg']}); outputs equal: {same}")
+    line = (f"filter + tokenize, {n_full} JPEGs at {args.size} px, median of {args.repeat} rounds: steady state Ray Data "
+            f"{rate['ray_data']} img/s, loop {rate['single_loop']}, Pool(2) {rate['pool_2']}")
+    if contended:
+        line += (f"; no ratio: a run started at a load average of {max(starts):.2f} (another workload was running: "
+                 f"the engines did not have the same machine)")
+    else:
+        line += f": {summary['speedup_vs_loop']}x the loop, {summary['speedup_vs_pool']}x the pool"
+    print(f"{line}; outputs equal: {same}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return 0 if same else 1
+
+
+class StatsLog(logging.Handler):
+    """Keeps the stages' `Ray Data stats` log records (`SIMPLEAR_DATA_STATS`): per-operator wall and CPU times."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[str] = []
+        log = logging.getLogger("simplear.stage")
+        log.setLevel(logging.INFO)
+        log.addHandler(self)
+
+    def emit(self, record) -> None:
+        msg = record.getMessage()
+        if "Ray Data stats" in msg:
+            self.records.append(msg)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from pipelines.reservations import dataset_name, drop_dead_reservations
 from simplear.config import StrictModel
 from simplear.workflow.context import StageResult
 from simplear.storage import Store, join, open_parent, open_store
@@ -348,7 +349,8 @@ def run_stage(
                            "columns": columns, "rows_per_block": batch_size},
                 **({"memory": int(res.memory)} if res.memory else {}),
             )
-        ds.set_name(ctx.name)  # the dashboard's Ray Data page tells stages apart
+        ds.set_name(dataset_name(ctx.name))  # the dashboard's Ray Data page tells stages apart
+        drop_dead_reservations()
         progress = ProgressLine(ctx.name, rows_todo, ctx.progress_interval_s, run=ctx.store.uri)
         for summary in ds.iter_batches(batch_size=None, batch_format="pandas"):
             done = int(summary["rows"].sum())

@@ -41,6 +41,16 @@ def phone_home_off() -> dict[str, str]:
     return {key: os.environ[key] for key in PHONE_HOME_OFF}
 
 
+# Ray Data's autoscaling coordinator keeps a killed driver's CPU reservation until it expires (180 s by default;
+# see pipelines/reservations.py): stage tasks run with 30 s, three of the ~10 s renewal gaps of a live execution.
+RAY_DATA_EXPIRE_ENV = "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S"
+
+
+def ray_data_expiry() -> dict[str, str]:
+    """The expiry for a stage task's runtime env: the user's when set, else 30 s."""
+    return {RAY_DATA_EXPIRE_ENV: os.environ.get(RAY_DATA_EXPIRE_ENV, "30")}
+
+
 def auth_token_path() -> Path:
     """The token file Ray 2.60 reads when RAY_AUTH_TOKEN is not set."""
     return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")

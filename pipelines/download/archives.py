@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipelines.download.images import upright
 from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA, SHARDS, classify, shard_keys
+from pipelines.reservations import dataset_name, drop_dead_reservations
 from simplear.datasets import ArchiveSource, load_dataset_manifest
 from simplear.storage import Store, join, open_store
 from simplear.workflow.manifest import commit_json, committed, record_entry
@@ -383,7 +384,8 @@ def ingest_archives(ctx, stage: Store, dataset: str, rows_per_part: int, max_pix
                        "manifest_path": str(ctx.dataset_files[dataset]), "rows_per_part": rows_per_part,
                        "max_pixels": max_pixels, "max_bytes": max_bytes},
         )
-        out.set_name(ctx.name)
+        out.set_name(dataset_name(ctx.name))
+        drop_dead_reservations()
         for _ in out.iter_batches(batch_size=None):
             pass
     return {"archives": len(items), "archives_ingested_this_run": len(todo), "archives_missing": len(missing),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from simplear.config import ConfigError
-from simplear.ray_env import init_ray
+from simplear.ray_env import init_ray, ray_data_expiry
 from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.fingerprint import SCHEME
 from simplear.workflow.lock import FENCE_ENV, RunLock, RunLocked, describe_holder, read_lock
@@ -323,8 +323,9 @@ def _run(wf: ResolvedWorkflow, selection: Selection, lock: RunLock) -> dict[str,
             )
             log.info("%s: %s (%s%s)", name, action, st.state, f": {'; '.join(st.reasons[:3])}" if st.reasons else "")
             # the fencing token travels with the stage task to every task and actor it starts
+            env_vars = {FENCE_ENV: lock.fence_token, **ray_data_expiry()}
             ref = remote.options(name=f"stage:{name}", num_cpus=0, max_retries=0,
-                                 runtime_env={"env_vars": {FENCE_ENV: lock.fence_token}}).remote(ctx, wf.body.plugins)
+                                 runtime_env={"env_vars": env_vars}).remote(ctx, wf.body.plugins)
             running[ref] = name
             lock.update(running=sorted(running.values()))
         if not running:
