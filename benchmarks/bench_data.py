@@ -1,7 +1,8 @@
 """filter + tokenize on Ray Data vs one process vs multiprocessing.Pool(2): the stages' own functions in all three.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_data.py [--images 10000] [--size 512] [--warmup 1000]
-        [--repeat 2] [--settle-below 1.0] [--settle-limit 240] [--data DIR] [--json out.json]
+        [--repeat 2] [--settle-below 0.8] [--settle-limit 240] [--contended-above 1.0]
+        [--engines ray_data,single_loop,pool_2] [--data DIR] [--json out.json]
 
 Input: a finished download stage of `--images` photo-like JPEGs (smooth colour fields with grain, so they
 compress and decode like photos, not like flat test cards), short edge `--size` (one in ten half that,
@@ -10,9 +11,9 @@ which the filter rejects), long edge up to 1.5x, in shards of 1,000 rows; `--dat
 The work is the same in all three: the filter's `read_process_write` per download shard (decode, check,
 write the kept rows with a reference to their pixels), then per filter part the tokenize reader's
 `read_sources` + `prepare_crops` (fetch the bytes, decode, centre-crop) and the `Encoder` (pixel-fsq,
-downsample 8, to Parquet in parts of `rows_per_part`). Ray Data runs them as the stages do (`run()`,
-one task per source, an actor pool of 2 behind CPU reader tasks) on a cluster started once and warmed;
-the loop calls them one after another; the pool maps them over sources in 2 processes.
+downsample 8, to Parquet in parts of `rows_per_part`). Ray Data runs them as the stages do (`run()`: the filter
+one task per source, tokenize on CPUs alone 2 `SourceWorker` actors doing whole sources) on a cluster started once
+and warmed; the loop calls them one after another; the pool maps them over sources in 2 processes.
 
 A round runs an engine twice, on a warm-up set (`--warmup` images) and on the full set: the steady-state rate is
 the difference of images over the difference of seconds, so the fixed costs of a run (worker and actor
@@ -20,8 +21,9 @@ start-up, imports, the tokenizer's load) cancel; start-up is reported apart. Eac
 and the median is reported. CPU-seconds per image come from sampling the CPU times of this process and all its
 descendants (Ray's raylet and workers, the pool's processes) every 0.2 s, also by operator (what each process
 was doing when sampled: a Ray worker's title names its task or actor). Before each run the script waits (up to
-`--settle-limit` s) for the 1-minute load average to fall below `--settle-below`, and records the load before
-and during the run; when a run still started above it, another workload was running and no ratio is printed.
+`--settle-limit` s) for the 1-minute load average to fall below `--settle-below` (what the previous run left
+decays with a 1-minute time constant), and records the load before and during the run; when a run still started
+above `--contended-above` (one core busy), another workload was running and no ratio is printed.
 Ray Data's own `stats()` of the last full run are kept in the JSON. The filter's kept keys and the codes of all
 three are compared before any figure is printed.
 """
@@ -51,14 +53,15 @@ from pipelines import filter as filter_stage  # noqa: E402
 from pipelines import pretokenize  # noqa: E402
 from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA as DOWNLOAD_SCHEMA  # noqa: E402
 from pipelines.pixels import record_pixel_files  # noqa: E402
-from pipelines.resumable_parquet import (RUN, SRC, SRC_FILE, PartsWriter, SplitByReason, input_sources, read_process_write,  # noqa: E402
-                                         read_sources, to_arrow)
+from pipelines.resumable_parquet import (RUN, SRC, SRC_FILE, SourceWorker, SplitByReason, input_sources,  # noqa: E402
+                                         read_process_write, to_arrow)
 from simplear.workflow.context import StageContext  # noqa: E402
 from simplear.storage.local import LocalStore  # noqa: E402
 from simplear.workflow.manifest import atomic_write_json, describe_outputs  # noqa: E402
 from simplear.workflow.spec import Resources  # noqa: E402
 
 SHARD_ROWS = 1000
+ENGINES = ("ray_data", "single_loop", "pool_2")
 
 
 def configs(size: int):
@@ -150,28 +153,18 @@ def filter_one(args) -> None:
                        columns=filter_stage.COLUMNS, rows_per_block=cfg.batch_size)
 
 
-_ENCODER = None
+_WORKERS: dict = {}
 
 
 def tokenize_one(args) -> None:
-    """What the stage's reader task and actor do for one source, in this process (one encoder per process)."""
-    import pyarrow as pa
-
-    global _ENCODER
+    """What the stage's actor does for one source on CPU, in this process (one encoder per process and run)."""
     run_dir, source, cfg = args
-    if _ENCODER is None:
-        _ENCODER = pretokenize.Encoder(cfg, cpus=1)
-    writer = PartsWriter(str(run_dir), "tokenize", pretokenize.Split(cfg.resolutions))
-    pending: list = []
-    blocks = read_sources(source_batch(source, run_dir), columns=None, rows_per_block=cfg.batch_size,
-                          prepare=pretokenize.prepare_crops, prepare_kwargs={"run": str(run_dir), "resolutions": cfg.resolutions})
-    for table in blocks:
-        pending.append(table)
-        if sum(t.num_rows for t in pending) >= cfg.rows_per_part:
-            writer(_ENCODER(pa.concat_tables(pending)))
-            pending = []
-    if pending:
-        writer(_ENCODER(pa.concat_tables(pending)))
+    if run_dir not in _WORKERS:
+        _WORKERS[run_dir] = SourceWorker(
+            pretokenize.Encoder, {"cfg": cfg, "cpus": 1}, run=run_dir, stage="tokenize", split=pretokenize.Split(cfg.resolutions),
+            columns=None, rows_per_block=cfg.batch_size, rows_per_part=cfg.rows_per_part, prepare=pretokenize.prepare_crops,
+            prepare_kwargs={"run": run_dir, "resolutions": cfg.resolutions})
+    _WORKERS[run_dir](source_batch(source, run_dir))
 
 
 def run_local(run_dir: Path, cfgs, pool=None) -> None:
@@ -292,7 +285,7 @@ def measure(name: str, fn, warm: Path, full: Path, n_warm: int, n_full: int, wor
             with Meter() as m:
                 fn(run_dir)
             runs[label] = {"images": n, "seconds": round(m.seconds, 2), "cpu_s": round(m.cpu_s, 1),
-                           "load_before": round(before, 2), "load_max": round(m.load_max, 2),
+                           "load_before": round(before, 3), "load_max": round(m.load_max, 2),
                            "load_mean": round(m.load_mean, 2),
                            "cpu_s_by_operator": {k: round(v, 1) for k, v in sorted(m.by_op.items(), key=lambda kv: -kv[1])
                                                  if v >= 0.05}}
@@ -314,11 +307,15 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=512, help="short edge of the images (and the tokenize resolution)")
     ap.add_argument("--warmup", type=int, default=1_000)
     ap.add_argument("--repeat", type=int, default=2, help="rounds per engine (the median is reported)")
-    ap.add_argument("--settle-below", type=float, default=1.0, help="1-min load average a run waits for")
+    ap.add_argument("--settle-below", type=float, default=0.8, help="1-min load average a run waits for")
     ap.add_argument("--settle-limit", type=float, default=240.0, help="seconds a run waits for it at most")
+    ap.add_argument("--contended-above", type=float, default=1.0,
+                    help="a run starting above this load (after the wait) means another workload: no ratio")
+    ap.add_argument("--engines", default=",".join(ENGINES), help="which to run (ratios need all three)")
     ap.add_argument("--data", help="keep the generated input here (reused when there)")
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
+    engines = [e for e in ENGINES if e in args.engines.split(",")]
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["SIMPLEAR_DATA_STATS"] = "1"
     stats = StatsLog()
@@ -336,50 +333,55 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     results = {}
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        run_ray(run_dir_for(warm, work / "ray-start"), cfgs)  # the cluster warm: worker processes started, imports done
-        stats.records.clear()
-        results["ray_data"] = measure("ray_data", lambda d: run_ray(d, cfgs), warm, full, n_warm, n_full, work,
-                                      args.repeat, guard)
-        results["ray_data"]["stats_last_full_run"] = stats.records[-2:]
-        ray.shutdown()
-        results["single_loop"] = measure("single_loop", lambda d: run_local(d, cfgs), warm, full, n_warm, n_full, work,
-                                         args.repeat, guard)
-        with multiprocessing.get_context("spawn").Pool(2) as pool:
-            pool.map(time.sleep, [0.1, 0.1])  # both started
-            results["pool_2"] = measure("pool_2", lambda d: run_local(d, cfgs, pool), warm, full, n_warm, n_full, work,
-                                        args.repeat, guard)
-        size = args.size
-        ref = outputs(work / "single_loop-full", size)
-        same = all(outputs(work / f"{k}-full", size) == ref for k in ("ray_data", "pool_2"))
+        if "ray_data" in engines:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            run_ray(run_dir_for(warm, work / "ray-start"), cfgs)  # the cluster warm: worker processes started, imports done
+            stats.records.clear()
+            results["ray_data"] = measure("ray_data", lambda d: run_ray(d, cfgs), warm, full, n_warm, n_full, work,
+                                          args.repeat, guard)
+            results["ray_data"]["stats_last_full_run"] = stats.records[-2:]
+            ray.shutdown()
+        if "single_loop" in engines:
+            results["single_loop"] = measure("single_loop", lambda d: run_local(d, cfgs), warm, full, n_warm, n_full,
+                                             work, args.repeat, guard)
+        if "pool_2" in engines:
+            with multiprocessing.get_context("spawn").Pool(2) as pool:
+                pool.map(time.sleep, [0.1, 0.1])  # both started
+                results["pool_2"] = measure("pool_2", lambda d: run_local(d, cfgs, pool), warm, full, n_warm, n_full,
+                                            work, args.repeat, guard)
+        found = {k: outputs(work / f"{k}-full", args.size) for k in results}
+        ref = next(iter(found.values()))
+        same = all(v == ref for v in found.values())
         kept, coded = len(ref[0]), len(ref[1])
     finally:
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     rate = {k: v["steady_images_per_s"] for k, v in results.items()}
-    starts = [run["load_before"] for r in results.values() for rnd in r["rounds"] for run in (rnd["warmup"], rnd["full"])]
-    contended = max(starts) >= args.settle_below
-    ratio = lambda a, b: None if contended else round(a / b, 2)  # noqa: E731
-    summary = {
-        "speedup_vs_loop": ratio(rate["ray_data"], rate["single_loop"]),
-        "speedup_vs_pool": ratio(rate["ray_data"], rate["pool_2"]),
-        "cpu_per_image_vs_loop": ratio(results["ray_data"]["cpu_s_per_image"], results["single_loop"]["cpu_s_per_image"]),
-        "load_avg": {"before_max": round(max(starts), 2),
-                     "during_max": round(max(run["load_max"] for r in results.values() for rnd in r["rounds"]
-                                             for run in (rnd["warmup"], rnd["full"])), 2)},
-        "contended": contended,
+    runs = [run for r in results.values() for rnd in r["rounds"] for run in (rnd["warmup"], rnd["full"])]
+    start_max = max(run["load_before"] for run in runs)
+    contended = start_max > args.contended_above
+    why_not = ("a run started at a load average of %.2f after the wait (another workload was running: the engines "
+               "did not have the same machine)" % start_max if contended else
+               None if len(results) == len(ENGINES) else "not every engine ran")
+    ratio = lambda key, b: None if why_not else round(results["ray_data"][key] / results[b][key], 2)  # noqa: E731
+    summary = {"speedup_vs_loop": ratio("steady_images_per_s", "single_loop"),
+               "speedup_vs_pool": ratio("steady_images_per_s", "pool_2"),
+               "cpu_per_image_vs_loop": ratio("cpu_s_per_image", "single_loop")}
+    summary.update({
+        "load_avg": {"before_max": round(start_max, 2), "during_max": round(max(run["load_max"] for run in runs), 2)},
+        "contended": contended, "no_ratio_because": why_not,
         "same_outputs": same, "images": n_full, "warmup_images": n_warm, "size": args.size, "kept": kept, "tokenized": coded,
         "cpus": os.cpu_count(), **results,
-    }
+    })
     print(json.dumps(summary, indent=2))
-    line = (f"filter + tokenize, {n_full} JPEGs at {args.size} px, median of {args.repeat} rounds: steady state Ray Data "
-            f"{rate['ray_data']} img/s, loop {rate['single_loop']}, Pool(2) {rate['pool_2']}")
-    if contended:
-        line += (f"; no ratio: a run started at a load average of {max(starts):.2f} (another workload was running: "
-                 f"the engines did not have the same machine)")
+    line = (f"filter + tokenize, {n_full} JPEGs at {args.size} px, median of {args.repeat} rounds: steady state "
+            + ", ".join(f"{k} {v} img/s" for k, v in rate.items()))
+    if why_not:
+        line += f"; no ratio: {why_not}"
     else:
-        line += f": {summary['speedup_vs_loop']}x the loop, {summary['speedup_vs_pool']}x the pool"
+        line += (f": {summary['speedup_vs_loop']}x the loop, {summary['speedup_vs_pool']}x the pool, CPU per image "
+                 f"{summary['cpu_per_image_vs_loop']}x the loop's")
     print(f"{line}; outputs equal: {same}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))

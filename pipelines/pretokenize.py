@@ -1,12 +1,15 @@
 """tokenize: images to visual-token codes, one Parquet shard set per target resolution.
 
 Each image is fetched by reference from the download's shards (`pipelines.pixels`), resized and
-centre-cropped to a square `size` with ADM's `center_crop_arr` (what the SimpleAR reference uses) in
-the reader tasks on CPU (`prepare_crops`, `prepare:` sets their CPUs and number), then scaled to
-[-1, 1] and encoded by the model core's visual tokenizer (`simplear.visual_tokenizers`) in a Ray Data
-actor pool (a GPU per actor in production), which so does no decoding. An image is
-encoded at a resolution only when its short edge is at least that resolution's `min_short_edge`
-(default: the size itself, so nothing is upsampled).
+centre-cropped to a square `size` with ADM's `center_crop_arr` (what the SimpleAR reference uses)
+(`prepare_crops`), then scaled to [-1, 1] and encoded by the model core's visual tokenizer
+(`simplear.visual_tokenizers`) in a Ray Data actor pool. With GPUs (production), CPU reader tasks in front
+of the GPU actors do the fetch and crop (`prepare:` sets their CPUs and number), so a GPU never waits on a
+JPEG decoder; the crops cross the object store, the price of keeping the GPUs busy. On CPUs alone each actor
+does whole sources itself (`resumable_parquet.SourceWorker`): reader tasks there would only take cores from
+the encoder and ship 0.8 MB per 512 px crop between processes. An image is encoded at a resolution only when
+its short edge is at least that resolution's `min_short_edge` (default: the size itself, so nothing is
+upsampled).
 
 Output: `<size>/part-*.parquet` with `key, caption, caption_long, caption_short, tokenizer, height,
 width, codes` (codes: int32, raster order, (size/d)^2 of them), `rejected/` for rows that could not
@@ -210,6 +213,7 @@ def run(ctx: StageContext) -> StageResult:
         prepare=prepare_crops,
         prepare_kwargs={"run": ctx.store.uri, "resolutions": cfg.resolutions},
         prepare_options=cfg.prepare,
+        whole_sources_on_cpu=True,
     )
     commit_json(ctx.store, ctx.key("tokenizer.json"), info)
     result.metrics.update(tokenizer=info["name"], codebook_size=info["codebook_size"])

@@ -247,7 +247,8 @@ def test_stages_show_on_the_metrics_endpoint_by_name(demo, ray_head):
     assert done["filter"] == filtered["rows_in"] and series(text, "ray_simplear_rows_rejected_total")["filter"] > 0
     assert done["recaption"] <= manifest_of(demo.runs / "recaption")["metrics"]["rows_in"]  # after the kill: the resumed run's share
     for stage in ("filter", "recaption", "tokenize"):
-        assert re.search(rf'^ray_data_\w+{{[^}}]*dataset="{stage}_', text, re.M), f"no Ray Data series named {stage}_*"
+        assert re.search(rf'^ray_data_\w+{{[^}}]*dataset="{stage}@job[0-9a-f]+_', text, re.M), \
+            f"no Ray Data series named {stage}@job<id>_*"
     assert set(wf.stages) >= {"filter", "recaption", "tokenize"}
 
 
