@@ -267,9 +267,12 @@ class PartsWriter:
         self.run, self.stage, self.split = run, stage, split
 
     def __call__(self, out) -> dict[str, list]:
-        if isinstance(out, pa.Table):
-            out = out.to_pandas()
-        return write_parts(out, run=self.run, stage=self.stage, split=self.split)
+        return write_parts(as_frame(out), run=self.run, stage=self.stage, split=self.split)
+
+
+def as_frame(out):
+    """A stage function's or model's output (an Arrow table or a pandas frame) as the frame `write_parts` groups."""
+    return out.to_pandas() if isinstance(out, pa.Table) else out
 
 
 def read_process_write(batch, *, fn: Callable, fn_kwargs: dict | None = None, run: str, stage: str, split: Split,
@@ -284,20 +287,19 @@ def read_process_write(batch, *, fn: Callable, fn_kwargs: dict | None = None, ru
     small (what `prepare` makes, decoded pixels, lives one block at a time) while parts gather their outputs."""
     started = time.time()
     out: dict[str, list] = {"source": [], "part": [], "rows": [], "counts": []}
-    pending: list = []
+    pending: list = []  # processed blocks (frames) not yet written
 
     def flush() -> None:
-        frames = [p.to_pandas() if isinstance(p, pa.Table) else p for p in pending]
-        summary = write_parts(frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True), run=run, stage=stage, split=split,
-                              started=started)
+        rows = pending[0] if len(pending) == 1 else pd.concat(pending, ignore_index=True)
+        summary = write_parts(rows, run=run, stage=stage, split=split, started=started)
         for k in out:
             out[k] += summary[k]
         pending.clear()
 
     for table in read_sources(batch, columns=columns, rows_per_block=rows_per_block, prepare=prepare,
                               prepare_kwargs=prepare_kwargs):
-        pending.append(fn(table if batch_format == "pyarrow" else table.to_pandas(), **(fn_kwargs or {})))
-        if sum(len(p) for p in pending) >= (rows_per_part or 0):
+        pending.append(as_frame(fn(table if batch_format == "pyarrow" else table.to_pandas(), **(fn_kwargs or {}))))
+        if sum(map(len, pending)) >= (rows_per_part or 0):
             flush()
     if pending:
         flush()
