@@ -32,6 +32,8 @@ from simplear.t2i import SequenceSpec, T2ITask  # noqa: E402
 from simplear.train import LocalSession, TrainConfig, fit, read_metrics, train_loop  # noqa: E402
 from simplear.visual_tokenizers import VisualTokenizerConfig, load_visual_tokenizer, pil_to_tensor  # noqa: E402
 
+from meter import Meter  # noqa: E402  (benchmarks/meter.py)
+
 VT = VisualTokenizerConfig(kind="pixel-fsq", levels=10)
 
 
@@ -84,7 +86,8 @@ def plain_torch(data: Path, cfg: TrainConfig, threads: int) -> dict:
         n = int(batch["attention_mask"].sum())
         tokens += n
         times.append(n / (time.perf_counter() - t0))
-    return {"step_tokens_per_s": statistics.median(times), "wall_tokens_per_s": tokens / (time.perf_counter() - t_start)}
+    return {"step_tokens_per_s": statistics.median(times), "wall_tokens_per_s": tokens / (time.perf_counter() - t_start),
+            "tokens": tokens}
 
 
 def task(grid) -> T2ITask:
@@ -93,15 +96,18 @@ def task(grid) -> T2ITask:
 
 def from_metrics(out: Path, wall: float) -> dict:
     rows = read_metrics(out)
-    return {"step_tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[1:]),
-            "wall_tokens_per_s": sum(r["tokens"] for r in rows) / wall}
+    tokens = sum(r["tokens"] for r in rows)
+    return {"step_tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[1:]), "wall_tokens_per_s": tokens / wall,
+            "tokens": tokens}
 
 
 def local_loop(data: Path, cfg: TrainConfig, out: Path, grid) -> dict:
     t = task(grid)
-    t0 = time.perf_counter()
-    train_loop(t, cfg, LocalSession([data], t.columns, out / "checkpoints"), out)
-    return from_metrics(out, time.perf_counter() - t0)
+    with Meter() as meter:
+        t0 = time.perf_counter()
+        train_loop(t, cfg, LocalSession([data], t.columns, out / "checkpoints"), out)
+        wall = time.perf_counter() - t0
+    return {**from_metrics(out, wall), **meter.figures()}
 
 
 def ray_train(data: Path, cfg: TrainConfig, out: Path, grid, address: str | None) -> dict:
@@ -123,7 +129,9 @@ def ray_train(data: Path, cfg: TrainConfig, out: Path, grid, address: str | None
                 columns=t.columns)
             return time.perf_counter() - t0
 
-        return from_metrics(out, ray.get(run_fit.remote()))
+        with Meter() as meter:  # Ray started and idle before: what the run adds to it
+            wall = ray.get(run_fit.remote())
+        return {**from_metrics(out, wall), **meter.figures()}
     finally:
         ray.shutdown()
 
@@ -145,8 +153,10 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         data = tmp / "data.parquet"
         make_data(data, args.rows, args.size)
+        with Meter() as meter:
+            plain = plain_torch(data, cfg, args.threads)
         results = {
-            "plain torch loop": plain_torch(data, cfg, args.threads),
+            "plain torch loop": {**plain, **meter.figures()},
             "train_loop, no Ray": local_loop(data, cfg, tmp / "local", grid),
             "train_loop on Ray Train": ray_train(data, cfg, tmp / "ray", grid, args.address),
         }
@@ -160,7 +170,10 @@ def main(argv=None) -> int:
     ray_r = results["train_loop on Ray Train"]
     print(f"\nratio Ray Train / plain torch: {ray_r['step_tokens_per_s'] / base['step_tokens_per_s']:.2f} per step, "
           f"{ray_r['wall_tokens_per_s'] / base['wall_tokens_per_s']:.2f} over the whole run")
-    print(json.dumps({k: {m: round(v, 1) for m, v in r.items()} for k, r in results.items()}))
+    print(f"\n{'CPU-ms per 1k tokens':26}" + "".join(f"{1000 * r['cpu_s'] / r['tokens'] * 1000:>10.1f}" for r in results.values()))
+    for name, r in results.items():
+        print(f"  {name}: " + ", ".join(f"{op} {s:.1f} s" for op, s in r["cpu_by_process"].items()))
+    print(json.dumps(results))
     return 0
 
 

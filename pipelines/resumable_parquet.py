@@ -32,6 +32,7 @@ from pydantic import Field
 
 from pipelines.reservations import dataset_name, drop_dead_reservations
 from simplear.config import StrictModel
+from simplear.observability.logs import ray_data_progress
 from simplear.workflow.context import StageResult
 from simplear.storage import Store, join, open_parent, open_store
 from simplear.workflow.manifest import commit_json, committed, file_entry
@@ -191,8 +192,8 @@ def _task_id() -> str | None:
 def write_parts(batch, *, run: str, stage: str, split: Split, started: float | None = None) -> dict[str, list]:
     """Last step of a stage's Ray Data DAG: write this block's parts and receipts; return one summary row per part.
 
-    A receipt names the Ray task (or actor call) that wrote it and when that task started, so the work's
-    real parallelism can be read back from the receipts."""
+    A receipt names the Ray task (an actor's calls share its id) that wrote it and when that call started, so the
+    work's real parallelism can be read back from the receipts."""
     store = open_store(run)
     task, started = _task_id(), started or time.time()
     summary: dict[str, list] = {"source": [], "part": [], "rows": [], "counts": []}
@@ -307,18 +308,24 @@ def read_process_write(batch, *, fn: Callable, fn_kwargs: dict | None = None, ru
 
 
 class SourceWorker:
-    """An actor that does whole sources (`read_process_write`) with one instance of a stage's model class.
+    """An actor that does whole sources (`read_process_write`) with a stage's function, or one instance of its
+    model class (loaded once).
 
-    On CPUs alone this is how a model stage runs: reader tasks in front of model actors would share the same cores
-    and ship every decoded image through the object store (0.8 MB per 512 px crop) to be encoded next door; here
-    each actor decodes, encodes and writes its own sources, as a process pool would, and loads the model once."""
+    On CPUs alone this is how every stage runs. For a model: reader tasks in front of model actors would share the
+    same cores and ship every decoded image through the object store (0.8 MB per 512 px crop) to be encoded next
+    door; here each actor decodes, encodes and writes its own sources, as a process pool would. For a function:
+    one task per source waits for a worker lease and an import each time (0.1-0.2 s between sources on every
+    slot), while an actor has the next source queued when one ends."""
 
-    def __init__(self, process: type, process_kwargs: dict, **kwargs):
-        self.model = process(**process_kwargs)
+    def __init__(self, process: Callable | type, process_kwargs: dict, **kwargs):
+        if isinstance(process, type):
+            self.fn, self.fn_kwargs, self.batch_format = process(**process_kwargs), None, "pyarrow"
+        else:
+            self.fn, self.fn_kwargs, self.batch_format = process, process_kwargs, "pandas"
         self.kwargs = kwargs
 
     def __call__(self, batch) -> dict[str, list]:
-        return read_process_write(batch, fn=self.model, batch_format="pyarrow", **self.kwargs)
+        return read_process_write(batch, fn=self.fn, fn_kwargs=self.fn_kwargs, batch_format=self.batch_format, **self.kwargs)
 
 
 def run_stage(
@@ -340,13 +347,14 @@ def run_stage(
     """Stream the sources still to do through `process` and write their parts; return the stage's metrics and
     the output entries its tasks computed.
 
-    `process` is a function (one Ray task per source reads, processes and writes it) or an
-    actor class (a pool of `concurrency` actors with the stage's resources, GPUs included) whose
-    constructor takes `writer=` and which writes its own output, so no extra task starts per block.
-    For an actor, `prepare` (pyarrow table -> table) runs in the reader tasks on CPU: decode and resize
-    happen there, in parallel, and the model actors get pixels ready to use. With `whole_sources_on_cpu`, a stage
-    that asks no GPUs runs `SourceWorker` actors instead, each doing whole sources (read, prepare, process in
-    blocks of `rows_per_block`, write parts of `batch_size` rows): no pixels cross the object store.
+    `process` is a function (a pool of `concurrency` `SourceWorker` actors with the stage's resources, each
+    reading, processing and writing whole sources, a part per `batch_size` rows) or a model class (a pool of
+    `concurrency` actors with the stage's resources, GPUs included) whose constructor takes `writer=` and which
+    writes its own output, so no extra task starts per block. For a model, `prepare` (pyarrow table -> table) runs
+    in reader tasks on CPU: decode and resize happen there, in parallel, and the model actors get pixels ready to
+    use. With `whole_sources_on_cpu`, a model stage that asks no GPUs runs `SourceWorker` actors instead, each
+    doing whole sources (read, prepare, process in blocks of `rows_per_block`, write parts of `batch_size` rows):
+    no pixels cross the object store.
     """
     import ray.data
 
@@ -358,52 +366,44 @@ def run_stage(
     t0 = time.time()
     todo = [s for s in todo if s.rows > 0]
     if todo:
-        data_ctx = ray.data.DataContext.get_current()
-        data_ctx.enable_progress_bars = ctx.interactive  # in logs: the progress line below instead
-        data_ctx.print_on_execution_start = False
+        ray_data_progress(ctx.interactive)  # in logs: the progress line below instead
         items = [{"path": s.path, SRC: s.id, SRC_FILE: s.ref, RUN: ctx.store.uri} for s in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(todo))
-        if isinstance(process, type) and whole_sources_on_cpu and not res.gpus:
+        model = isinstance(process, type)
+        if not model or (whole_sources_on_cpu and not res.gpus):
+            # a model: blocks of `rows_per_block` rows, parts of `batch_size`; a function: a part per `batch_size` rows
+            blocks = {"rows_per_block": rows_per_block, "rows_per_part": batch_size} if model else {"rows_per_block": batch_size}
             ds = ds.map_batches(
                 SourceWorker,
                 batch_format="pyarrow",
                 fn_constructor_kwargs={"process": process, "process_kwargs": process_kwargs, "run": ctx.store.uri,
-                                       "stage": ctx.name, "split": split, "columns": columns,
-                                       "rows_per_block": rows_per_block, "rows_per_part": batch_size, "prepare": prepare,
-                                       "prepare_kwargs": prepare_kwargs},
-                **actor_options(res, 1, in_flight=2),  # the next source waits at the actor: no dispatch gap
+                                       "stage": ctx.name, "split": split, "columns": columns, "prepare": prepare,
+                                       "prepare_kwargs": prepare_kwargs, **blocks},
+                # the next source waits at the actor: no dispatch gap; no more actors than sources
+                **actor_options(res, 1, in_flight=2, most=len(todo)),
             )
-        elif isinstance(process, type):
+        else:
             opts = prepare_options or PrepareOptions()
             ds = ds.map_batches(
                 read_sources,
                 batch_size=1,
                 batch_format="pyarrow",
                 num_cpus=opts.cpus,
-                compute=ray.data.TaskPoolStrategy(size=opts.tasks or 2 * res.concurrency),
+                compute=ray.data.TaskPoolStrategy(size=min(opts.tasks or 2 * res.concurrency, len(todo))),
                 fn_kwargs={"columns": columns, "rows_per_block": rows_per_block, "prepare": prepare,
                            "prepare_kwargs": prepare_kwargs},
             )
             writer = PartsWriter(ctx.store.uri, ctx.name, split)
             ds = ds.map_batches(process, batch_format="pyarrow", fn_constructor_kwargs={**process_kwargs, "writer": writer},
                                 **actor_options(res, batch_size))
-        else:
-            ds = ds.map_batches(
-                read_process_write,
-                batch_size=1,
-                batch_format="pyarrow",
-                num_cpus=res.cpus,
-                compute=ray.data.TaskPoolStrategy(size=res.concurrency),
-                fn_kwargs={"fn": process, "fn_kwargs": process_kwargs, "run": ctx.store.uri, "stage": ctx.name, "split": split,
-                           "columns": columns, "rows_per_block": batch_size},
-                **({"memory": int(res.memory)} if res.memory else {}),
-            )
         ds.set_name(dataset_name(ctx.name))  # the dashboard's Ray Data page tells stages apart
         drop_dead_reservations()
         progress = ProgressLine(ctx.name, rows_todo, ctx.progress_interval_s, run=ctx.store.uri)
         for summary in ds.iter_batches(batch_size=None, batch_format="pandas"):
             done = int(summary["rows"].sum())
-            rejected = sum(json.loads(c).get("rejected", 0) for c in summary["counts"])
+            rejected: Counter = Counter()
+            for counts in map(json.loads, summary["counts"]):
+                rejected.update({k.split(":", 1)[1]: n for k, n in counts.items() if ":" in k})
             count_rows(ctx.name, done, rejected, ctx.store.uri)
             progress.add(done)
         progress.add(0, force=True)
@@ -419,14 +419,16 @@ def run_stage(
     return StageResult(metrics=metrics, files=receipt_entries(receipts))
 
 
-def actor_options(resources, batch_size: int, in_flight: int | None = None) -> dict[str, Any]:
-    """map_batches arguments for a model stage: a pool of `concurrency` actors, each with the stage's resources
-    (and at most `in_flight` calls queued per actor, Ray Data's default when None)."""
+def actor_options(resources, batch_size: int, in_flight: int | None = None, most: int | None = None) -> dict[str, Any]:
+    """map_batches arguments for a model stage: a pool of `concurrency` actors (at most `most`: a resumed stage
+    with two sources left starts two), each with the stage's resources (and at most `in_flight` calls queued per
+    actor, Ray Data's default when None)."""
     import ray.data
 
+    size = min(resources.concurrency, most) if most else resources.concurrency
     opts: dict[str, Any] = {
         "batch_size": batch_size,
-        "compute": ray.data.ActorPoolStrategy(size=resources.concurrency, max_tasks_in_flight_per_actor=in_flight),
+        "compute": ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=in_flight),
         "num_cpus": resources.cpus,
     }
     if resources.gpus:

@@ -55,6 +55,13 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from simplear.observability.report import write_run_report
+
+    print(write_run_report(_load(args)))
+    return 0
+
+
 def cmd_clean(args) -> int:
     from simplear.workflow.engine import holding_run_dir
     from simplear.workflow.previous import clean
@@ -153,6 +160,13 @@ def cmd_jobs(args) -> int:
     except RuntimeError as e:  # the jobs API's answer to an unknown job id
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def cmd_dashboards(args) -> int:
+    from simplear.observability.dashboards import install_dashboard
+
+    print(install_dashboard(Path(args.dest)))
+    return 0
 
 
 def cmd_serve(args) -> int:
@@ -258,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("report", help="write <run_dir>/report.html: the run on one page (a run writes it at its end too)")
+    workflow_args(p)
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("clean", help="remove the outputs earlier reruns moved aside (<stage>/.previous/)")
     workflow_args(p)
     p.set_defaults(func=cmd_clean)
@@ -281,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jobs)
 
     add_checkpoint_commands(sub)
+
+    p = sub.add_parser("dashboards", help="the project's Grafana dashboard: install it in a Grafana's provisioned folder")
+    p.add_argument("action", choices=["install"])
+    p.add_argument("dest", help="folder a Grafana dashboard provider reads (e.g. its provisioning/dashboards path)")
+    p.set_defaults(func=cmd_dashboards)
 
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP (Ray Serve): POST /v1/images/generations and a web page")
     p.add_argument("workflow", nargs="?", help="workflow.yaml: serve its serve stage's config and checkpoint")
@@ -310,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     phone_home_off()  # before the libraries read their switches: huggingface_hub reads its own on import
     args = build_parser().parse_args(argv)
-    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    configure_logging(args.verbose)
     from simplear.workflow.lock import FencedOut, RunLocked
     from simplear.storage import StoreError
     from simplear.storage.mounts import UnsupportedRunDir

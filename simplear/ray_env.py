@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from simplear.observability.logs import quiet_env
+
 log = logging.getLogger("simplear.ray_env")
 
 LOOPBACK = "127.0.0.1"
@@ -62,7 +64,7 @@ def init_ray(address: str | None, env_vars: dict[str, str] | None = None, **kwar
     import ray
 
     env_vars = dict(env_vars or {})
-    switches = phone_home_off()
+    switches = {**phone_home_off(), **quiet_env()}  # quiet_env: libraries' per-event output off the console
     if address:
         taken = _job_env_vars()  # ray.init refuses to set again a variable the job's runtime env sets
         env_vars.update({k: v for k, v in switches.items() if k not in taken})

@@ -327,6 +327,6 @@ def run_t2i_stage(ctx, task_kwargs: dict, vt: VisualTokenizerConfig | None, data
     with ctx.output(LOSS_CURVE) as tmp:
         tmp.write_bytes(plot_loss_curve(run.rows, title=f"{ctx.name}: {data.rows} sequences, grid {data.grid[0]}x{data.grid[1]}"))
     metrics = {**run.metrics, "rows": data.rows, "grid": list(data.grid), **summarize(run.rows)}
-    ctx.log.info("%s: %s", ctx.name, metrics)
+    ctx.log.debug("%s: %s", ctx.name, metrics)  # the engine's `done` line gives the key figures
     outputs = [FINAL, METRICS, LOSS_CURVE] + ([SAMPLES] if ctx.has_output(SAMPLES) else [])
     return StageResult(metrics=metrics, outputs=outputs, artifacts=[SAMPLES, LOSS_CURVE, f"{FINAL}/"])

@@ -243,3 +243,30 @@ def serve_torch_app(ray_head, tmp_path_factory):
     start(ckpt, cfg, cpus=0)
     yield ServedApp(url=cfg.url, checkpoint=ckpt, config=cfg, port=port)
     serve.shutdown()
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+NEEDS_CHROMIUM = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+                                    reason="needs Debian's chromium and chromium-driver (scripts/install.sh installs them)")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by selenium, for the pages a person opens (the serve page, the reports)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="srt-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,900"]:
+        options.add_argument(flag)
+    # an explicit driver path: selenium never looks for (or downloads) a driver or a browser
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)

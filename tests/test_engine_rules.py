@@ -357,31 +357,3 @@ def test_clean_removes_what_reruns_moved_aside_and_keep_previous_false_keeps_non
     run(path)
     assert values(tmp_path / "runs/b")[0] == 2000 + sum(range(8))
     assert not list((tmp_path / "runs").rglob(".previous"))
-
-
-def test_stage_gauges_reach_the_metrics_endpoint(ray_session):
-    """What a training worker sets (train_step, train_loss) shows at the node's Prometheus endpoint by stage."""
-    import re
-
-    import ray
-
-    from simplear.workflow.metrics import gauge
-
-    @ray.remote(num_cpus=0)
-    class Worker:
-        def set(self, step: int) -> None:
-            gauge("gauge_test", "train_step", step)
-            gauge("gauge_test", "train_loss", 0.25)
-
-    w = Worker.remote()
-    ray.get(w.set.remote(42))
-    deadline = time.time() + 30
-    while True:
-        text = ray_session.scrape()
-        found = re.search(r'^ray_simplear_train_step{[^}]*stage="gauge_test"[^}]*} ([0-9.e+]+)$', text, re.M)
-        if found or time.time() > deadline:
-            break
-        time.sleep(1)
-    assert found and float(found.group(1)) == 42
-    assert re.search(r'^ray_simplear_train_loss{[^}]*stage="gauge_test"[^}]*} 0.25$', text, re.M)
-    ray.kill(w)

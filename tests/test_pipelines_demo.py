@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ class Demo:
     runs: Path
     done_at_kill: dict[str, float]  # receipt file -> mtime, for recaption sources finished before the kill
     receipts_at_kill: int
+    consoles: list[str]  # what the killed run and the resumed one printed (a driver attached with log_to_driver)
 
 
 def _cluster_workers(head, names: tuple[str, ...]) -> list[psutil.Process]:
@@ -100,7 +102,9 @@ def demo(ray_head, tmp_path_factory) -> Demo:
 
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return Demo(path=path, runs=runs, done_at_kill=done_at_kill, receipts_at_kill=receipts_at_kill)
+    log.close()
+    consoles = [(folder / "killed_run.log").read_text(), out.stdout + out.stderr]
+    return Demo(path=path, runs=runs, done_at_kill=done_at_kill, receipts_at_kill=receipts_at_kill, consoles=consoles)
 
 
 @dataclass
@@ -223,8 +227,6 @@ def test_every_stage_reports_rows_per_second_and_a_rerun_does_no_work(demo, ray_
 def test_stages_show_on_the_metrics_endpoint_by_name(demo, ray_head):
     """Per-stage counters (ray.util.metrics) and Ray Data datasets named after their stage, as Prometheus
     serves them to the dashboard, with the receipts' row counts of the resumed run."""
-    import re
-
     def series(text: str, name: str) -> dict[str, float]:
         """This demo run's values by stage (other tests' runs on the session cluster count under their own run tag)."""
         out: dict[str, float] = {}
@@ -262,3 +264,20 @@ def test_output_checksums_come_from_the_tasks_that_wrote_them(demo):
         outputs = [o for o in manifest_of(demo.runs / stage)["outputs"] if o["path"].endswith(".parquet")]
         assert outputs and all(entries[o["path"]] == o for o in outputs), stage
         assert all(sha256_file(demo.runs / stage / o["path"]) == o["sha256"] for o in outputs[:5])
+
+
+# Lines a clean data run must not print: dependencies' update checks and warnings, Ray Data's per-dataset lines
+CHATTER = ("albumentations", "new version", "UserWarning", "DeprecationWarning", "FutureWarning",
+           "streaming_executor.py", "Reporting training result", "Progress bars disabled", "Loading weights",
+           "Writing model shards")
+
+
+def test_console_has_the_stages_lines_and_no_library_chatter(demo):
+    """Both runs' consoles: each stage's start and its one `done` line with key figures; nothing from CHATTER."""
+    for console in demo.consoles:
+        noisy = [line for line in console.splitlines() if any(c.lower() in line.lower() for c in CHATTER)]
+        assert not noisy, noisy[:10]
+    resumed = demo.consoles[1]
+    for stage in ("recaption", "tokenize"):
+        assert re.search(rf"{stage}: done in [0-9.]+s: [0-9,]+ rows", resumed), stage
+    assert re.search(r"filter: done in [0-9.]+s: [0-9,]+ rows kept, [0-9,]+ rejected \(", demo.consoles[0])

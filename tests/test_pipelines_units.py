@@ -310,9 +310,9 @@ def test_each_source_is_one_task_and_concurrency_is_honoured(ray_session, tmp_pa
     assert result.metrics["rows_out"] == {"rejected": 0, "shards": 60}
     receipts = [d for recs in read_receipts(ctx.store, ctx.name).values() for _, d in recs]
     assert len(receipts) == 18  # 3 blocks of at most 4 rows per source
-    tasks: dict[str, list[dict]] = {}
+    tasks: dict[tuple, list[dict]] = {}  # by call: an actor's calls share its task id, each has its start
     for d in receipts:
-        tasks.setdefault(d["task"], []).append(d)
+        tasks.setdefault((d["task"], d["started"]), []).append(d)
     assert len(tasks) == 6 and all(len({d["source"] for d in ds}) == 1 for ds in tasks.values())
     spans = [(min(d["started"] for d in ds), max(d["at"] for d in ds)) for ds in tasks.values()]
     overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)

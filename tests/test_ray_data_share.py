@@ -65,10 +65,10 @@ def test_a_killed_drivers_reservation_is_given_back_when_the_next_stage_starts(r
     run_stage(ctx, folders=["shards", "rejected"], split=SplitByReason(schema, schema), process=slow_identity,
               process_kwargs={"seconds": 0.4}, batch_size=4)
     elapsed = time.time() - t0
-    tasks: dict[str, list[dict]] = {}
+    tasks: dict[tuple, list[dict]] = {}  # by call: an actor's calls share its task id, each has its start
     for recs in read_receipts(ctx.store, ctx.name).values():
         for _, d in recs:
-            tasks.setdefault(d["task"], []).append(d)
+            tasks.setdefault((d["task"], d["started"]), []).append(d)
     spans = [(min(d["started"] for d in ds), max(d["at"] for d in ds)) for ds in tasks.values()]
     overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
     # with the dead job's share kept: one task at a time (or none until it expires), 6 x 1.2 s of work

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import ray
 
+from simplear.observability.logs import QUIET_ENV
 from simplear.ray_env import PHONE_HOME_OFF
 from simplear.workflow.engine import connect_ray
 from simplear.workflow.spec import RaySettings
@@ -63,7 +64,7 @@ def fake_init(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(ray._private.worker, "_global_node", SimpleNamespace(get_session_dir_path=lambda: "/session"))
-    for key in PHONE_HOME_OFF:
+    for key in {**PHONE_HOME_OFF, **QUIET_ENV}:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     return calls
@@ -72,15 +73,15 @@ def fake_init(monkeypatch):
 def test_an_attached_run_gives_its_workers_the_switches_but_not_twice_under_a_job(fake_init, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     connect_ray(RaySettings(address="127.0.0.1:6379"), {}, [])
-    assert fake_init[-1]["runtime_env"]["env_vars"] == {**PHONE_HOME_OFF, "RAY_ADDRESS": "127.0.0.1:6379"}
+    assert fake_init[-1]["runtime_env"]["env_vars"] == {**PHONE_HOME_OFF, **QUIET_ENV, "RAY_ADDRESS": "127.0.0.1:6379"}
     assert all(os.environ[k] == v for k, v in PHONE_HOME_OFF.items())  # the driver's own, set before Ray starts
 
     # A job whose runtime env sets one already: ray.init refuses a variable set twice, so it is left to the job.
-    job = {"runtime_env": {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}, "metadata": {}}
+    job = {"runtime_env": {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "VLLM_LOGGING_LEVEL": "INFO"}}, "metadata": {}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     connect_ray(RaySettings(address="127.0.0.1:6379"), {}, [])
-    assert fake_init[-1]["runtime_env"]["env_vars"] == {k: v for k, v in PHONE_HOME_OFF.items()
-                                                        if k != "NO_ALBUMENTATIONS_UPDATE"}
+    assert fake_init[-1]["runtime_env"]["env_vars"] == {k: v for k, v in {**PHONE_HOME_OFF, **QUIET_ENV}.items()
+                                                        if k not in ("NO_ALBUMENTATIONS_UPDATE", "VLLM_LOGGING_LEVEL")}
 
 
 @pytest.mark.parametrize("address", [None, "127.0.0.1:6379"], ids=["embedded", "attached"])

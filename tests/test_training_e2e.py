@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from simplear.train import FINAL, LEGACY_CHECKPOINTS, METRICS, checkpoints_dir
+from conftest import NEEDS_CHROMIUM
 from test_training_helpers import HELD_OUT, image_colours
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,3 +266,36 @@ def test_sft_from_a_missing_checkpoint_fails_clearly(trained, ray_session, tmp_p
     error = json.loads((trained / "sft_bad" / "_FAILED.json").read_text())["error"]
     assert "stages.sft_bad.config.init: '/no/such/checkpoint' is neither a stage this one needs (shapes)" in error
     assert not checkpoints_dir(trained / "sft_bad").exists()
+
+
+def test_console_shows_the_stages_lines_not_ray_trains_per_report_lines(trained):
+    """Both runs' consoles (a driver attached with log_to_driver): the stages' own lines, none of Ray Train's
+    multi-line `Reporting training result N: TrainingReport(...)` nor its controller's state transitions."""
+    for log in ("run1.log", "run2.log"):
+        text = (trained.parent / log).read_text()
+        assert "Reporting training result" not in text and "TrainingReport(" not in text, log
+        assert "[State Transition]" not in text, log
+    assert "sft: done in" in (trained.parent / "run2.log").read_text()
+
+
+@NEEDS_CHROMIUM
+def test_run_report_shows_every_stage_with_curves_grids_and_hardware(trained, browser):
+    """report.html as `simplear run` left it, opened from the disk in Chromium: every stage in the table, done;
+    each training stage's loss curve and its sample grids before and after, all images loaded (inlined)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get((trained / "report.html").as_uri())
+    rows = [r.find_elements(By.TAG_NAME, "td") for r in browser.find_elements(By.CSS_SELECTOR, "table#stages tr")[1:]]
+    assert [(r[0].text, r[1].text, r[2].text) for r in rows][:3] == [  # (another test of the module adds a stage)
+        ("shapes", "test_shapes_tokens", "done"), ("pretrain", "pretrain", "done"), ("sft", "sft", "done")]
+    images = browser.find_elements(By.CSS_SELECTOR, "img")
+    assert images and all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) > 0
+                          for i in images)
+    assert all(i.get_attribute("src").startswith("data:image/png;base64,") for i in images)
+    for stage, captions in (("pretrain", ["after", "loss_curve.png"]), ("sft", ["before: pretrain", "after", "loss_curve.png"])):
+        section = browser.find_element(By.XPATH, f"//h2[@id='stage-{stage}']/following-sibling::div[@class='images'][1]")
+        shown = [c.text for c in section.find_elements(By.TAG_NAME, "figcaption")]
+        assert all(any(c.startswith(want) for c in shown) for want in captions), (stage, shown)
+        assert len(section.find_elements(By.TAG_NAME, "img")) == len(captions)
+    hardware = browser.find_elements(By.CSS_SELECTOR, "table.hardware")
+    assert len(hardware) >= 3 and all("host" in h.text and "node_ip" in h.text for h in hardware[:3])

@@ -5,19 +5,13 @@ type a prompt, submit, see the images; a bad request shows the server's message.
 from __future__ import annotations
 
 import secrets
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
+from conftest import NEEDS_CHROMIUM
 from serve_support import deployed, write_keys
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-
-pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-                                reason="needs Debian's chromium and chromium-driver (scripts/install.sh installs them)")
+pytestmark = NEEDS_CHROMIUM
 
 
 KEY = "sk-page-" + secrets.token_hex(16)
@@ -27,26 +21,6 @@ KEY = "sk-page-" + secrets.token_hex(16)
 def keyed_app(serve_torch_app, tmp_path_factory):
     with deployed(serve_torch_app, "page", api_keys_file=write_keys(tmp_path_factory.mktemp("keys") / "keys", KEY)) as app:
         yield app
-
-
-@pytest.fixture(scope="module")
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="srt-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,900"]:
-        options.add_argument(flag)
-    # an explicit driver path: selenium never looks for (or downloads) a driver or a browser
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
 
 
 def test_page_shows_images_after_a_prompt_is_submitted(keyed_app, browser):

@@ -31,6 +31,7 @@ from pipelines.download.images import upright
 from pipelines.download.schema import IMAGE_ROW_GROUP, SCHEMA, SHARDS, classify, shard_keys
 from pipelines.reservations import dataset_name, drop_dead_reservations
 from simplear.datasets import ArchiveSource, load_dataset_manifest
+from simplear.observability.logs import ray_data_progress
 from simplear.storage import Store, join, open_store
 from simplear.workflow.manifest import commit_json, committed, record_entry
 
@@ -372,8 +373,7 @@ def ingest_archives(ctx, stage: Store, dataset: str, rows_per_part: int, max_pix
             or stage.read_json(join(RECEIPTS, f"{it['stem']}.json")) != _receipt(it["archive"])]
     ctx.log.info("%s: %d archives, %d to ingest (new, changed or not done)", ctx.name, len(items), len(todo))
     if todo:
-        data_ctx = ray.data.DataContext.get_current()
-        data_ctx.enable_progress_bars = False
+        ray_data_progress(ctx.interactive)
         out = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             _ingest_archive,
             batch_size=1,

@@ -175,5 +175,5 @@ def run_eval_stage(ctx):
                 for ck in checkpoints}})
         report["sets"][name] = entry
     write_report(store, ctx.name, report)
-    ctx.log.info("%s: %s", ctx.name, json.dumps(metrics))
+    ctx.log.debug("%s: %s", ctx.name, json.dumps(metrics))  # the engine's `done` line gives the key figures
     return StageResult(metrics=metrics, outputs=None, files=entries, artifacts=[REPORT_HTML, REPORT_JSON])

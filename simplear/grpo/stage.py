@@ -70,6 +70,6 @@ def run_grpo_stage(ctx):
     metrics = {**run.metrics, "train_prompts": len(task.train_prompts), "eval_prompts": len(task.eval_prompts),
                "grid": list(task.grid), **summarize(run.rows, SUMMARY_KEYS, smooth_start=True),
                **eval_metrics(ctx.store.read_json(ctx.key(EVAL)))}
-    ctx.log.info("%s: %s", ctx.name, metrics)
+    ctx.log.debug("%s: %s", ctx.name, metrics)  # the engine's `done` line gives the key figures
     outputs = [FINAL, METRICS, REWARD_CURVE, EVAL] + [p for p in (SAMPLES, SAMPLES_BEFORE) if ctx.has_output(p)]
     return StageResult(metrics=metrics, outputs=outputs, artifacts=[SAMPLES_BEFORE, SAMPLES, REWARD_CURVE, EVAL, f"{FINAL}/"])

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from simplear.observability.logs import ray_data_progress, train_log_level
 from simplear.storage import join, open_parent
 from simplear.train.config import FINAL, LEGACY_CHECKPOINTS, METRICS, OPTIMIZER, TRAINER_STATE, TrainConfig
 from simplear.train.loop import train_loop
@@ -29,10 +30,8 @@ log = logging.getLogger("simplear.train")
 
 def loop_worker(config: dict) -> None:
     """`fit`'s default worker: the shared loop over this worker's share of the files."""
-    import ray.data
-
     setup_worker_logging()
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_data_progress(interactive=False)
     session = RaySession([DataFile(**f) for f in config["files"]], config["columns"])
     work = WorkDir.of(config["run"], config["stage"])
     train_loop(config["task"], TrainConfig.model_validate(config["train"]), session, work, config.get("run_info"))
@@ -57,7 +56,7 @@ def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: str | Path, resources, 
 
     `stage_dir`: the stage's folder, a path or `<run dir URI>/<stage>`. `worker`: another per-worker function taking
     the same config dict (GRPO runs trl's trainer there)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     store, stage = open_parent(stage_dir)
@@ -80,6 +79,7 @@ def fit(task: TrainTask, cfg: TrainConfig, *, stage_dir: str | Path, resources, 
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            logging_config=LoggingConfig(log_level=train_log_level()),
         ),
     )
     return trainer.fit()

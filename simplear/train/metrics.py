@@ -25,13 +25,11 @@ class MetricsWriter:
         self.tb = SummaryWriter(str(out_dir / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
 
     def write(self, metrics: dict) -> None:
-        from simplear.workflow.metrics import gauge
+        from simplear.workflow.metrics import train_gauges
 
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        gauge(self.stage, "train_step", metrics["step"], self.run)
-        if isinstance(metrics.get("loss"), (int, float)):
-            gauge(self.stage, "train_loss", metrics["loss"], self.run)
+        train_gauges(self.stage, metrics, self.run)
         for k, v in metrics.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"train/{k}", v, metrics["step"])

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from simplear.observability.logs import quiet_libraries
 from simplear.train_data import DataFile, WorkerRows
 
 
@@ -100,6 +101,7 @@ def setup_worker_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("simplear").setLevel(logging.INFO)
+    quiet_libraries()
 
 
 class ReportClock:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from simplear.config import ConfigError
+from simplear.observability.logs import VERBOSE_ENV, is_verbose, quiet_env, quiet_libraries, set_verbose
 from simplear.ray_env import init_ray, ray_data_expiry
 from simplear.workflow.context import StageContext, StageResult
 from simplear.workflow.fingerprint import SCHEME
@@ -29,7 +30,7 @@ from simplear.workflow.preflight import check_every_node_sees_the_run
 from simplear.workflow.previous import move_aside
 from simplear.workflow.ray_session import claim_session
 from simplear.workflow.spec import RaySettings, ResolvedWorkflow
-from simplear.workflow.status import StageStatus, workflow_status, stage_status
+from simplear.workflow.status import StageStatus, headline, stage_status, workflow_status
 
 log = logging.getLogger("simplear.engine")
 
@@ -137,6 +138,8 @@ def connect_ray(settings: RaySettings, metadata: dict[str, str], extra_sys_path:
         cwd = Path.cwd()
         entries = [os.path.relpath(p, cwd) if under_job and Path(p).is_relative_to(cwd) else p for p in extra_sys_path]
         env_vars["PYTHONPATH"] = os.pathsep.join(entries + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    if is_verbose():
+        env_vars[VERBOSE_ENV] = "1"
     if address and not under_job:
         # Ray Train's helpers find "their" cluster through RAY_ADDRESS (else /tmp/ray): with several
         # clusters on one host they could pick another one and tear down this run's placement group.
@@ -158,15 +161,24 @@ def connect_ray(settings: RaySettings, metadata: dict[str, str], extra_sys_path:
             object_store_memory=int(settings.object_store_memory) if settings.object_store_memory else None,
             **kwargs,
         )
-    return ray._private.worker._global_node.get_session_dir_path()
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
+    if settings.include_dashboard is not False:  # Ray's metrics head (and its Grafana folder) come with the dashboard
+        from simplear.observability.dashboards import install_in_session
+
+        install_in_session(session_dir)
+    return session_dir
 
 
 def _execute_stage(ctx: StageContext, plugins: list[str]) -> dict:
     """Body of a stage's Ray task: run the stage, then write its manifest last and atomically."""
+    import ray.data  # noqa: F401 - configures its loggers on import: before quiet_libraries sets them
+
+    from simplear.devices import describe_hardware  # torch: imported in the stage's task, not by `simplear status`
     from simplear.workflow.registry import get_stage_kind, import_plugins
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    quiet_libraries()
     import_plugins(plugins)
     kind = get_stage_kind(ctx.kind)
     started = ctx.store.read_json(ctx.key(STARTED)) or {}
@@ -192,6 +204,7 @@ def _execute_stage(ctx: StageContext, plugins: list[str]) -> dict:
         "rows": sum(o.get("rows") or 0 for o in outputs),
         "metrics": result.metrics,
         "artifacts": result.artifacts,
+        "hardware": describe_hardware(),
         **({"sources": sources} if sources is not None else {}),
         "first_started_at": started.get("started_at", t0),
         "started_at": t0,
@@ -348,14 +361,29 @@ def _run(wf: ResolvedWorkflow, selection: Selection, lock: RunLock) -> dict[str,
             continue
         finished.add(name)
         statuses = workflow_status(wf)
-        log.info("%s: done in %.1fs, rows=%s, outputs=%d", name, manifest["duration_s"], manifest["rows"], len(manifest["outputs"]))
+        log.info("%s: done in %.1fs: %s", name, manifest["duration_s"], headline(manifest) or f"{len(manifest['outputs'])} outputs")
 
     log.info("workflow finished in %.1fs", time.time() - t_run)
     statuses = workflow_status(wf)
+    write_report(wf, statuses)
     if failed:
         raise RunFailed(f"stages failed: {', '.join(failed)} (see {FAILED} in their folders)")
     return statuses
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+def write_report(wf: ResolvedWorkflow, statuses: dict[str, StageStatus]) -> None:
+    """The run's report page, after every run: a report that cannot be written costs a warning, not the run."""
+    from simplear.observability.report import write_run_report
+
+    try:
+        log.info("report: %s", write_run_report(wf, statuses))
+    except Exception as e:  # noqa: BLE001 - the stages' results are already committed
+        log.warning("the run report was not written: %s: %s", type(e).__name__, e)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """The driver's console; `verbose`: DEBUG here, and other libraries' INFO lines in every process of the run."""
+    set_verbose(verbose)
+    quiet_env()
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    quiet_libraries()

@@ -54,13 +54,43 @@ class StageStatus:
 
     @property
     def rows_kept_rejected(self) -> tuple[int, int] | None:
-        if not self.manifest:
-            return None
-        outs = [o for o in self.manifest["outputs"] if o.get("rows") is not None]
-        if not outs:
-            return None
-        rejected = sum(o["rows"] for o in outs if o["path"].startswith("rejected/"))
-        return sum(o["rows"] for o in outs) - rejected, rejected
+        return kept_rejected(self.manifest) if self.manifest else None
+
+
+def kept_rejected(manifest: dict) -> tuple[int, int] | None:
+    outs = [o for o in manifest["outputs"] if o.get("rows") is not None]
+    if not outs:
+        return None
+    rejected = sum(o["rows"] for o in outs if o["path"].startswith("rejected/"))
+    return sum(o["rows"] for o in outs) - rejected, rejected
+
+
+def headline(manifest: dict) -> str:
+    """A finished stage's key figures on one line (the console's `done` line, the report's table): rows kept and
+    rejected (top reasons), rate; steps, loss or reward from start to end, tokens/s; scores; the endpoint."""
+    m = manifest.get("metrics") or {}
+    bits = []
+    kr = kept_rejected(manifest)
+    if kr and kr[1]:
+        reasons = sorted((m.get("by_reason") or {}).items(), key=lambda x: -x[1])
+        top = ", ".join(f"{r} {n:,}" for r, n in reasons[:3]) + (", ..." if len(reasons) > 3 else "")
+        bits.append(f"{kr[0]:,} rows kept, {kr[1]:,} rejected" + (f" ({top})" if top else ""))
+    elif kr:
+        bits.append(f"{kr[0]:,} rows")
+    if m.get("rows_per_s"):
+        bits.append(f"{m['rows_per_s']:,.1f} rows/s")
+    if m.get("steps"):
+        bits.append(f"{m['steps']} steps")
+    for key in ("loss", "reward_mean", "kl"):
+        if isinstance(m.get(f"{key}_start"), (int, float)) and isinstance(m.get(f"{key}_end"), (int, float)):
+            bits.append(f"{key} {m[f'{key}_start']:.3g} -> {m[f'{key}_end']:.3g}")
+    if m.get("tokens_per_s"):
+        bits.append(f"{m['tokens_per_s']:,.0f} tokens/s")
+    if manifest.get("kind") == "eval":
+        bits += [f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float)]
+    if isinstance(m.get("url"), str):
+        bits.append(f"serving at {m['url']}")
+    return "; ".join(bits)
 
 
 def config_dump(config) -> dict:
@@ -154,7 +184,7 @@ def workflow_status(wf: ResolvedWorkflow) -> dict[str, StageStatus]:
     return statuses
 
 
-def _note(st: StageStatus) -> str:
+def stage_note(st: StageStatus) -> str:
     bits = []
     if st.state == "stale":
         bits.append("; ".join(st.reasons[:3]) + (f" (+{len(st.reasons) - 3} more)" if len(st.reasons) > 3 else ""))
@@ -185,7 +215,7 @@ def format_status(wf: ResolvedWorkflow, statuses: dict[str, StageStatus]) -> str
     rows = [header]
     for name, st in statuses.items():
         duration = "" if st.duration_s is None else f"{st.duration_s:.1f}"
-        rows.append((name, st.state, _rows(st), duration, _note(st)))
+        rows.append((name, st.state, _rows(st), duration, stage_note(st)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     opened = [(n, artifacts(wf, st)) for n, st in statuses.items()]
