@@ -230,12 +230,14 @@ def totals(receipts: Receipts) -> dict[str, Any]:
     for recs in receipts.values():
         for _, data in recs:
             rows_in += data["rows"]
-            for key, n in data["counts"].items():
-                if ":" in key:
-                    reasons[key.split(":", 1)[1]] += n
-                else:
-                    rows_out[key] += n
+            rows_out.update({k: n for k, n in data["counts"].items() if ":" not in k})
+            reasons.update(by_reason(data["counts"]))
     return {"rows_in": rows_in, "rows_out": dict(sorted(rows_out.items())), "by_reason": dict(sorted(reasons.items()))}
+
+
+def by_reason(counts: dict[str, int]) -> Counter:
+    """A receipt's (or part summary's) `<folder>:<reason>` counts, by reason."""
+    return Counter({k.split(":", 1)[1]: n for k, n in counts.items() if ":" in k})
 
 
 def receipt_entries(receipts: Receipts) -> dict[str, dict]:
@@ -401,9 +403,7 @@ def run_stage(
         progress = ProgressLine(ctx.name, rows_todo, ctx.progress_interval_s, run=ctx.store.uri)
         for summary in ds.iter_batches(batch_size=None, batch_format="pandas"):
             done = int(summary["rows"].sum())
-            rejected: Counter = Counter()
-            for counts in map(json.loads, summary["counts"]):
-                rejected.update({k.split(":", 1)[1]: n for k, n in counts.items() if ":" in k})
+            rejected = sum(map(by_reason, map(json.loads, summary["counts"])), Counter())
             count_rows(ctx.name, done, rejected, ctx.store.uri)
             progress.add(done)
         progress.add(0, force=True)

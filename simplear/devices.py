@@ -40,12 +40,12 @@ def describe_hardware() -> dict:
 
         if ray.is_initialized():
             out["node_ip"] = ray.util.get_node_ip_address()
-            me = ray.get_runtime_context().get_node_id()
-            res = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == me), {})
+            me, nodes = ray.get_runtime_context().get_node_id(), ray.nodes()
+            res = next((n["Resources"] for n in nodes if n["NodeID"] == me), {})
             out["node"] = {"CPU": res.get("CPU", 0), "GPU": res.get("GPU", 0),
                            "accelerators": sorted(k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:"))}
             total = ray.cluster_resources()
-            out["cluster"] = {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "CPU": total.get("CPU", 0),
+            out["cluster"] = {"nodes": len([n for n in nodes if n.get("Alive")]), "CPU": total.get("CPU", 0),
                               "GPU": total.get("GPU", 0)}
     except Exception:  # noqa: BLE001 - a description, never a reason to fail a stage
         pass

@@ -18,11 +18,11 @@ from simplear.rewards import WeightedRewards
 from simplear.scorers import Scorer, build_scorer, items_from_prompts
 from simplear.t2i import sample_grid
 from simplear.train import SAMPLES, TrainConfig
+from simplear.train.config import SAMPLES_BEFORE
 
 log = logging.getLogger("simplear.grpo")
 
 EVAL = "eval.json"
-SAMPLES_BEFORE = "samples_before.png"
 
 
 def sample_and_score(model, vocab, visual_tokenizer, rewards: WeightedRewards, prompts: list[str], grid, sampling: SamplingSpec,

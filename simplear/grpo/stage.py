@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from simplear.config import ConfigError
 from simplear.grpo.config import GRPOStageConfig, GRPOTask
-from simplear.grpo.eval import EVAL, SAMPLES_BEFORE
+from simplear.grpo.eval import EVAL
+from simplear.train.config import SAMPLES_BEFORE
 from simplear.grpo.prompts import resolve_prompts
 from simplear.grpo.reporting import HF_RESUME_ONLY
 from simplear.grpo.trainer import grpo_worker

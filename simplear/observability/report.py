@@ -15,14 +15,14 @@ from typing import Any
 
 import yaml
 
-from simplear.evaluation.report import REPORT_JSON, STYLE, grids_html, scores_html
+from simplear.evaluation.report import REPORT_HTML, REPORT_JSON, STYLE, grids_html, scores_html
 from simplear.storage import join
+from simplear.train.config import SAMPLES, SAMPLES_BEFORE
 from simplear.workflow.manifest import committed
 from simplear.workflow.spec import ResolvedWorkflow
 from simplear.workflow.status import StageStatus, headline, stage_note, workflow_status
 
 REPORT = "report.html"
-SAMPLES, SAMPLES_BEFORE = "samples.png", "samples_before.png"  # what the training stages name their grids
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 MAX_INLINE_BYTES = 8 * 2**20  # a larger image is linked, not inlined
 GRID_ROWS = 4  # eval prompts shown here; the eval report has them all
@@ -143,8 +143,8 @@ def _eval(wf: ResolvedWorkflow, stage: str) -> str:
     report = wf.store.read_json(join(stage, REPORT_JSON)) or {}
     names = [c["name"] for c in report.get("checkpoints", [])]
     e = html.escape
-    parts = [f"<h3>Evaluation</h3><p class='note'>Every prompt and figure: <a href='{e(join(stage, 'report.html'))}'>"
-             f"{e(join(stage, 'report.html'))}</a></p>"]
+    page = e(join(stage, REPORT_HTML))
+    parts = [f"<h3>Evaluation</h3><p class='note'>Every prompt and figure: <a href='{page}'>{page}</a></p>"]
     for set_name, s in (report.get("sets") or {}).items():
         parts.append(f"<h4>{e(set_name)}</h4>")
         parts.append(scores_html(s, names))

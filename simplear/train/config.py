@@ -15,6 +15,7 @@ FINAL = "final"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 SAMPLES = "samples.png"
+SAMPLES_BEFORE = "samples_before.png"  # GRPO: the initial checkpoint's grid, drawn like SAMPLES
 LOSS_CURVE = "loss_curve.png"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
